@@ -1,0 +1,23 @@
+"""damex: Dataset-aware Mixture-of-Experts (DAMEX) with a C core.
+
+Layers, bottom to top: ``damex.ops`` (NumPy forward/backward pairs over the
+C kernels), ``damex.autograd`` (a small tape), ``damex.nn`` (modules),
+``damex.models`` (DINO), ``damex.data`` and ``damex.engine``.
+"""
+from ._lib import _C
+from . import ops
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n):
+    """Set the threads of damex's OpenBLAS pool and its OpenMP loops."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads():
+    """Return ``(openblas_threads, openmp_threads)`` of the damex core."""
+    return _C.get_num_threads()
+
+
+__all__ = ["ops", "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,7 @@
+"""NumPy-facing forward/backward pairs over the C kernels.
+
+Every function takes NumPy arrays (floating arrays are computed in float32,
+index arrays in int64), checks its arguments with messages that name them,
+never modifies its inputs, and returns new arrays.
+"""
+from .activation import ACTIVATIONS, activation_backward, activation_forward  # noqa: F401
