@@ -62,6 +62,7 @@ int damex_dim(Py_ssize_t v, const char *name);
 
 /* Method tables of the kernel families, one per csrc/bind_*.c. */
 extern PyMethodDef damex_activation_methods[];
+extern PyMethodDef damex_router_methods[];
 extern PyMethodDef damex_moe_methods[];
 extern PyMethodDef damex_routing_loss_methods[];
 extern PyMethodDef damex_nn_methods[];

@@ -128,7 +128,8 @@ static PyMethodDef core_methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static PyMethodDef *families[] = {core_methods,           damex_activation_methods,
-                                  damex_moe_methods,      damex_routing_loss_methods,
+                                  damex_router_methods,   damex_moe_methods,
+                                  damex_routing_loss_methods,
                                   damex_nn_methods,       damex_attention_methods,
                                   damex_msda_methods,     damex_box_methods,
                                   damex_optim_methods,    NULL};
