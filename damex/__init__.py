@@ -6,6 +6,7 @@ C kernels), ``damex.autograd`` (a small tape), ``damex.nn`` (modules),
 """
 from ._lib import _C
 from . import ops
+from .moe_layer import MoELayer
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,4 @@ def get_num_threads():
     return _C.get_num_threads()
 
 
-__all__ = ["ops", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "MoELayer", "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,150 @@
+"""damex.MoELayer: gate noise, routing losses reaching the router, statistics,
+PyTorch parity of the whole layer with its routing loss, and the demo."""
+import math
+
+import numpy as np
+import pytest
+
+import damex
+from damex import ops
+from helpers import assert_close, torch_or_skip, unchanged
+
+
+def make_layer(**kw):
+    args = dict(d_model=8, d_hidden=16, num_experts=4, k=1, capacity_factor=None, bpr=True,
+                loss="damex", dataset_to_expert=[0, 1, 2, 2, 3], seed=3)
+    args.update(kw)
+    return damex.MoELayer(args.pop("d_model"), args.pop("d_hidden"), args.pop("num_experts"), **args)
+
+
+def mixed_batch(T=24, D=8, n_datasets=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(T, D)).astype(np.float32), rng.integers(0, n_datasets, T)
+
+
+def test_noise_only_in_training_and_replayable():
+    x, ids = mixed_batch()
+    a, b = make_layer(seed=7), make_layer(seed=7)
+    ya, yb = a.forward(x, dataset_ids=ids), b.forward(x, dataset_ids=ids)
+    np.testing.assert_array_equal(ya, yb)  # same seed, same bits
+    noise = a._noise
+    assert noise is not None and noise.shape == (24, 4)
+    assert abs(noise.std() - a.sigma) < 0.1  # sigma = gate_noise / E
+    c = make_layer(seed=7)
+    np.testing.assert_array_equal(c.forward(x, dataset_ids=ids, noise=noise), ya)  # replay
+    a.eval()
+    a.forward(x)
+    assert a._noise is None and a.aux_loss == 0.0
+
+
+def test_statistics_on_a_mixed_batch_with_many_to_one_map():
+    x, ids = mixed_batch(T=40)
+    layer = make_layer().eval()
+    layer.forward(x, dataset_ids=ids)
+    s = layer.routing_stats()
+    m = s["dataset_expert"]
+    assert m.shape == (5, 4) and m.sum() == 40
+    np.testing.assert_array_equal(m.sum(1), np.bincount(ids, minlength=5))
+    top1 = layer._state.router.expert_index[:, 0]
+    mapping = np.array([0, 1, 2, 2, 3])
+    assert s["accuracy"] == pytest.approx((top1 == mapping[ids]).mean())
+    assert s["drop_fraction"] == 0.0  # dropless
+    assert_close(s["expert_load"].sum(), 1.0)
+
+
+def test_padding_tokens_take_no_part():
+    x, ids = mixed_batch(T=16)
+    mask = np.arange(16) < 12
+    layer = make_layer().eval()
+    y = layer.forward(x, dataset_ids=ids, mask=mask)
+    assert (y[12:] == 0).all()
+    assert layer.routing_stats()["dataset_expert"].sum() == 12
+
+
+def _torch_layer_loss(torch, p, x, noise, target, mode, k, sigma, weights):
+    """The same layer in PyTorch: dropless top-k MoE plus its routing loss."""
+    t = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in p.items()}
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = xt @ t["w_router"]
+    noisy = logits + torch.tensor(noise, dtype=torch.float64)
+    probs = torch.softmax(noisy, -1)
+    top = torch.topk(probs, k, dim=-1)
+    y = torch.zeros_like(xt)
+    for j in range(k):
+        for e in range(p["w1"].shape[0]):
+            rows = (top.indices[:, j] == e).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            h = torch.nn.functional.gelu(xt[rows] @ t["w1"][e] + t["b1"][e], approximate="tanh")
+            y = y.index_add(0, rows, top.values[rows, j:j + 1] * (h @ t["w2"][e] + t["b2"][e]))
+    q = torch.softmax(logits, -1)
+    if mode == "damex":
+        aux = weights["damex"] * torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+    else:
+        imp = q.sum(0)
+        l_imp = (imp.std(unbiased=False) / imp.mean()) ** 2
+        eta = torch.topk(noisy, k, dim=-1).values[:, -1:]
+        normal = torch.distributions.Normal(0.0, 1.0)
+        load = (1 - normal.cdf((eta - logits) / sigma)).sum(0)
+        l_load = (load.std(unbiased=False) / load.mean()) ** 2
+        aux = weights["importance"] * l_imp + weights["load"] * l_load
+    return xt, t, y, aux
+
+
+@pytest.mark.parametrize("mode,k", [("damex", 1), ("balance", 1), ("balance", 2)])
+def test_layer_and_routing_loss_match_torch(mode, k):
+    torch = torch_or_skip()
+    x, ids = mixed_batch(T=32)
+    layer = make_layer(loss=mode, k=k)
+    check = unchanged(x, ids)
+    y = layer.forward(x, dataset_ids=ids)
+    dy = np.random.default_rng(5).normal(size=y.shape).astype(np.float32)
+    layer.zero_grad()
+    dx = layer.backward(dy)
+    check()
+    target = np.array([0, 1, 2, 2, 3])[ids]
+    xt, t, yt, aux = _torch_layer_loss(torch, layer.params, x, layer._noise, target, mode, k,
+                                       layer.sigma, layer.weights)
+    ((yt * torch.tensor(dy, dtype=torch.float64)).sum() + aux).backward()
+    assert_close(y, yt.detach().numpy(), atol=1e-5, rtol=1e-4, name="y")
+    assert layer.aux_loss == pytest.approx(float(aux), rel=1e-4, abs=1e-6)
+    assert_close(dx, xt.grad.numpy(), atol=1e-5, rtol=1e-3, name="dx")
+    for name in ("w_router", "w1", "b1", "w2", "b2"):
+        assert_close(layer.grads[name], t[name].grad.numpy(), atol=1e-5, rtol=1e-3, name=name)
+
+
+def test_seed_balance_weights_reachable():
+    layer = make_layer(loss="balance", importance_weight=1.0, load_weight=0.5)
+    x, ids = mixed_batch()
+    layer.forward(x, dataset_ids=ids)
+    t = layer.loss_terms
+    assert layer.aux_loss == pytest.approx(t["importance"] + 0.5 * t["load"], rel=1e-6)
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="dataset_to_expert"):
+        make_layer(dataset_to_expert=[0, 9])
+    with pytest.raises(ValueError, match="dataset_to_expert"):
+        make_layer(dataset_to_expert=None)
+    with pytest.raises(ValueError, match="k"):
+        make_layer(k=5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        make_layer(capacity_factor=0)
+    with pytest.raises(ValueError, match="loss"):
+        make_layer(loss="aux")
+    layer = make_layer()
+    x, _ = mixed_batch()
+    with pytest.raises(ValueError, match="dataset_ids"):
+        layer.forward(x)
+    with pytest.raises(ValueError, match="dataset_ids"):
+        layer.forward(x, dataset_ids=np.full(24, 7))
+    with pytest.raises(RuntimeError, match="forward"):
+        make_layer().backward(np.zeros((24, 8), np.float32))
+
+
+def test_demo_learns_dataset_routing():
+    from damex.engine.moe_demo import run_demo
+
+    res = run_demo(mode="damex", steps=120, log_every=0)
+    assert res["accuracy"] > 0.9
+    assert math.isfinite(res["mse"]) and res["history"][-1][0] < res["history"][0][0]
