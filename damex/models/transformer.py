@@ -1,0 +1,221 @@
+"""DINO's deformable transformer: the encoder, the two-stage mixed query
+selection, the decoder with iterative box refinement and look-forward-twice,
+and the FFN blocks, any of which can be a Mixture-of-Experts.
+
+Shapes: ``B`` images, ``S`` flattened multi-scale tokens, ``Q`` decoder
+queries (denoising + matching), ``d`` model width, ``L`` feature levels.
+"""
+import numpy as np
+
+from .. import functional as F
+from .. import nn
+from ..autograd import Tensor
+from .position_encoding import sine_box_encoding
+
+INV_SIG_EPS = 1e-3  # DINO's inverse_sigmoid clamp
+
+
+def drop_path(x, p, training, rng):
+    """Stochastic depth: zero a whole sample's residual branch with probability p."""
+    if not training or p == 0.0:
+        return x
+    keep = (rng.random(x.shape[0]) >= p).astype(np.float32) / (1.0 - p)
+    return x * keep.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+class FFNBlock(nn.Module):
+    """Dense FFN with residual and post-norm, as in DINO: ``norm(x + W2 relu(W1 x))``."""
+
+    def __init__(self, d_model, d_ffn, dropout=0.0, seed=0):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout, seed=seed) if dropout else None
+
+    def forward(self, x, route=None, valid=None):
+        h = self.linear2(F.relu(self.linear1(x)))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return self.norm(x + h)
+
+
+class MoEBlock(nn.Module):
+    """An MoE FFN with pre-norm and drop-path: ``x + drop_path(moe(norm(x)))``.
+
+    The ``[B, L, d]`` tokens are flattened batch-major; each token carries its
+    image's dataset id (from the :class:`~damex.models.routing.RoutingContext`)
+    to the DAMEX loss, and the routing loss and decisions are reported back.
+    """
+
+    def __init__(self, d_model, name, *, d_hidden=2048, num_experts=8, k=1, capacity_factor=1.25,
+                 bpr=True, gate_noise=1.0, activation="gelu_tanh", loss="damex",
+                 dataset_to_expert=None, drop_path=0.0, seed=0):
+        super().__init__()
+        self.name = name
+        self.norm = nn.LayerNorm(d_model)
+        # the DAMEX loss enters unweighted: the criterion weights the mean over layers
+        self.moe = nn.MoE(d_model, num_experts, d_hidden, k=k, capacity_factor=capacity_factor,
+                          bpr=bpr, gate_noise=gate_noise, activation=activation, loss=loss,
+                          damex_weight=1.0, dataset_to_expert=dataset_to_expert, seed=seed)
+        self.drop_path = float(drop_path)
+        self._rng = np.random.default_rng(seed + 1)
+
+    def forward(self, x, route=None, valid=None):
+        B, L, d = x.shape
+        ids = route.token_dataset_ids(B, L) if route is not None else None
+        mask = None if valid is None else np.asarray(valid, bool).reshape(B * L)
+        use = ids if (route is not None and route.use_labels) else None
+        y = self.moe(self.norm(x).reshape(B * L, d), dataset_ids=use, mask=mask)
+        if route is not None:
+            top1 = self.moe.routing["expert_index"][:, 0]
+            route.add(self.name, self.moe.aux_loss, ids, top1,
+                      np.ones(B * L, bool) if mask is None else mask)
+        return x + drop_path(y.reshape(B, L, d), self.drop_path, self.training, self._rng)
+
+
+def make_ffn(d_model, d_ffn, name, moe_cfg, dropout=0.0, seed=0):
+    """A dense FFN block, or an MoE block when ``moe_cfg`` (a dict of MoEBlock options) is given."""
+    if moe_cfg is None:
+        return FFNBlock(d_model, d_ffn, dropout, seed=seed)
+    return MoEBlock(d_model, name, seed=seed, **moe_cfg)
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then the FFN (post-norm)."""
+
+    def __init__(self, d_model, d_ffn, n_levels, n_heads, n_points, ffn):
+        super().__init__()
+        self.self_attn = nn.MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = ffn
+
+    def forward(self, src, pos, reference_points, shapes, starts, padding_mask, route):
+        src2 = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
+        src = self.norm1(src + src2)
+        return self.ffn(src, route, None if padding_mask is None else ~padding_mask)
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, deformable cross-attention to the memory, FFN (DINO's order)."""
+
+    def __init__(self, d_model, d_ffn, n_levels, n_heads, n_points, ffn):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.cross_attn = nn.MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = ffn
+
+    def forward(self, tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask,
+                route):
+        q = tgt + query_pos
+        tgt2, _ = self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)
+        tgt = self.norm2(tgt + tgt2)
+        tgt2 = self.cross_attn(tgt + query_pos, ref_input, memory, shapes, starts, memory_mask)
+        tgt = self.norm1(tgt + tgt2)
+        return self.ffn(tgt, route)
+
+
+def encoder_reference_points(shapes, valid_ratios):
+    """Pixel centres of every level, normalised by the valid area: [B, S, L, 2] (x, y)."""
+    refs = []
+    for lvl, (H, W) in enumerate(shapes):
+        ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+        ry = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
+        rx = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
+        refs.append(np.stack([rx, ry], -1))
+    ref = np.concatenate(refs, 1)
+    return (ref[:, :, None] * valid_ratios[:, None]).astype(np.float32)
+
+
+def encoder_proposals(padding_mask, shapes, valid_ratios):
+    """Two-stage proposals: a box of size 0.05 * 2^level at every encoder token.
+
+    Returns ``(proposal_logits [B, S, 4], usable [B, S] bool)``; a token is usable
+    when it is not padding and its proposal lies inside (0.01, 0.99).
+    """
+    props = []
+    for lvl, (H, W) in enumerate(shapes):
+        ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+        cx = xs.reshape(1, -1) / (valid_ratios[:, lvl, 0:1] * W)
+        cy = ys.reshape(1, -1) / (valid_ratios[:, lvl, 1:2] * H)
+        wh = np.full_like(cx, 0.05 * 2.0 ** lvl)
+        props.append(np.stack([cx, cy, wh, wh], -1))
+    p = np.concatenate(props, 1)
+    usable = ((p > 0.01) & (p < 0.99)).all(-1)
+    if padding_mask is not None:
+        usable &= ~padding_mask
+    logits = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+    return np.where(usable[..., None], logits, 0.0).astype(np.float32), usable
+
+
+class Decoder(nn.Module):
+    """Decoder layers with iterative refinement and look-forward-twice.
+
+    Layer i predicts ``box_i = sigmoid(bbox_embed(norm(h_i)) + inverse_sigmoid(box_{i-1}))``;
+    its queries were placed by ``box_{i-1}`` detached, while the loss on ``box_i``
+    also reaches ``box_{i-1}`` through the second term (look forward twice).
+    """
+
+    def __init__(self, layers, d_model, class_embed, bbox_embed):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = nn.MLP(2 * d_model, d_model, d_model, 2)
+        self.class_embed = class_embed
+        self.bbox_embed = bbox_embed
+        self.d_model = d_model
+
+    def forward(self, tgt, ref_logits, memory, shapes, starts, memory_mask, valid_ratios, attn_mask,
+                route):
+        ref = F.sigmoid(Tensor(ref_logits))
+        scale = np.concatenate([valid_ratios, valid_ratios], -1)[:, None]        # [B, 1, L, 4]
+        outputs = []
+        for layer in self.layers:
+            ref_input = ref.data[:, :, None] * scale                             # detached
+            query_pos = self.ref_point_head(Tensor(sine_box_encoding(ref_input[:, :, 0], self.d_model // 2)))
+            tgt = layer(tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask, route)
+            h = self.norm(tgt)
+            box = F.sigmoid(self.bbox_embed(h) + F.inverse_sigmoid(ref, eps=INV_SIG_EPS))
+            outputs.append((self.class_embed(h), box))
+            ref = box
+        return outputs
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, src, pos, shapes, starts, padding_mask, valid_ratios, route):
+        ref = encoder_reference_points(shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, ref, shapes, starts, padding_mask, route)
+        return src
+
+
+def select_queries(memory, proposal_logits, usable, enc_output, enc_norm, enc_class, enc_bbox,
+                   num_queries):
+    """Mixed query selection: the top ``num_queries`` encoder tokens by their best class
+    logit give the anchor boxes (detached for the decoder).
+
+    Returns ``(ref_logits [B, Q, 4] ndarray, interm_logits [B, Q, C], interm_boxes [B, Q, 4])``,
+    the last two Tensors for the encoder-proposal loss.
+    """
+    keep = Tensor(usable[..., None].astype(np.float32))
+    out = enc_norm(enc_output(memory * keep))
+    logits = enc_class(out)                                            # [B, S, C]
+    coord = enc_bbox(out) + Tensor(proposal_logits)                    # [B, S, 4]
+    score = np.where(usable, logits.data.max(-1), -np.inf)
+    top = np.argsort(-score, axis=1, kind="stable")[:, :num_queries]   # [B, Q]
+    B = memory.shape[0]
+    flat = (top + np.arange(B)[:, None] * memory.shape[1]).reshape(-1)
+    S = memory.shape[1]
+    sel_coord = coord.reshape(B * S, 4)[flat].reshape(B, num_queries, 4)
+    sel_logits = logits.reshape(B * S, -1)[flat].reshape(B, num_queries, -1)
+    return sel_coord.data.copy(), sel_logits, F.sigmoid(sel_coord)
+
+
+__all__ = ["FFNBlock", "MoEBlock", "make_ffn", "EncoderLayer", "DecoderLayer", "Encoder", "Decoder",
+           "encoder_reference_points", "encoder_proposals", "select_queries"]
