@@ -1,0 +1,66 @@
+"""Inference over the validation images of a mixture: detections, COCO AP per
+dataset, and routing statistics of every MoE layer.
+
+The model runs in eval mode and never sees a dataset label: the router decides
+the expert path.  The images' dataset ids are used only afterwards, to score
+each dataset in its own label set (the evaluator maps joint labels back to the
+dataset's categories and drops classes it does not annotate) and to fill the
+dataset x expert routing matrices.
+"""
+import numpy as np
+
+from ..autograd import no_grad
+from ..data.mixture import collate
+from ..models.postprocess import postprocess
+from .evaluate import boxes_to_xywh, evaluate_detections
+from .routing_analysis import analyse_routing
+
+
+def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
+    """Detections for every image of ``mixture`` and the routing records.
+
+    Returns
+    -------
+    predictions : dict ``{dataset name: {image_id: {"boxes" xywh, "scores", "labels"}}}``
+    records : dict ``{layer name: (token dataset ids list, top-1 experts list)}``
+    """
+    from tqdm import tqdm
+
+    model.eval()
+    predictions = {ds.name: {} for ds in mixture.datasets}
+    records = {}
+    total = sum(len(ds) for ds in mixture.datasets)
+    bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
+    with no_grad():
+        for d, ds in enumerate(mixture.datasets):
+            for start in range(0, len(ds), batch_size):
+                b = collate([mixture[d, i] for i in range(start, min(start + batch_size, len(ds)))])
+                out = model(b["images"], b["mask"], b["dataset_ids"])
+                dets = postprocess(out["pred_logits"].data, out["pred_boxes"].data, num_select=num_select)
+                for t, det in zip(b["targets"], dets):
+                    predictions[ds.name][t["image_id"]] = {
+                        "boxes": boxes_to_xywh(det["boxes"], t["orig_size"]),
+                        "scores": det["scores"], "labels": det["labels"]}
+                for name, ids, top1, valid in out["routing"].records:
+                    ids_l, ex_l = records.setdefault(name, ([], []))
+                    ids_l.append(ids[valid])
+                    ex_l.append(top1[valid])
+                bar.update(len(dets))
+    bar.close()
+    return predictions, records
+
+
+def evaluate_model(model, mixture, *, batch_size=8, num_select=100, progress=True):
+    """COCO AP per dataset plus routing analysis, in the ``damex eval --json`` shape."""
+    predictions, records = predict(model, mixture, batch_size=batch_size, num_select=num_select,
+                                   progress=progress)
+    results = evaluate_detections(mixture, predictions)
+    cfg = model.cfg
+    routing = {"accuracy": None, "layers": []}
+    if records:
+        stats = analyse_routing(records, len(mixture.datasets), cfg.num_experts,
+                                assignment=np.asarray(cfg.dataset_to_expert))
+        routing["layers"] = [{"name": name, **s} for name, s in stats.items()]
+        routing["accuracy"] = float(np.mean([s["accuracy"] for s in stats.values()]))
+    results["routing"] = routing
+    return results, predictions

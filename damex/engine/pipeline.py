@@ -1,0 +1,74 @@
+"""The main job: generate the embedded mixture, train the tiny DAMEX model,
+evaluate per dataset, print the table and write the pictures."""
+import json
+import os
+from importlib import resources
+
+from ..data.config import build_mixture
+from .config import load_run_config
+from .inference import evaluate_model
+from .train import Trainer
+
+
+def default_config_path(name="tiny_damex"):
+    """Path of a configuration shipped with damex (``damex/configs/NAME.json``)."""
+    return str(resources.files("damex") / "configs" / f"{name}.json")
+
+
+def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4):
+    """Routing heatmaps (one per MoE layer), training curves and sample detections as PNG."""
+    from .routing_analysis import draw_detections, plot_routing_heatmap, plot_training_curves
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    names = [ds.name for ds in mixture.datasets]
+    for layer in results["routing"]["layers"]:
+        p = os.path.join(out_dir, f"routing_{layer['name']}.png")
+        plot_routing_heatmap(layer["matrix"], names, p,
+                             title=f"{layer['name']}: routing accuracy {layer['accuracy']:.2f}")
+        paths.append(p)
+    p = os.path.join(out_dir, "training_curves.png")
+    plot_training_curves(trainer.history, p)
+    paths.append(p)
+    label_names = mixture.label_space.names if hasattr(mixture.label_space, "names") else None
+    for ds in mixture.datasets:
+        for idx in range(min(num_images, len(ds))):
+            info = ds.images[idx]
+            det = predictions[ds.name].get(info["id"])
+            if det is None:
+                continue
+            keep = det["scores"] >= 0.3
+            p = os.path.join(out_dir, f"detections_{ds.name}_{idx}.png")
+            xywh = det["boxes"][keep]
+            xyxy = xywh.copy()
+            xyxy[:, 2:] += xyxy[:, :2]
+            draw_detections(ds.image_path(info), xyxy, det["labels"][keep], det["scores"][keep],
+                            label_names, p)
+            paths.append(p)
+    return paths
+
+
+def run(config_path=None, *, steps=None, out_dir=None, progress=True, log=print):
+    """Train and evaluate; returns the evaluation results (the ``--json`` dict)."""
+    from .evaluate import format_table
+
+    cfg = load_run_config(config_path or default_config_path())
+    if steps is not None:
+        cfg.train.steps = steps
+    if out_dir is not None:
+        cfg.train.out_dir = out_dir
+    trainer = Trainer(cfg)
+    log(f"training {cfg.model_preset} ({cfg.model.routing}) on {len(trainer.train_set.datasets)} "
+        f"datasets, {sum(trainer.train_set.sizes)} images, {cfg.train.steps} steps")
+    fit = trainer.fit(progress=progress, log=log)
+    val = build_mixture(cfg.data, "val", label_space=trainer.label_space)
+    results, predictions = evaluate_model(trainer.model, val, progress=progress)
+    log(format_table(results))
+    if results["routing"]["accuracy"] is not None:
+        log(f"routing accuracy without dataset labels: {results['routing']['accuracy']:.3f}")
+    results["train_seconds"] = fit["seconds"]
+    with open(os.path.join(cfg.train.out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    paths = write_pictures(os.path.join(cfg.train.out_dir, "pictures"), trainer, val, results, predictions)
+    log(f"checkpoint {fit['checkpoint']}; results.json and {len(paths)} pictures in {cfg.train.out_dir}")
+    return results

@@ -1,0 +1,151 @@
+"""Training a DINO(-DAMEX) detector on a mixture of datasets.
+
+Every random choice of a step (which images, flips, denoising noise, gate
+noise, drop-path) is drawn from generators seeded by ``(seed, step)``, so a run
+resumed from a checkpoint continues bit-for-bit as if it had never stopped.
+"""
+import json
+import os
+import time
+
+import numpy as np
+
+from .. import nn, optim
+from ..data.config import build_mixture
+from ..data.mixture import MixtureSampler, collate
+from ..models.criterion import SetCriterion
+from ..models.dino import DINO
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig, run_config_from_dict
+
+
+def build_model(cfg, num_classes, num_datasets):
+    """The DINO model of a run, sized for the mixture's joint label space.
+
+    Unless the configuration gives ``dataset_to_expert``, dataset d goes to
+    expert ``d % num_experts``.
+    """
+    mc = cfg.model
+    mapping = tuple(mc.dataset_to_expert) or tuple(d % mc.num_experts for d in range(num_datasets))
+    if len(mapping) != num_datasets:
+        raise ValueError(f"dataset_to_expert: expected {num_datasets} entries (one per dataset), "
+                         f"got {len(mapping)}")
+    fields = dict(mc.__dict__, num_classes=num_classes, dataset_to_expert=mapping)
+    return DINO(type(mc)(**fields))
+
+
+def reseed(model, transforms, seed, step):
+    """Give every random source of one step a generator seeded by (seed, step)."""
+    for i, m in enumerate(model.modules()):
+        for attr in ("rng", "_rng", "_dn_rng"):
+            if isinstance(getattr(m, attr, None), np.random.Generator):
+                object.__setattr__(m, attr, np.random.default_rng([seed, step, i]))
+    g = np.random.default_rng([seed, step, 1 << 20])
+    for t in getattr(transforms, "transforms", []):
+        if isinstance(getattr(t, "rng", None), np.random.Generator):
+            t.rng = g
+
+
+class Trainer:
+    """Owns the data, model, criterion, optimizer and schedule of one run.
+
+    ``Trainer(cfg).fit(steps)`` trains; ``Trainer.from_checkpoint(path)`` resumes.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.threads:
+            from .. import set_num_threads
+            set_num_threads(tc.threads)
+        self.train_set = build_mixture(cfg.data, "train")
+        self.transforms = self.train_set.datasets[0].transforms
+        self.label_space = self.train_set.label_space
+        self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets))
+        self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+        self.optimizer = optim.AdamW([{"params": backbone, "lr": tc.lr_backbone}, {"params": rest}],
+                                     lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = optim.MultiStepLR(self.optimizer, tc.lr_drop, tc.lr_gamma)
+        self.step = 0
+        self.history = []
+
+    # -- one step ----------------------------------------------------------------
+
+    def batch(self, step):
+        """The collated batch of a step (deterministic in (seed, step))."""
+        dc = self.cfg.data
+        sampler = MixtureSampler(self.train_set.sizes, dc.sampler, dc.weights,
+                                 seed=self.cfg.train.seed * 1_000_003 + step, num_samples=dc.batch_size)
+        return collate([self.train_set[d, i] for d, i in sampler])
+
+    def train_step(self):
+        tc = self.cfg.train
+        self.model.train()
+        reseed(self.model, self.transforms, tc.seed, self.step)
+        b = self.batch(self.step)
+        outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"])
+        loss, terms = self.criterion(outputs, b["targets"])
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm) \
+            if tc.clip_max_norm > 0 else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        record = {"step": self.step, "loss": float(loss.data), "grad_norm": float(grad_norm),
+                  "lr": self.optimizer.param_groups[-1]["lr"], **terms}
+        self.history.append(record)
+        return record
+
+    # -- the loop ----------------------------------------------------------------
+
+    def fit(self, steps=None, progress=True, log=print):
+        """Train until ``steps`` (default: the configured total), checkpointing and logging."""
+        from tqdm import tqdm
+
+        tc = self.cfg.train
+        steps = tc.steps if steps is None else steps
+        os.makedirs(tc.out_dir, exist_ok=True)
+        log_path = os.path.join(tc.out_dir, "log.jsonl")
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps, initial=self.step, desc="train", disable=not progress,
+                   dynamic_ncols=True)
+        with open(log_path, "a", encoding="utf-8") as logf:
+            while self.step < steps:
+                rec = self.train_step()
+                logf.write(json.dumps(rec) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if tc.log_every and self.step % tc.log_every == 0 and not progress:
+                    log(f"step {self.step}: loss {rec['loss']:.4f}")
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save(os.path.join(tc.out_dir, "checkpoint.npz"))
+        bar.close()
+        path = self.save(os.path.join(tc.out_dir, "checkpoint.npz"))
+        return {"checkpoint": path, "seconds": time.perf_counter() - t0, "history": self.history}
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def meta(self):
+        return {"format": "damex-checkpoint-1", "config": self.cfg.to_dict(), "step": self.step,
+                "label_space": self.label_space.to_dict(), "history": self.history}
+
+    def save(self, path):
+        return save_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, meta=self.meta())
+
+    @classmethod
+    def from_checkpoint(cls, path, **train_overrides):
+        """Rebuild a run from its checkpoint and continue where it stopped."""
+        parts, meta = load_checkpoint(path)
+        conf = meta["config"]
+        conf["train"].update(train_overrides)
+        trainer = cls(run_config_from_dict(conf, source=os.fspath(path)))
+        trainer.model.load_state_dict(parts["model"])
+        trainer.optimizer.load_state_dict(parts["optim"])
+        trainer.scheduler.load_state_dict(parts["sched"])
+        trainer.step = int(meta["step"])
+        trainer.history = list(meta.get("history", []))
+        return trainer
