@@ -5,3 +5,4 @@ index arrays in int64), checks its arguments with messages that name them,
 never modifies its inputs, and returns new arrays.
 """
 from .activation import ACTIVATIONS, activation_backward, activation_forward  # noqa: F401
+from .router import NORMALIZE, RouterResult, router_backward, router_forward, router_logits_backward  # noqa: F401
