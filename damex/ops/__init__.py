@@ -5,5 +5,6 @@ index arrays in int64), checks its arguments with messages that name them,
 never modifies its inputs, and returns new arrays.
 """
 from .activation import ACTIVATIONS, activation_backward, activation_forward  # noqa: F401
+from .router import NORMALIZE, RouterResult, router_backward, router_forward, router_logits_backward  # noqa: F401
 from .moe import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,  # noqa: F401
                   expert_ffn_backward, expert_ffn_forward, moe_backward, moe_forward)
