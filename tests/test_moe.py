@@ -301,3 +301,229 @@ def test_bad_expert_weights_are_named():
         ops.expert_ffn_forward(xe, np.array([2, 2]), w1, b1, w2, b2)
     with pytest.raises(ValueError, match="activation"):
         ops.expert_ffn_forward(xe, count, w1, b1, w2, b2, activation="swish")
+
+
+# ---- the whole layer ------------------------------------------------------------------
+
+def layer_inputs(seed, T, D, F, E, scale=0.5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(T, D))
+    wr = rng.normal(0, 1.0, (D, E))
+    return rng, x, wr, weights(rng, E, D, F, scale)
+
+
+def same_route(got, want):
+    np.testing.assert_array_equal(got.expert_index, want.expert_index)
+    np.testing.assert_array_equal(got.slot, want.slot)
+    np.testing.assert_array_equal(got.expert_count, want.expert_count)
+
+
+LAYER_CASES = [  # k, capacity_factor, bpr, normalize, with noise, with dlogits, mask
+    dict(k=1, capacity_factor=1.25, bpr=True),
+    dict(k=2, capacity_factor=None, normalize=True, noise=True),
+    dict(k=2, capacity_factor=0.75, bpr=False, normalize="after_drop", dlogits=True),
+    dict(k=1, capacity_factor=1.0, bpr=True, noise=True, dlogits=True, mask=True),
+    dict(k=3, capacity_factor=None, dlogits=True),  # k = E
+]
+
+
+def run_case(case, act, seed, T=7, D=3, F=4, E=3):
+    rng, x, wr, w = layer_inputs(seed, T, D, F, E)
+    noise = rng.normal(0, 1 / E, (T, E)) if case.get("noise") else np.zeros((T, E))
+    mask = (rng.uniform(size=T) > 0.3) if case.get("mask") else None
+    dl = rng.normal(size=(T, E)) if case.get("dlogits") else np.zeros((T, E))
+    dy = rng.normal(size=(T, D))
+    opts = dict(k=case["k"], capacity_factor=case.get("capacity_factor"),
+                bpr=case.get("bpr", False), normalize=case.get("normalize", False), mask=mask)
+    y, state = ops.moe_forward(*f32s(x, wr, *w), noise=noise.astype(np.float32),
+                               activation=act, **opts)
+    grads = ops.moe_backward(dy.astype(np.float32), state,
+                             dlogits=dl.astype(np.float32) if case.get("dlogits") else None)
+    return SimpleNamespace(x=x, wr=wr, w=w, noise=noise, mask=mask, dl=dl, dy=dy, y=y,
+                           state=state, grads=grads, opts=opts)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_moe_layer_gradients_by_central_differences(case):
+    act = "gelu_tanh"
+    c = run_case(case, act, seed=10)
+    route = route_ref(c.x @ c.wr + c.noise, case["k"], case.get("capacity_factor"),
+                      case.get("bpr", False), c.mask)
+    same_route(c.state.router, route)
+    norm = case.get("normalize", False)
+    assert_close(c.y, layer_ref(c.x, c.wr, *c.w, route, act, c.noise, norm),
+                 atol=2e-5, rtol=1e-4, name="y")
+    args = [c.x, c.wr, *c.w]
+
+    def loss(i):
+        def f(v):
+            a = list(args)
+            a[i] = v
+            y = layer_ref(a[0], a[1], *a[2:], route, act, c.noise, norm)
+            return (y * c.dy).sum() + (a[0] @ a[1] * c.dl).sum()
+        return f
+
+    for i, name in enumerate(["x", "w_router", "w1", "b1", "w2", "b2"]):
+        assert_close(c.grads[name], numeric_grad(loss(i), args[i]), atol=1e-4, rtol=1e-3,
+                     name=name)
+
+
+def torch_layer(torch, x, wr, w1, b1, w2, b2, route, act, noise, normalize):
+    """The same maths in PyTorch on the routing decisions of `route`."""
+    logits = x @ wr
+    p = torch.softmax(logits + noise, dim=1)
+    ei = torch.tensor(route.expert_index)
+    kept = torch.tensor(route.slot >= 0)
+    w = p.gather(1, ei)
+    if normalize in (True, "before_drop"):
+        w = w / w.sum(1, keepdim=True)
+    w = w * kept
+    if normalize == "after_drop":
+        s = w.sum(1, keepdim=True)
+        w = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), w)
+    r = SimpleNamespace(expert_index=route.expert_index, slot=route.slot,
+                        expert_count=route.expert_count, cw_t=w)
+    return torch_pipeline(torch, x, r, w1, b1, w2, b2, act), logits
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", LAYER_CASES[:4])
+def test_moe_layer_parity_with_torch(case, act):
+    torch = torch_or_skip()
+    c = run_case(case, act, seed=11, T=50, D=8, F=16, E=4)
+    t = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in (c.x, c.wr, *c.w)]
+    ty, tlogits = torch_layer(torch, *t, c.state.router, act,
+                              torch.tensor(c.noise, dtype=torch.float32),
+                              case.get("normalize", False))
+    loss = (ty * torch.tensor(c.dy, dtype=torch.float32)).sum() + \
+        (tlogits * torch.tensor(c.dl, dtype=torch.float32)).sum()
+    loss.backward()
+    assert_close(c.y, ty.detach().numpy(), atol=2e-5, rtol=1e-4, name="y")
+    for name, tt in zip(["x", "w_router", "w1", "b1", "w2", "b2"], t):
+        assert_close(c.grads[name], tt.grad.numpy(), atol=1e-4, rtol=1e-4, name=name)
+
+
+# ---- edge cases ---------------------------------------------------------------------------
+
+def test_every_token_to_one_expert_and_empty_experts():
+    rng, x, wr, w = layer_inputs(20, 12, 4, 6, 4)
+    wr = np.zeros_like(wr)
+    wr[:, 2] = 0.0
+    x = np.abs(x)
+    wr[0, 2] = 50.0  # expert 2 wins for every token; 0, 1, 3 get nothing
+    y, state = ops.moe_forward(*f32s(x, wr, *w))
+    assert state.router.expert_count.tolist() == [0, 0, 12, 0]
+    route = route_ref(x @ wr, 1)
+    assert_close(y, layer_ref(x, wr, *w, route, "gelu_tanh", 0), atol=2e-5, rtol=1e-4)
+    g = ops.moe_backward(np.ones_like(y), state)
+    for e in (0, 1, 3):
+        assert not g["w1"][e].any() and not g["b1"][e].any()
+        assert not g["w2"][e].any() and not g["b2"][e].any()
+    assert g["w1"][2].any()
+
+
+def test_capacity_drops_give_zero_output():
+    rng, x, wr, w = layer_inputs(21, 16, 4, 5, 4)
+    y, state = ops.moe_forward(*f32s(x, wr, *w), k=1, capacity_factor=0.5, bpr=True)
+    dropped = state.router.slot[:, 0] < 0
+    assert dropped.any() and (~dropped).any()
+    assert not y[dropped].any()
+    dy = np.ones_like(y)
+    g = ops.moe_backward(dy, state)
+    # a dropped token gets no gradient from the experts or the combine weights
+    assert not g["x"][dropped].any()
+
+
+def test_padding_mask():
+    rng, x, wr, w = layer_inputs(22, 10, 4, 5, 3)
+    mask = np.array([True, False] * 5)
+    check = unchanged(mask)
+    y, state = ops.moe_forward(*f32s(x, wr, *w), k=2, capacity_factor=1.0, mask=mask)
+    assert not y[~mask].any()
+    assert (state.router.slot[~mask] == -1).all()
+    g = ops.moe_backward(np.ones_like(y), state)
+    assert not g["x"][~mask].any()
+    # padding tokens change nothing for the others
+    y2, _ = ops.moe_forward(*f32s(x[mask], wr, *w), k=2, capacity_factor=1.0)
+    assert_close(y[mask], y2, atol=1e-6, rtol=1e-6)
+    check()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_single_token(act):
+    rng, x, wr, w = layer_inputs(23, 1, 4, 5, 3)
+    y, state = ops.moe_forward(*f32s(x, wr, *w), k=2, activation=act)
+    route = route_ref(x @ wr, 2)
+    assert_close(y, layer_ref(x, wr, *w, route, act, 0), atol=2e-5, rtol=1e-4)
+    g = ops.moe_backward(np.ones_like(y), state)
+    assert g["x"].shape == (1, 4) and np.isfinite(g["x"]).all()
+
+
+# ---- bad input, inputs untouched, memory -------------------------------------------------------
+
+def test_moe_bad_input():
+    rng, x, wr, w = layer_inputs(24, 6, 4, 5, 3)
+    x, wr, w1, b1, w2, b2 = f32s(x, wr, *w)
+    with pytest.raises(TypeError, match="w1"):
+        ops.moe_forward(x, wr, w1.astype(np.int64), b1, w2, b2)
+    with pytest.raises(ValueError, match="w1"):
+        ops.moe_forward(x[:, :3], wr[:3], w1, b1, w2, b2)  # D of x != D of w1
+    with pytest.raises(ValueError, match="w_router"):
+        ops.moe_forward(x, wr[:, :2], w1, b1, w2, b2)  # E of router != E of experts
+    with pytest.raises(ValueError, match="b1"):
+        ops.moe_forward(x, wr, w1, b1[:, :4], w2, b2)
+    with pytest.raises(ValueError, match="w2"):
+        ops.moe_forward(x, wr, w1, b1, w2[:, :, :3], b2)
+    with pytest.raises(ValueError, match="b2"):
+        ops.moe_forward(x, wr, w1, b1, w2, b2[:2])
+    with pytest.raises(ValueError, match="activation"):
+        ops.moe_forward(x, wr, w1, b1, w2, b2, activation="tanh")
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ops.moe_forward(bad, wr, w1, b1, w2, b2)
+    y, state = ops.moe_forward(x, wr, w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="dy"):
+        ops.moe_backward(y[:, :2], state)
+    with pytest.raises(ValueError, match="dlogits"):
+        ops.moe_backward(y, state, dlogits=np.zeros((6, 2), np.float32))
+    with pytest.raises(TypeError, match="state"):
+        ops.moe_backward(y, state.router)
+
+
+def test_moe_inputs_not_modified():
+    rng, x, wr, w = layer_inputs(25, 9, 4, 5, 3)
+    args = f32s(x, wr, *w)
+    noise = rng.normal(size=(9, 3)).astype(np.float32)
+    check = unchanged(*args, noise)
+    y, state = ops.moe_forward(*args, k=2, noise=noise, capacity_factor=1.0, bpr=True)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    dl = rng.normal(size=(9, 3)).astype(np.float32)
+    check2 = unchanged(dy, dl, state.router.combine_weight, state.ye, state.expert.h)
+    ops.moe_backward(dy, state, dlogits=dl)
+    ops.moe_backward(dy, state, dlogits=dl)  # a second backward sees the same state
+    check()
+    check2()
+
+
+def _rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4
+
+
+def test_memory_flat_over_many_calls():
+    rng, x, wr, w = layer_inputs(26, 5, 4, 6, 3)
+    args = f32s(x, wr, *w)
+    dy = np.ones((5, 4), np.float32)
+
+    def step():
+        y, state = ops.moe_forward(*args, k=2, capacity_factor=1.0, bpr=True)
+        ops.moe_backward(dy, state)
+
+    for _ in range(500):
+        step()
+    before = _rss_kb()
+    for _ in range(10_000):
+        step()
+    grown = _rss_kb() - before
+    assert grown < 2048, f"resident memory grew by {grown} kB over 10,000 calls"
