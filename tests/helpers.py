@@ -50,3 +50,34 @@ def unchanged(*arrays):
         for a, c in zip(arrays, copies):
             np.testing.assert_array_equal(a, c, err_msg="an input array was modified")
     return check
+
+
+def rss_bytes():
+    """Resident set size of this process (Linux /proc), or 0 where unavailable."""
+    try:
+        import os
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def assert_memory_flat(fn, calls=10_000, slack=4 << 20):
+    """Call fn() `calls` times; fail if Python-traced memory or the RSS grew by
+    more than `slack` bytes (catches leaked arrays and leaked C scratch)."""
+    import gc
+    import tracemalloc
+    for _ in range(100):
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        traced0, rss0 = tracemalloc.get_traced_memory()[0], rss_bytes()
+        for _ in range(calls):
+            fn()
+        gc.collect()
+        traced1, rss1 = tracemalloc.get_traced_memory()[0], rss_bytes()
+    finally:
+        tracemalloc.stop()
+    assert traced1 - traced0 < slack, f"traced memory grew by {traced1 - traced0} bytes"
+    assert rss1 - rss0 < slack, f"RSS grew by {rss1 - rss0} bytes over {calls} calls"

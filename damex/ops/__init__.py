@@ -5,3 +5,12 @@ index arrays in int64), checks its arguments with messages that name them,
 never modifies its inputs, and returns new arrays.
 """
 from .activation import ACTIVATIONS, activation_backward, activation_forward  # noqa: F401
+from .router import NORMALIZE, RouterResult, router_backward, router_forward, router_logits_backward  # noqa: F401
+from .moe import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,  # noqa: F401
+                  expert_ffn_backward, expert_ffn_forward, moe_backward, moe_forward)
+from .box import (  # noqa: F401
+    box_cxcywh_to_xyxy_backward, box_cxcywh_to_xyxy_forward, box_iou_forward,
+    box_xyxy_to_cxcywh_backward, box_xyxy_to_cxcywh_forward, generalized_box_iou_backward,
+    generalized_box_iou_forward, l1_loss_backward, l1_loss_forward, sigmoid_focal_loss_backward,
+    sigmoid_focal_loss_forward)
+from .nn import *  # noqa: F401,F403

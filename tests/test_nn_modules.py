@@ -1,0 +1,226 @@
+"""Modules: parameter names and shapes as in PyTorch, state_dict round trips through
+npz bit for bit, clear errors on bad state, train/eval behaviour."""
+import numpy as np
+import pytest
+
+import damex.nn as nn
+from damex import ops
+from damex.autograd import Tensor
+from helpers import torch_or_skip
+
+
+def needs(*names):
+    missing = [n for n in names if not hasattr(ops, n)]
+    return pytest.mark.skipif(bool(missing), reason=f"damex.ops lacks {missing} (kernel family not merged)")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.bn = nn.FrozenBatchNorm2d(8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.msda = nn.MSDeformAttn(8, n_levels=2, n_heads=2, n_points=2)
+        self.moe = nn.MoE(8, 4, 16)
+        self.mlp = nn.MLP(8, 16, 4, 3)
+        self.blocks = nn.ModuleList([nn.LayerNorm(8), nn.Linear(8, 8, bias=False)])
+        self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.1))
+        self.emb = nn.Embedding(5, 8)
+
+
+def torch_names(torch):
+    tn = torch.nn
+    return {
+        "Linear": dict(tn.Linear(4, 3).named_parameters()),
+        "LayerNorm": dict(tn.LayerNorm(4).named_parameters()),
+        "GroupNorm": dict(tn.GroupNorm(2, 4).named_parameters()),
+        "Conv2d": dict(tn.Conv2d(3, 4, 3).named_parameters()),
+        "Embedding": dict(tn.Embedding(5, 4).named_parameters()),
+        "MultiheadAttention": dict(tn.MultiheadAttention(4, 2).named_parameters()),
+    }
+
+
+def test_parameter_names_and_shapes_match_torch():
+    torch = torch_or_skip()
+    ours = {"Linear": nn.Linear(4, 3), "LayerNorm": nn.LayerNorm(4), "GroupNorm": nn.GroupNorm(2, 4),
+            "Conv2d": nn.Conv2d(3, 4, 3), "Embedding": nn.Embedding(5, 4),
+            "MultiheadAttention": nn.MultiheadAttention(4, 2)}
+    for name, ref in torch_names(torch).items():
+        got = {k: p.shape for k, p in ours[name].named_parameters()}
+        want = {k: tuple(p.shape) for k, p in ref.items()}
+        assert got == want, name
+
+
+def test_named_parameters_and_buffers():
+    net = Net()
+    names = [n for n, _ in net.named_parameters()]
+    assert names[:2] == ["conv.weight", "conv.bias"]
+    for n in ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+              "msda.sampling_offsets.weight", "msda.sampling_offsets.bias", "msda.attention_weights.weight",
+              "msda.value_proj.weight", "msda.output_proj.bias", "moe.w_router", "moe.w1", "moe.b1",
+              "moe.w2", "moe.b2", "mlp.layers.2.weight", "blocks.0.weight", "blocks.1.weight",
+              "seq.0.bias", "emb.weight"]:
+        assert n in names, n
+    assert "blocks.1.bias" not in names
+    assert dict(net.named_parameters())["moe.w1"].shape == (4, 8, 16)
+    assert dict(net.named_parameters())["msda.sampling_offsets.weight"].shape == (2 * 2 * 2 * 2, 8)
+    assert [n for n, _ in net.named_buffers()] == ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"]
+    assert "bn.running_var" in net.state_dict()
+    assert len(list(net.children())) == 10
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_shared_parameter_listed_once():
+    a = nn.Linear(3, 3)
+    seq = nn.Sequential(a, a)
+    assert len(list(seq.parameters())) == 2
+
+
+def test_msdeformattn_init_is_dinos():
+    m = nn.MSDeformAttn(16, n_levels=2, n_heads=4, n_points=3)
+    assert not m.sampling_offsets.weight.data.any()
+    assert not m.attention_weights.weight.data.any() and not m.attention_weights.bias.data.any()
+    grid = m.sampling_offsets.bias.data.reshape(4, 2, 3, 2)
+    # head 0 points along +x, head 1 along +y, head 2 along -x, head 3 along -y; point p at p+1
+    np.testing.assert_allclose(grid[0, 1, :, 0], [1, 2, 3])
+    np.testing.assert_allclose(grid[1, 0, :, 1], [1, 2, 3])
+    np.testing.assert_allclose(grid[2, 0, :, 0], [-1, -2, -3])
+    np.testing.assert_allclose(grid[3, 1, 2], [0, -3], atol=1e-6)
+    assert not m.value_proj.bias.data.any() and not m.output_proj.bias.data.any()
+
+
+def test_mha_init_like_torch():
+    m = nn.MultiheadAttention(12, 3)
+    bound = np.sqrt(6 / (12 + 36))
+    assert np.abs(m.in_proj_weight.data).max() <= bound
+    assert not m.in_proj_bias.data.any() and not m.out_proj.bias.data.any()
+
+
+def test_manual_seed_reproduces_init():
+    nn.manual_seed(3)
+    a = Net().state_dict()
+    nn.manual_seed(3)
+    b = Net().state_dict()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_state_dict_round_trip_bit_exact(tmp_path):
+    net = Net()
+    net.bn.running_var[...] = np.linspace(0.5, 2, 8)
+    path = tmp_path / "net.npz"
+    nn.save(net, path)
+    other = Net()
+    other.load_state_dict(nn.load(path))
+    sa, sb = net.state_dict(), other.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype
+        assert sa[k].tobytes() == sb[k].tobytes(), k
+    # the file holds no pickled objects
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) == set(sa)
+
+
+def test_load_state_dict_keeps_parameter_identity():
+    net = nn.Linear(3, 2)
+    w = net.weight
+    net.load_state_dict({"weight": np.ones((2, 3), np.float32), "bias": np.zeros(2, np.float32)})
+    assert net.weight is w and (w.data == 1).all()
+
+
+def test_load_state_dict_errors_name_the_key():
+    net = Net()
+    state = net.state_dict()
+    missing = dict(state)
+    del missing["attn.in_proj_bias"]
+    with pytest.raises(RuntimeError, match=r"missing key\(s\).*attn\.in_proj_bias"):
+        net.load_state_dict(missing)
+    extra = dict(state, **{"moe.w3": np.zeros(3, np.float32)})
+    with pytest.raises(RuntimeError, match=r"unexpected key\(s\).*moe\.w3"):
+        net.load_state_dict(extra)
+    bad = dict(state, **{"mlp.layers.1.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for mlp\.layers\.1\.weight.*\(3, 3\).*\(16, 16\)"):
+        net.load_state_dict(bad)
+    before = net.state_dict()
+    with pytest.raises(RuntimeError):
+        net.load_state_dict(bad)
+    for k, v in net.state_dict().items():   # a failed load changes nothing
+        np.testing.assert_array_equal(v, before[k])
+    missing_ok, unexpected_ok = net.load_state_dict(extra, strict=False)
+    assert unexpected_ok == ["moe.w3"] and missing_ok == []
+
+
+def test_save_refuses_objects(tmp_path):
+    with pytest.raises(TypeError, match="bad"):
+        nn.save({"bad": np.array([object()])}, tmp_path / "x.npz")
+
+
+def test_train_eval_flags_and_zero_grad():
+    net = Net()
+    assert net.training and net.seq[2].training
+    net.eval()
+    assert not any(m.training for m in net.modules())
+    net.train()
+    assert all(m.training for m in net.modules())
+    for p in net.parameters():
+        p.grad = np.ones(p.shape, np.float32)
+    net.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+
+
+@needs("dropout_forward")
+def test_dropout_train_eval():
+    d = nn.Dropout(0.5, seed=1)
+    x = Tensor(np.ones((64, 64), np.float32), requires_grad=True)
+    y = d(x)
+    kept = y.data != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(y.data[kept], 2.0)
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad, kept * 2.0)
+    d.eval()
+    assert d(x) is x
+    d2, d3 = nn.Dropout(0.5, seed=7), nn.Dropout(0.5, seed=7)
+    np.testing.assert_array_equal(d2(x).data, d3(x).data)    # same seed, same bits
+
+
+@needs("moe_forward", "damex_loss_forward", "importance_loss_forward", "load_loss_forward")
+def test_moe_gate_noise_only_in_training():
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 5, 8)).astype(np.float32), requires_grad=True)
+    m = nn.MoE(8, 4, 16, gate_noise=1.0, loss="balance", seed=3)
+    y = m(x)
+    assert y.shape == (2, 5, 8)
+    noise = m.routing["noise"]
+    assert noise.shape == (10, 4)
+    assert 0.05 < noise.std() < 0.6            # sigma = 1/E = 0.25
+    assert set(m.routing["losses"]) == {"importance", "load"}
+    m.eval()
+    y1, y2 = m(x), m(x)
+    assert m.routing["noise"] is None
+    np.testing.assert_array_equal(y1.data, y2.data)
+    assert set(m.routing["losses"]) == {"importance"}
+    m2 = nn.MoE(8, 4, 16, gate_noise=1.0, loss="balance", seed=3)
+    m2.load_state_dict(m.state_dict())
+    m2.train()
+    m2(x)
+    np.testing.assert_array_equal(m2.routing["noise"], noise)   # same seed, same noise
+
+
+@needs("moe_forward", "damex_loss_forward")
+def test_moe_dataset_ids_per_image_and_per_token():
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.standard_normal((3, 4, 8)).astype(np.float32))
+    m = nn.MoE(8, 4, 16, loss="damex", dataset_to_expert=[2, 0, 1], gate_noise=0.0)
+    m(x, dataset_ids=np.array([0, 1, 2]))
+    np.testing.assert_array_equal(m.routing["expert_target"], np.repeat([2, 0, 1], 4))
+    per_token = np.repeat(np.array([[0], [1], [2]]), 4, axis=1)
+    m(x, dataset_ids=per_token)
+    np.testing.assert_array_equal(m.routing["expert_target"], np.repeat([2, 0, 1], 4))
+    assert "damex" in m.routing["losses"] and m.aux_loss.shape == ()
+    m(x)
+    assert m.routing["losses"] == {} and float(m.aux_loss) == 0.0
+    with pytest.raises(ValueError, match="dataset_ids"):
+        m(x, dataset_ids=np.array([0, 1]))
