@@ -13,3 +13,4 @@ from .box import (  # noqa: F401
     box_xyxy_to_cxcywh_backward, box_xyxy_to_cxcywh_forward, generalized_box_iou_backward,
     generalized_box_iou_forward, l1_loss_backward, l1_loss_forward, sigmoid_focal_loss_backward,
     sigmoid_focal_loss_forward)
+from .nn import *  # noqa: F401,F403
