@@ -231,3 +231,346 @@ def test_float32_everywhere():
     y = (x * 2.5 + np.float64(1)).sum()
     y.backward()
     assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+# ================================================================ functional ops
+# (each against the PyTorch formula; skipped while its kernel family is not merged)
+
+def tf():
+    return torch.nn.functional
+
+
+@needs("linear_forward")
+@pytest.mark.parametrize("shape,bias", [((5, 4), True), ((2, 3, 4), False)])
+def test_linear(shape, bias):
+    shapes = [shape, (6, 4)] + ([(6,)] if bias else [])
+    check_op(shapes, lambda *a: F.linear(*a), lambda *a: tf().linear(*a))
+
+
+@needs("layer_norm_forward")
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
+def test_layer_norm(shape):
+    C = shape[-1]
+    check_op([shape, (C,), (C,)], lambda x, w, b: F.layer_norm(x, (C,), w, b),
+             lambda x, w, b: tf().layer_norm(x, (C,), w, b), atol=1e-4)
+
+
+@needs("group_norm_forward")
+@pytest.mark.parametrize("shape,groups", [((2, 4, 3, 5), 2), ((1, 6, 4, 4), 3)])
+def test_group_norm(shape, groups):
+    C = shape[1]
+    check_op([shape, (C,), (C,)], lambda x, w, b: F.group_norm(x, groups, w, b),
+             lambda x, w, b: tf().group_norm(x, groups, w, b), atol=1e-4)
+
+
+@needs("frozen_batch_norm_forward")
+def test_frozen_batch_norm():
+    rng = np.random.default_rng(0)
+    w, b, rm = (rng.standard_normal(3).astype(np.float32) for _ in range(3))
+    rv = rng.uniform(0.5, 2, 3).astype(np.float32)
+
+    def ref(x):
+        scale = torch.tensor(w) * (torch.tensor(rv) + 1e-5).rsqrt()
+        shift = torch.tensor(b) - torch.tensor(rm) * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    check_op([(2, 3, 4, 5)], lambda x: F.frozen_batch_norm(x, w, b, rm, rv), ref)
+
+
+@needs("conv2d_forward")
+@pytest.mark.parametrize("xs,ws,stride,padding,bias", [((2, 3, 7, 6), (4, 3, 3, 3), 1, 1, True),
+                                                        ((1, 2, 8, 8), (3, 2, 1, 1), 2, 0, False),
+                                                        ((1, 2, 9, 7), (2, 2, 3, 3), 2, 1, True)])
+def test_conv2d(xs, ws, stride, padding, bias):
+    shapes = [xs, ws] + ([(ws[0],)] if bias else [])
+    check_op(shapes, lambda *a: F.conv2d(*a, stride=stride, padding=padding),
+             lambda *a: tf().conv2d(*a, stride=stride, padding=padding), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["relu", "gelu", "gelu_tanh"])
+def test_activations(kind):
+    d = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[kind]
+    t = {"relu": tf().relu, "gelu": tf().gelu, "gelu_tanh": lambda x: tf().gelu(x, approximate="tanh")}[kind]
+    check_op([(4, 7)], d, t)
+
+
+@needs("sigmoid_forward", "inverse_sigmoid_forward")
+def test_sigmoid_and_inverse_sigmoid():
+    check_op([(3, 5)], F.sigmoid, torch.sigmoid, low=-4, high=4)
+
+    def inv(x, eps=1e-5):
+        x = x.clamp(min=0, max=1)
+        return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+    x = np.array([[-0.1, 0.0, 1e-7, 0.2, 0.5, 0.9, 1.0, 1.3]], np.float32)
+    check_op(None, F.inverse_sigmoid, inv, inputs=[x], atol=1e-4)
+    check_op([(4, 4)], F.inverse_sigmoid, inv, low=0.05, high=0.95)
+
+
+@needs("softmax_forward")
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_softmax(dim):
+    check_op([(3, 4, 5)], lambda x: F.softmax(x, dim), lambda x: torch.softmax(x, dim), low=-3, high=3)
+
+
+@needs("dropout_forward")
+def test_dropout_matches_mask_and_seed():
+    x = Tensor(np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32), requires_grad=True)
+    y = F.dropout(x, 0.3, seed=11)
+    keep = y.data != 0
+    np.testing.assert_allclose(y.data, np.where(keep, x.data / 0.7, 0), rtol=1e-6)
+    up = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    (y * up).sum().backward()
+    np.testing.assert_allclose(x.grad, np.where(keep, up / 0.7, 0), rtol=1e-6)
+    np.testing.assert_array_equal(F.dropout(x, 0.3, seed=11).data, y.data)
+    assert F.dropout(x, 0.3, training=False) is x
+
+
+@needs("embedding_forward")
+def test_embedding():
+    ids = np.array([[0, 3, 3], [1, 0, 4]], np.int64)
+    check_op([(5, 6)], lambda w: F.embedding(ids, w), lambda w: tf().embedding(torch.tensor(ids), w))
+
+
+def torch_attention(q, k, v, H, attn_mask=None, key_padding_mask=None):
+    N, Lq, C = q.shape
+    Lk = k.shape[1]
+    hd = C // H
+    qh = q.reshape(N, Lq, H, hd).transpose(1, 2)
+    kh = k.reshape(N, Lk, H, hd).transpose(1, 2)
+    vh = v.reshape(N, Lk, H, hd).transpose(1, 2)
+    s = qh @ kh.transpose(-1, -2) / hd ** 0.5
+    if attn_mask is not None:
+        s = s.masked_fill(torch.tensor(attn_mask)[None, None], float("-inf"))
+    if key_padding_mask is not None:
+        s = s.masked_fill(torch.tensor(key_padding_mask)[:, None, None, :], float("-inf"))
+    a = torch.softmax(s, -1)
+    return (a @ vh).transpose(1, 2).reshape(N, Lq, C), a
+
+
+@needs("attention_forward")
+@pytest.mark.parametrize("masks", [False, True])
+def test_attention(masks):
+    N, Lq, Lk, C, H = 2, 5, 6, 8, 2
+    am = kpm = None
+    if masks:
+        am = np.zeros((Lq, Lk), bool)
+        am[0, 3:] = True
+        am[2, :2] = True
+        kpm = np.zeros((N, Lk), bool)
+        kpm[1, -2:] = True
+    check_op([(N, Lq, C), (N, Lk, C), (N, Lk, C)],
+             lambda q, k, v: F.attention(q, k, v, H, am, kpm)[0],
+             lambda q, k, v: torch_attention(q, k, v, H, am, kpm)[0])
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(N, Lq, C), (N, Lk, C), (N, Lk, C)])
+    _, attn = F.attention(q, k, v, H, am, kpm)
+    _, ta = torch_attention(*(torch.tensor(a) for a in (q, k, v)), H, am, kpm)
+    assert_close(attn.data, ta.numpy(), 1e-5, 1e-4, "attn")
+    assert not attn.requires_grad
+
+
+def torch_ms_deform_attn(value, shapes, locations, weights):
+    """Deformable-DETR's grid_sample reference (align_corners=False, zero padding)."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    values = value.split([int(h) * int(w) for h, w in shapes], dim=1)
+    grids = 2 * locations - 1
+    samples = []
+    for lid, (h, w) in enumerate(shapes):
+        v = values[lid].flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
+        g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
+        samples.append(tf().grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    a = weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(N, M * D, Lq)
+    return out.transpose(1, 2)
+
+
+@needs("ms_deform_attn_forward")
+@pytest.mark.parametrize("shapes", [[(4, 5)], [(6, 4), (3, 2)]])
+def test_ms_deform_attn(shapes):
+    shapes = np.array(shapes, np.int64)
+    start = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])[:-1]]).astype(np.int64)
+    S = int((shapes[:, 0] * shapes[:, 1]).sum())
+    N, Lq, M, D, L, P = 2, 3, 2, 4, len(shapes), 2
+    rng = np.random.default_rng(0)
+    value = rng.standard_normal((N, S, M, D)).astype(np.float32)
+    loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2)).astype(np.float32)   # some off the map
+    w = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(np.float32)
+    check_op(None, lambda v, l_, a: F.ms_deform_attn(v, shapes, start, l_, a),
+             lambda v, l_, a: torch_ms_deform_attn(v, shapes, l_, a), inputs=[value, loc, w], atol=1e-4)
+
+
+def t_cxcywh_to_xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def t_xyxy_to_cxcywh(b):
+    x0, y0, x1, y1 = b.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def t_giou(a, b):
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None] - inter
+    iou = inter / union
+    lt2 = torch.min(a[:, None, :2], b[None, :, :2])
+    rb2 = torch.max(a[:, None, 2:], b[None, :, 2:])
+    wh2 = (rb2 - lt2).clamp(min=0)
+    area = wh2[..., 0] * wh2[..., 1]
+    return iou - (area - union) / area
+
+
+def random_cxcywh(rng, n):
+    return np.concatenate([rng.uniform(0.2, 0.8, (n, 2)), rng.uniform(0.05, 0.4, (n, 2))], 1).astype(np.float32)
+
+
+@needs("box_cxcywh_to_xyxy_forward", "generalized_box_iou_forward")
+def test_boxes_and_giou():
+    rng = np.random.default_rng(0)
+    a, b = random_cxcywh(rng, 5), random_cxcywh(rng, 4)
+    check_op(None, F.box_cxcywh_to_xyxy, t_cxcywh_to_xyxy, inputs=[a])
+    check_op(None, F.box_xyxy_to_cxcywh, t_xyxy_to_cxcywh, inputs=[a])
+    check_op(None, lambda x, y: F.generalized_box_iou(F.box_cxcywh_to_xyxy(x), F.box_cxcywh_to_xyxy(y)),
+             lambda x, y: t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y)), inputs=[a, b], atol=1e-4)
+
+
+def t_focal(x, t, alpha=0.25, gamma=2.0):
+    p = torch.sigmoid(x)
+    ce = tf().binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    return (alpha * t + (1 - alpha) * (1 - t)) * loss
+
+
+@needs("sigmoid_focal_loss_forward", "l1_loss_forward")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_focal_and_l1(reduction):
+    rng = np.random.default_rng(0)
+    targets = (rng.uniform(size=(6, 3)) < 0.3).astype(np.float32)
+    red = {"none": lambda z: z, "mean": lambda z: z.mean(), "sum": lambda z: z.sum()}[reduction]
+    check_op([(6, 3)], lambda x: F.sigmoid_focal_loss(x, targets, reduction=reduction),
+             lambda x: red(t_focal(x, torch.tensor(targets))), low=-3, high=3)
+    check_op([(6, 4), (6, 4)], lambda a, b: F.l1_loss(a, b, reduction=reduction),
+             lambda a, b: tf().l1_loss(a, b, reduction=reduction))
+
+
+# ------------------------------------------------------------------------- MoE
+
+def torch_moe(x, wr, w1, b1, w2, b2, expert_index, noise=None, act="gelu_tanh", normalize=False):
+    """The MoE layer written in torch, given the (piecewise-constant) expert choices;
+    dropless. Returns y and the clean logits."""
+    logits = x @ wr
+    noisy = logits + (torch.tensor(noise) if noise is not None else 0)
+    probs = torch.softmax(noisy, -1)
+    idx = torch.tensor(expert_index)
+    cw = probs.gather(1, idx)
+    if normalize:
+        cw = cw / cw.sum(1, keepdim=True)
+    a = {"gelu_tanh": lambda h: tf().gelu(h, approximate="tanh"), "gelu": tf().gelu, "relu": tf().relu}[act]
+    y = torch.zeros_like(x)
+    for j in range(idx.shape[1]):
+        e = idx[:, j]
+        h = a(torch.einsum("td,tdf->tf", x, w1[e]) + b1[e])
+        y = y + cw[:, j:j + 1] * (torch.einsum("tf,tfd->td", h, w2[e]) + b2[e])
+    return y, logits, noisy
+
+
+def torch_routing_losses(logits, noisy, names, target=None, sigma=None, k=1, mask=None):
+    m = torch.ones(logits.shape[0], dtype=torch.bool) if mask is None else torch.tensor(mask)
+    g, gn = logits[m], noisy[m]
+    q = torch.softmax(g, -1)
+    E = g.shape[1]
+    out = {}
+
+    def cv2(v):
+        return (v.std(unbiased=False) / v.mean()) ** 2
+    if "importance" in names:
+        out["importance"] = cv2(q.sum(0))
+    if "load" in names:
+        eta = gn.topk(k, -1).values[:, -1:]
+        P = 1 - torch.distributions.Normal(0.0, 1.0).cdf((eta - g) / sigma)
+        out["load"] = cv2(P.sum(0))
+    if "switch" in names:
+        f = tf().one_hot(q.argmax(-1), E).float().mean(0)
+        out["switch"] = E * (f * q.mean(0)).sum()
+    if "z" in names:
+        out["z"] = (torch.logsumexp(g, -1) ** 2).mean()
+    if "damex" in names:
+        out["damex"] = tf().cross_entropy(g, torch.tensor(target)[m])
+    return out
+
+
+MOE_CASES = [
+    dict(k=1, losses=("damex",), mask=False, act="gelu_tanh", normalize=False),
+    dict(k=2, losses=("importance", "load"), mask=True, act="gelu", normalize=False),
+    dict(k=2, losses=("switch", "z", "damex"), mask=False, act="relu", normalize=True),
+]
+
+
+@needs("moe_forward", "damex_loss_forward")
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_op_and_routing_loss_gradients(case):
+    """y and aux loss from one node: d(sum y*up + aux)/d(params) equals torch's,
+    including the router weight's gradient through the routing losses."""
+    rng = np.random.default_rng(0)
+    T, D, E, Fh, k = 12, 6, 4, 5, case["k"]
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    params = [rng.standard_normal(s).astype(np.float32) * 0.5
+              for s in [(D, E), (E, D, Fh), (E, Fh), (E, Fh, D), (E, D)]]
+    noise = rng.normal(0, 0.25, (T, E)).astype(np.float32)
+    target = rng.integers(0, E, T).astype(np.int64)
+    mask = (np.arange(T) % 5 != 4) if case["mask"] else None
+    weights = {"importance": 0.5, "load": 0.7, "switch": 0.3, "z": 0.01, "damex": 0.9}
+    losses = []
+    for name in case["losses"]:
+        kw = {"expert_target": target} if name == "damex" else {"sigma": 0.25} if name == "load" else {}
+        losses.append((name, weights[name], kw))
+    dts = [Tensor(a, requires_grad=True) for a in [x] + params]
+    y, aux, state = F.moe(*dts, k=k, noise=noise, activation=case["act"], mask=mask,
+                          normalize=case["normalize"], losses=losses)
+    up = rng.standard_normal((T, D)).astype(np.float32)
+    ((y * up).sum() + aux).backward()
+
+    tts = [torch.tensor(a, requires_grad=True) for a in [x] + params]
+    ty, logits, noisy = torch_moe(*tts, state.router.expert_index, noise, case["act"], case["normalize"])
+    if mask is not None:
+        ty = ty * torch.tensor(mask, dtype=torch.float32)[:, None]
+    vals = torch_routing_losses(logits, noisy, case["losses"], target, 0.25, k, mask)
+    taux = sum(weights[n] * v for n, v in vals.items())
+    assert_close(y.data, ty.detach().numpy(), 1e-5, 1e-4, "y")
+    assert_close(aux.data, taux.detach().numpy(), 1e-5, 1e-4, "aux loss")
+    ((ty * torch.tensor(up)).sum() + taux).backward()
+    for name, a, b in zip(["x", "w_router", "w1", "b1", "w2", "b2"], dts, tts):
+        assert_close(a.grad, b.grad.numpy(), 1e-4, 1e-3, f"d{name}")
+
+
+@needs("moe_forward", "damex_loss_forward")
+def test_moe_aux_loss_alone_reaches_router():
+    """Only the routing loss is used: dy = 0 goes in, the router still gets its gradient."""
+    rng = np.random.default_rng(1)
+    T, D, E = 8, 4, 3
+    x = Tensor(rng.standard_normal((T, D)).astype(np.float32), requires_grad=True)
+    ws = [Tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True)
+          for s in [(D, E), (E, D, 5), (E, 5), (E, 5, D), (E, D)]]
+    target = np.arange(T) % E
+    _, aux, _ = F.moe(x, *ws, losses=[("damex", 1.0, {"expert_target": target})])
+    aux.backward()
+    tx, twr = torch.tensor(x.data, requires_grad=True), torch.tensor(ws[0].data, requires_grad=True)
+    tf().cross_entropy(tx @ twr, torch.tensor(target)).backward()
+    assert_close(ws[0].grad, twr.grad.numpy(), 1e-5, 1e-4, "dw_router")
+    assert_close(x.grad, tx.grad.numpy(), 1e-5, 1e-4, "dx")
+    assert not ws[1].grad.any()
+
+
+@needs("damex_loss_forward")
+def test_routing_loss_node():
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 4, 7)
+    check_op([(7, 4)], lambda g: F.routing_loss("damex", g, 0.5, expert_target=target),
+             lambda g: 0.5 * tf().cross_entropy(g, torch.tensor(target)))
+    check_op([(7, 4)], lambda g: F.routing_loss("z", g), lambda g: (torch.logsumexp(g, -1) ** 2).mean())

@@ -1,0 +1,363 @@
+"""The embedded default: a small, deterministic mixture of COCO-format datasets.
+
+``make_mixture(root)`` writes four datasets that differ the way UODB's do, but
+small enough that a tiny detector learns them on a CPU in minutes:
+
+=========  ==========  ==============================  ============  =================  =========================
+name       image size  classes (COCO id: name)         objects/img   object side (px)   domain
+=========  ==========  ==============================  ============  =================  =========================
+flat       64 x 64     1 circle, 2 square, 3 triangle  1-3           19-32 (large)      flat pastel background,
+                                                                                        filled saturated shapes
+noise      64 x 64     1 circle, 2 cross               0-3           14-24 (medium)     dark background, colour
+                                                                                        sensor noise over all
+stripes    80 x 64     10 ring, 20 diamond             2-4           10-16 (small)      striped texture of random
+                                                                                        angle/period/colours
+sketch     64 x 64     1 triangle, 2 star              1-2           22-35 (large)      off-white paper grain,
+                                                                                        dark outlines only
+=========  ==========  ==============================  ============  =================  =========================
+
+How they differ:
+
+* **domain** - colour, texture and style differ per dataset (flat colour,
+  sensor noise, stripes texture, line drawing); the same class looks different
+  in two datasets (a red filled circle in ``flat``, a noisy yellow one in
+  ``noise``).
+* **label set** - ``circle`` is shared by ``flat`` and ``noise``, ``triangle``
+  by ``flat`` and ``sketch`` (overlapping names merge in the joint label
+  space), ``ring`` and ``diamond`` appear only in ``stripes``, ``cross`` only
+  in ``noise``, ``star`` only in ``sketch``: 7 joint classes. Category ids are
+  each dataset's own (``stripes`` uses 10 and 20), as in real COCO files.
+* **size** - ``sketch`` has few images (24 train / 16 val in the default
+  preset against 160 / 40 for the others).
+* **object scale** - large in ``flat`` and ``sketch``, medium in ``noise``,
+  small in ``stripes``.
+* ``noise`` has some training images without any object (allowed by COCO).
+
+Presets: ``"default"`` (544 train + 136 val images) and ``"tiny"`` (a few
+images per dataset, for tests). The output is a function of ``(seed, preset)``
+only: the same seed gives the same bytes (PNG written by Pillow without
+metadata, JSON with sorted keys). The mixture is written into a temporary
+directory next to ``root`` and renamed into place, so a failure never leaves a
+half-written ``root`` behind.
+
+Layout::
+
+    root/mixture.json                       the description returned below
+    root/NAME/images/{train,val}_000001.png
+    root/NAME/annotations/{train,val}.json  COCO: images, annotations
+                                            (bbox [x, y, w, h], area, iscrowd),
+                                            categories
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+GENERATOR_VERSION = 1
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
+
+# Per dataset: image (width, height), categories, objects per image, object side
+# as a fraction of min(width, height), rendering style, per-class base colours.
+_DATASETS = [
+    dict(name="flat", size=(64, 64),
+         categories=[(1, "circle"), (2, "square"), (3, "triangle")],
+         objects=(1, 3), scale=(0.30, 0.50), style="flat", empty_fraction=0.0,
+         colours={"circle": (220, 40, 40), "square": (40, 70, 210),
+                  "triangle": (30, 160, 60)}),
+    dict(name="noise", size=(64, 64),
+         categories=[(1, "circle"), (2, "cross")],
+         objects=(1, 3), scale=(0.22, 0.38), style="noise", empty_fraction=0.06,
+         colours={"circle": (235, 215, 50), "cross": (60, 220, 230)}),
+    dict(name="stripes", size=(80, 64),
+         categories=[(10, "ring"), (20, "diamond")],
+         objects=(2, 4), scale=(0.16, 0.25), style="stripes", empty_fraction=0.0,
+         colours={"ring": (245, 245, 245), "diamond": (250, 140, 20)}),
+    dict(name="sketch", size=(64, 64),
+         categories=[(1, "triangle"), (2, "star")],
+         objects=(1, 2), scale=(0.35, 0.55), style="sketch", empty_fraction=0.0,
+         colours={"triangle": (20, 20, 30), "star": (20, 30, 110)}),
+]
+
+PRESETS = {
+    # images per dataset: (train, val)
+    "default": {"flat": (160, 40), "noise": (160, 40), "stripes": (160, 40),
+                "sketch": (24, 16)},
+    "tiny": {"flat": (6, 3), "noise": (6, 3), "stripes": (6, 3),
+             "sketch": (3, 2)},
+}
+
+
+def _unit_polygon(shape):
+    """Vertices of a polygonal shape, scaled so that their bounding box is [0, 1]^2."""
+    if shape == "triangle":
+        pts = [(0.0, 1.0), (1.0, 1.0), (0.5, 0.0)]
+    elif shape == "diamond":
+        pts = [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)]
+    elif shape == "star":
+        ang = -np.pi / 2 + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        xy = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)
+        xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0))
+        pts = [tuple(p) for p in xy]
+    elif shape == "cross":
+        a, b = 1 / 3, 2 / 3
+        pts = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1),
+               (a, b), (0, b), (0, a), (a, a)]
+    else:
+        raise ValueError(f"no polygon for shape {shape!r}")
+    return pts
+
+
+def _shape_mask(shape, box, size, outline):
+    """Anti-aliased coverage in [0, 1] of one shape whose bounding box is ``box``.
+
+    ``box`` is ``(x, y, w, h)`` in pixels of an image of ``size = (W, H)``;
+    ``outline`` is the stroke width in pixels, or 0 for a filled shape.
+    Returns float32 [H, W].
+    """
+    s = SUPERSAMPLE
+    W, H = size
+    m = Image.new("L", (W * s, H * s), 0)
+    d = ImageDraw.Draw(m)
+    x, y, w, h = (v * s for v in box)
+    stroke = max(1, int(round(outline * s))) if outline else 0
+    if stroke and shape not in ("circle", "ring", "square"):
+        # a polygon's stroke is centred on its edges: inset so it stays in the box
+        x, y, w, h = x + stroke / 2, y + stroke / 2, w - stroke, h - stroke
+    x1, y1 = x + w - 1, y + h - 1
+    if shape in ("circle", "ring"):
+        width = stroke if shape == "circle" else max(stroke, int(round(0.28 * min(w, h) / 2)))
+        if width:
+            d.ellipse([x, y, x1, y1], outline=255, width=width)
+        else:
+            d.ellipse([x, y, x1, y1], fill=255)
+    elif shape == "square":
+        if stroke:
+            d.rectangle([x, y, x1, y1], outline=255, width=stroke)
+        else:
+            d.rectangle([x, y, x1, y1], fill=255)
+    else:
+        pts = [(x + px * (w - 1), y + py * (h - 1)) for px, py in _unit_polygon(shape)]
+        if stroke:
+            d.line(pts + [pts[0], pts[1]], fill=255, width=stroke, joint="curve")
+        else:
+            d.polygon(pts, fill=255)
+    m = m.resize((W, H), Image.Resampling.BOX)
+    return np.asarray(m, dtype=np.float32) / 255.0
+
+
+def _background(style, size, rng):
+    """float32 [H, W, 3] background in [0, 255] for one rendering style."""
+    W, H = size
+    if style == "flat":
+        base = rng.uniform(185, 245, size=3)
+        ramp = np.linspace(-8, 8, W, dtype=np.float32)[None, :, None]
+        return np.broadcast_to(base, (H, W, 3)) + ramp
+    if style == "noise":
+        base = rng.uniform(25, 70, size=3)
+        return np.broadcast_to(base, (H, W, 3)).astype(np.float32)
+    if style == "stripes":
+        c0 = rng.uniform(90, 170, size=3)
+        c1 = c0 + rng.uniform(-60, 60, size=3)
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(5, 11)
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        phase = (xx * np.cos(theta) + yy * np.sin(theta)) / period + rng.uniform()
+        t = (0.5 + 0.5 * np.sin(2 * np.pi * phase))[..., None]
+        return c0 * (1 - t) + c1 * t
+    if style == "sketch":
+        base = rng.uniform(232, 250) + np.array([4.0, 2.0, -6.0])
+        grain = rng.normal(0, 4, size=(H, W, 1))
+        return np.broadcast_to(base, (H, W, 3)) + grain
+    raise ValueError(f"unknown style {style!r}")
+
+
+def _place_boxes(n, size, scale, rng, max_tries=60):
+    """Up to ``n`` non-overlapping boxes (x, y, w, h), integer pixels, one gap apart."""
+    W, H = size
+    side = min(W, H)
+    boxes = []
+    for _ in range(max_tries):
+        if len(boxes) == n:
+            break
+        s = rng.uniform(*scale) * side
+        aspect = rng.uniform(0.8, 1.25)
+        w = int(round(np.clip(s * np.sqrt(aspect), 6, W - 2)))
+        h = int(round(np.clip(s / np.sqrt(aspect), 6, H - 2)))
+        x = int(rng.integers(1, W - w))
+        y = int(rng.integers(1, H - h))
+        if all(x + w + 1 <= bx or bx + bw + 1 <= x or y + h + 1 <= by or by + bh + 1 <= y
+               for bx, by, bw, bh in boxes):
+            boxes.append((x, y, w, h))
+    return boxes
+
+
+def _render_image(spec, rng):
+    """One image of a dataset: (uint8 [H, W, 3], [(box, category_id), ...])."""
+    size = spec["size"]
+    style = spec["style"]
+    img = np.array(_background(style, size, rng), dtype=np.float32)
+    if rng.uniform() < spec["empty_fraction"]:
+        n = 0
+    else:
+        n = int(rng.integers(spec["objects"][0], spec["objects"][1] + 1))
+    objects = []
+    for box in _place_boxes(n, size, spec["scale"], rng):
+        cat_id, name = spec["categories"][int(rng.integers(len(spec["categories"])))]
+        colour = np.clip(np.array(spec["colours"][name], np.float32)
+                         + rng.uniform(-25, 25, size=3), 0, 255)
+        outline = 0.0
+        if style == "sketch":
+            outline = rng.uniform(1.6, 2.4)
+        alpha = _shape_mask(name, box, size, outline)[..., None]
+        img = img * (1 - alpha) + colour * alpha
+        if style == "stripes":  # a thin dark rim keeps small shapes off the texture
+            rim = _shape_mask(name, box, size, 0.7)[..., None] * 0.6
+            img = img * (1 - rim) + 20.0 * rim
+        objects.append((box, cat_id))
+    if style == "noise":
+        img = img + rng.normal(0, 18, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
+
+
+def _write_split(spec, split, count, rng, ds_dir):
+    """Render ``count`` images of one split; write PNGs and return the COCO dict."""
+    images, annotations = [], []
+    for k in range(1, count + 1):
+        pixels, objects = _render_image(spec, rng)
+        file_name = f"{split}_{k:06d}.png"
+        Image.fromarray(pixels, "RGB").save(os.path.join(ds_dir, "images", file_name),
+                                           format="PNG", optimize=False)
+        images.append({"id": k, "file_name": file_name,
+                       "width": spec["size"][0], "height": spec["size"][1]})
+        for (x, y, w, h), cat_id in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": k,
+                                "category_id": cat_id, "bbox": [x, y, w, h],
+                                "area": w * h, "iscrowd": 0})
+    return {
+        "info": {"description": f"damex synthetic mixture: {spec['name']} {split}",
+                 "version": str(GENERATOR_VERSION)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": name, "supercategory": "shape"}
+                       for cid, name in spec["categories"]],
+    }
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, sort_keys=True, indent=1)
+        f.write("\n")
+
+
+def _description(root, seed, preset):
+    counts = PRESETS[preset]
+    datasets = []
+    for spec in _DATASETS:
+        name = spec["name"]
+        ds_dir = os.path.join(root, name)
+        n_train, n_val = counts[name]
+        datasets.append({
+            "name": name,
+            "img_dir": os.path.join(ds_dir, "images"),
+            "train": os.path.join(ds_dir, "annotations", "train.json"),
+            "val": os.path.join(ds_dir, "annotations", "val.json"),
+            "num_train": n_train, "num_val": n_val,
+            "categories": [{"id": cid, "name": cname} for cid, cname in spec["categories"]],
+            "image_size": list(spec["size"]),
+            "object_scale": list(spec["scale"]),
+            "objects_per_image": list(spec["objects"]),
+            "style": spec["style"],
+        })
+    return {"root": os.path.abspath(root), "seed": int(seed), "preset": preset,
+            "version": GENERATOR_VERSION, "datasets": datasets}
+
+
+def _relative(desc):
+    """The description with paths relative to root (what mixture.json stores)."""
+    out = json.loads(json.dumps(desc))
+    out.pop("root")
+    for d in out["datasets"]:
+        for key in ("img_dir", "train", "val"):
+            d[key] = os.path.relpath(d[key], desc["root"])
+    return out
+
+
+def make_mixture(root, *, seed=0, preset="default", overwrite=False):
+    """Write the synthetic mixture of COCO-format datasets under ``root``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Output directory. It must not exist, or hold a mixture written with the
+        same ``seed`` and ``preset`` (then nothing is rewritten), or
+        ``overwrite`` must be true.
+    seed : int
+        Seed of every random choice; the same seed gives the same bytes.
+    preset : {"default", "tiny"}
+        Image counts (see the module docstring).
+    overwrite : bool
+        Replace an existing, different ``root``.
+
+    Returns
+    -------
+    dict
+        ``{"root", "seed", "preset", "version", "datasets": [{"name", "img_dir",
+        "train", "val", "num_train", "num_val", "categories": [{"id", "name"}],
+        "image_size": [W, H], "object_scale", "objects_per_image", "style"}]}``
+        with absolute paths.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    root = os.path.abspath(os.fspath(root))
+    desc = _description(root, seed, preset)
+    manifest = os.path.join(root, "mixture.json")
+    if os.path.exists(root) and not overwrite:
+        if os.path.isdir(root) and not os.listdir(root):
+            pass  # an empty directory is as good as none
+        else:
+            try:
+                with open(manifest, encoding="utf-8") as f:
+                    existing = json.load(f)
+            except (OSError, ValueError):
+                existing = None
+            if existing == _relative(desc):
+                return desc
+            raise FileExistsError(
+                f"{root}: exists and does not hold the synthetic mixture with "
+                f"seed={seed} preset={preset!r}; pass overwrite=True or another root")
+
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    try:
+        counts = PRESETS[preset]
+        for index, spec in enumerate(_DATASETS):
+            ds_dir = os.path.join(tmp, spec["name"])
+            os.makedirs(os.path.join(ds_dir, "images"))
+            os.makedirs(os.path.join(ds_dir, "annotations"))
+            for split_index, split in enumerate(("train", "val")):
+                rng = np.random.default_rng([int(seed), index, split_index])
+                coco = _write_split(spec, split, counts[spec["name"]][split_index], rng, ds_dir)
+                _write_json(os.path.join(ds_dir, "annotations", f"{split}.json"), coco)
+        _write_json(os.path.join(tmp, "mixture.json"), _relative(desc))
+        if os.path.exists(root):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
+            os.rename(root, os.path.join(old, "x"))
+            try:
+                os.rename(tmp, root)
+            except BaseException:
+                os.rename(os.path.join(old, "x"), root)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return desc
