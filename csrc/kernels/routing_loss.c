@@ -16,6 +16,10 @@
 #include "fastmath.h"
 #include "status.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #define BLOCK 256          /* tokens per block: the unit of work and of summation */
 #define PAR_WORK 65536L    /* T*E from which OpenMP pays for its fork/join */
 #define INV_SQRT2 0.7071067811865476f
@@ -33,30 +37,49 @@ static long count_valid(const uint8_t *mask, int T)
     return n;
 }
 
-/* Per-call scratch: nb*W double partial sums (zeroed) and nb*E float rows. */
+/* Per-call scratch: nb*W double partial sums (zeroed, one row per block: the
+ * deterministic part) and, per thread, a block buffer buf[BLOCK*E] and per-row
+ * rowv[BLOCK] (float) and rowi[BLOCK] (int). */
 typedef struct {
     double *part;
-    float *row;
-} scratch;
+    float *mem;
+    size_t stride;
+    int E;
+} work;
 
-static int scratch_alloc(scratch *s, int nb, int W, int E)
+static int work_alloc(work *w, int nb, int W, int E)
 {
+    int nth = 1;
+#ifdef _OPENMP
+    nth = omp_get_max_threads();
+#endif
     nb = nb > 0 ? nb : 1; /* T = 0: keep the sizes nonzero */
-    E = E > 0 ? E : 1;
-    s->part = calloc((size_t)nb * (size_t)(W > 0 ? W : 1), sizeof(double));
-    s->row = malloc((size_t)nb * (size_t)E * sizeof(float));
-    if (!s->part || !s->row) {
-        free(s->part);
-        free(s->row);
+    w->E = E > 0 ? E : 1;
+    w->stride = (size_t)BLOCK * w->E + 2 * BLOCK;
+    w->part = calloc((size_t)nb * (size_t)(W > 0 ? W : 1), sizeof(double));
+    w->mem = malloc((size_t)nth * w->stride * sizeof(float));
+    if (!w->part || !w->mem) {
+        free(w->part);
+        free(w->mem);
         return DAMEX_ENOMEM;
     }
     return DAMEX_OK;
 }
 
-static void scratch_free(scratch *s)
+static void work_free(work *w)
 {
-    free(s->part);
-    free(s->row);
+    free(w->part);
+    free(w->mem);
+}
+
+/* This thread's block buffer; rowv = buf + BLOCK*E, rowi after it. */
+static float *work_buf(const work *w)
+{
+    int id = 0;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+#endif
+    return w->mem + (size_t)id * w->stride;
 }
 
 /* out[w] = sum over blocks b (in order) of part[b*W + w] */
@@ -67,62 +90,25 @@ static void reduce_blocks(double *out, const double *part, int nb, int W)
         for (int w = 0; w < W; w++) out[w] += part[(size_t)b * W + w];
 }
 
-/* v[E] = g[E] (+ n[E]); returns 0 if any entry is NaN or inf. */
-static inline int load_row(float *restrict v, const float *restrict g, const float *restrict n,
-                           int E)
+/* Token range [t0, t1) of block b. */
+#define BLOCK_RANGE(b, T, t0, t1) \
+    int t0 = (b) * BLOCK, t1 = (b) * BLOCK + BLOCK < (T) ? (b) * BLOCK + BLOCK : (T)
+
+/* ---- flat elementwise passes over a block (vectorised) ---------------- */
+
+/* 1 if every x[n] is finite */
+DAMEX_CLONES
+static int flat_finite(const float *restrict x, long n)
 {
-    float chk = 0.0f; /* v - v is NaN exactly for NaN/inf */
-    if (n)
-        for (int i = 0; i < E; i++) {
-            v[i] = g[i] + n[i];
-            chk += (g[i] - g[i]) + (n[i] - n[i]);
-        }
-    else
-        for (int i = 0; i < E; i++) {
-            v[i] = g[i];
-            chk += g[i] - g[i];
-        }
-    return chk == 0.0f;
+    int bad = 0;
+    for (long i = 0; i < n; i++) bad |= !(fabsf(x[i]) <= 3.4028234663852886e38f);
+    return !bad;
 }
 
-/* In place: v[E] <- softmax(v); returns logsumexp(v).  Max-subtracted. */
-static inline float softmax_inplace(float *v, int E)
+DAMEX_CLONES
+static void flat_exp(float *restrict x, long n)
 {
-    float m = v[0];
-    for (int i = 1; i < E; i++) m = v[i] > m ? v[i] : m;
-    float s = 0.0f;
-    for (int i = 0; i < E; i++) {
-        v[i] = dx_expf(v[i] - m);
-        s += v[i];
-    }
-    float inv = 1.0f / s;
-    for (int i = 0; i < E; i++) v[i] *= inv;
-    return m + logf(s);
-}
-
-/* Index of the k-th entry of v[E] in the order (value descending, index
- * ascending): ties go to the lower index, as in the router's top-k.  If cnt is
- * given, cnt[j] += 1 for each of the k first entries j.  O(k E). */
-static inline int kth_largest(const float *v, int E, int k, double *cnt)
-{
-    int prev = -1;
-    float pv = 0.0f;
-    for (int r = 0; r < k; r++) {
-        int best = -1;
-        float bv = 0.0f;
-        for (int i = 0; i < E; i++) {
-            float x = v[i];
-            int after = prev < 0 || x < pv || (x == pv && i > prev);
-            if (after && (best < 0 || x > bv)) {
-                best = i;
-                bv = x;
-            }
-        }
-        prev = best;
-        pv = bv;
-        if (cnt) cnt[best] += 1.0;
-    }
-    return prev;
+    for (long i = 0; i < n; i++) x[i] = dx_expf(x[i]);
 }
 
 /* erfc(x) in float, relative error < 5e-7 for every x whose erfc is a normal
@@ -153,6 +139,84 @@ static inline float dx_erfcf(float x)
     float r = t * dx_expf(-uh * uh) * dx_expf(y);
     r = u < 10.0f ? r : 0.0f;
     return x >= 0.0f ? r : 2.0f - r;
+}
+
+/* x[n] <- 1 - Phi(sqrt(2) x[n]) = erfc(x[n]) / 2  (x holds z / sqrt 2) */
+DAMEX_CLONES
+static void flat_normal_tail(float *restrict x, long n)
+{
+    for (long i = 0; i < n; i++) x[i] = 0.5f * dx_erfcf(x[i]);
+}
+
+/* x[n] <- exp(-x[n]^2) = sqrt(2 pi) phi(sqrt(2) x[n]) */
+DAMEX_CLONES
+static void flat_gauss(float *restrict x, long n)
+{
+    for (long i = 0; i < n; i++) x[i] = dx_expf(-x[i] * x[i]);
+}
+
+/* ---- per-row helpers --------------------------------------------------- */
+
+/* q[nt,E] = softmax of the rows of g (+ n), max-subtracted; if lse, lse[t] =
+ * logsumexp of row t.  rowv[nt] is scratch.  Every row is computed (padding
+ * too): the flat exp then runs over the whole block. */
+static void block_softmax(float *restrict q, float *restrict rowv, float *restrict lse,
+                          const float *restrict g, const float *restrict n, int nt, int E)
+{
+    for (int t = 0; t < nt; t++) {
+        float *qr = q + (size_t)t * E;
+        const float *gr = g + (size_t)t * E;
+        if (n)
+            for (int i = 0; i < E; i++) qr[i] = gr[i] + n[(size_t)t * E + i];
+        else
+            for (int i = 0; i < E; i++) qr[i] = gr[i];
+        float m = qr[0];
+        for (int i = 1; i < E; i++) m = qr[i] > m ? qr[i] : m;
+        for (int i = 0; i < E; i++) qr[i] -= m;
+        rowv[t] = m;
+    }
+    flat_exp(q, (long)nt * E);
+    for (int t = 0; t < nt; t++) {
+        float *qr = q + (size_t)t * E;
+        float s = 0.0f;
+        for (int i = 0; i < E; i++) s += qr[i];
+        float inv = 1.0f / s;
+        for (int i = 0; i < E; i++) qr[i] *= inv;
+        if (lse) lse[t] = rowv[t] + logf(s);
+    }
+}
+
+/* Index of the k-th entry of v[E] in the order (value descending, index
+ * ascending): ties go to the lower index, as in the router's top-k.  If cnt is
+ * given, cnt[j] += 1 for each of the k first entries j.  O(k E). */
+static inline int kth_largest(const float *v, int E, int k, double *cnt)
+{
+    int prev = -1;
+    float pv = 0.0f;
+    for (int r = 0; r < k; r++) {
+        int best = -1;
+        float bv = 0.0f;
+        for (int i = 0; i < E; i++) {
+            float x = v[i];
+            int after = prev < 0 || x < pv || (x == pv && i > prev);
+            if (after && (best < 0 || x > bv)) {
+                best = i;
+                bv = x;
+            }
+        }
+        prev = best;
+        pv = bv;
+        if (cnt) cnt[best] += 1.0;
+    }
+    return prev;
+}
+
+/* Are the rows [t0, t1) of x (and of y, if given) finite? */
+static int rows_finite(const float *x, const float *y, int t0, int t1, int E)
+{
+    long n = (long)(t1 - t0) * E;
+    size_t o = (size_t)t0 * E;
+    return flat_finite(x + o, n) && (!y || flat_finite(y + o, n));
 }
 
 /* ---- coefficient of variation squared --------------------------------- */
@@ -193,23 +257,27 @@ static int importance_sums(double *imp, const float *logits, const float *noise,
                            const uint8_t *mask, int T, int E)
 {
     int nb = nblocks(T), bad = 0;
-    scratch s;
-    if (scratch_alloc(&s, nb, E, E)) return DAMEX_ENOMEM;
+    work w;
+    if (work_alloc(&w, nb, E, E)) return DAMEX_ENOMEM;
 #pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
-        double *acc = s.part + (size_t)b * E;
-        float *q = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
+        BLOCK_RANGE(b, T, t0, t1);
+        if (!rows_finite(logits, noise, t0, t1, E)) {
+            bad = 1;
+            continue;
+        }
+        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
+        size_t o = (size_t)t0 * E;
+        block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
+        double *acc = w.part + (size_t)b * E;
+        for (int t = t0; t < t1; t++) {
             if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            if (!load_row(q, logits + o, noise ? noise + o : NULL, E)) bad = 1;
-            softmax_inplace(q, E);
-            for (int i = 0; i < E; i++) acc[i] += q[i];
+            const float *qr = q + (size_t)(t - t0) * E;
+            for (int i = 0; i < E; i++) acc[i] += qr[i];
         }
     }
-    reduce_blocks(imp, s.part, nb, E);
-    scratch_free(&s);
+    reduce_blocks(imp, w.part, nb, E);
+    work_free(&w);
     return bad ? DAMEX_ENONFINITE : DAMEX_OK;
 }
 
@@ -227,6 +295,21 @@ int importance_loss_forward(double *loss, const float *logits, const float *nois
     return st;
 }
 
+/* dg(x) += q(x) * (af - q(x) . af) for the unmasked rows of a block: the
+ * backward of a softmax whose output feeds sum_i af_i q_i(x). */
+static void softmax_grad_rows(float *dlogits, const float *q, const float *af,
+                              const uint8_t *mask, int t0, int t1, int E)
+{
+    for (int t = t0; t < t1; t++) {
+        if (!is_valid(mask, t)) continue;
+        const float *qr = q + (size_t)(t - t0) * E;
+        float *dg = dlogits + (size_t)t * E;
+        float dot = 0.0f;
+        for (int i = 0; i < E; i++) dot += qr[i] * af[i];
+        for (int i = 0; i < E; i++) dg[i] += qr[i] * (af[i] - dot);
+    }
+}
+
 /* inverts: loss = var(Imp) / mean(Imp)^2, Imp_i = sum_x q_i(x)
  * dg_i(x) += dloss * q_i(x) (a_i - sum_j q_j(x) a_j),  a = dloss/dImp (cv_squared) */
 int importance_loss_backward(float *dlogits, double dloss, const float *logits,
@@ -234,39 +317,28 @@ int importance_loss_backward(float *dlogits, double dloss, const float *logits,
 {
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
     double *a = malloc(2 * (size_t)E * sizeof(double));
-    if (!a) return DAMEX_ENOMEM;
+    float *af = malloc((size_t)E * sizeof(float));
+    work w = {0};
+    int nb = nblocks(T), st = DAMEX_ENOMEM;
+    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
     double *imp = a + E;
-    int st = importance_sums(imp, logits, noise, mask, T, E);
-    if (st) {
-        free(a);
-        return st;
-    }
+    st = importance_sums(imp, logits, noise, mask, T, E);
+    if (st) goto done;
     cv_squared(a, imp, E, variance);
-    int nb = nblocks(T);
-    scratch s;
-    if (scratch_alloc(&s, nb, E, E)) {
-        free(a);
-        return DAMEX_ENOMEM;
-    }
-    float *af = (float *)s.part; /* first E floats: dloss * a as float */
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i]);
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
-        float *q = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            load_row(q, logits + o, noise ? noise + o : NULL, E);
-            softmax_inplace(q, E);
-            float dot = 0.0f;
-            for (int i = 0; i < E; i++) dot += q[i] * af[i];
-            for (int i = 0; i < E; i++) dlogits[o + i] += q[i] * (af[i] - dot);
-        }
+        BLOCK_RANGE(b, T, t0, t1);
+        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
+        size_t o = (size_t)t0 * E;
+        block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
+        softmax_grad_rows(dlogits, q, af, mask, t0, t1, E);
     }
-    scratch_free(&s);
+done:
+    if (w.part) work_free(&w);
     free(a);
-    return DAMEX_OK;
+    free(af);
+    return st;
 }
 
 /* ---- load (V-MoE noisy top-k) ----------------------------------------- */
@@ -279,35 +351,50 @@ static int check_load(const float *noise, int T, int E, int k, double sigma, int
     return DAMEX_OK;
 }
 
+/* For the rows [t0, t1): rowi[t] = j(x), the index of the k-th largest noisy
+ * logit, and u[t,i] = (g~_j - g_i) * c (c = 1 / (sigma sqrt 2)). */
+static void load_block_u(float *restrict u, int *restrict rowi, const float *restrict g,
+                         const float *restrict n, int nt, int E, int k, float c)
+{
+    for (int t = 0; t < nt; t++) {
+        float *ur = u + (size_t)t * E;
+        const float *gr = g + (size_t)t * E, *nr = n + (size_t)t * E;
+        for (int i = 0; i < E; i++) ur[i] = gr[i] + nr[i];
+        int j = kth_largest(ur, E, k, NULL);
+        float eta = ur[j];
+        rowi[t] = j;
+        for (int i = 0; i < E; i++) ur[i] = (eta - gr[i]) * c;
+    }
+}
+
 /* Load[E] = sum_{x in M} P(x), P_i = 1 - Phi(z_i) = erfc(z_i / sqrt 2) / 2 */
 static int load_sums(double *load, const float *logits, const float *noise, const uint8_t *mask,
-                     int T, int E, int k, float inv_sigma)
+                     int T, int E, int k, float c)
 {
     int nb = nblocks(T), bad = 0;
-    scratch s;
-    if (scratch_alloc(&s, nb, E, E)) return DAMEX_ENOMEM;
+    work w;
+    if (work_alloc(&w, nb, E, E)) return DAMEX_ENOMEM;
 #pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK / 4)
     for (int b = 0; b < nb; b++) {
-        double *acc = s.part + (size_t)b * E;
-        float *v = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
+        BLOCK_RANGE(b, T, t0, t1);
+        if (!rows_finite(logits, noise, t0, t1, E)) {
+            bad = 1;
+            continue;
+        }
+        float *u = work_buf(&w);
+        int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
+        size_t o = (size_t)t0 * E;
+        load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
+        flat_normal_tail(u, (long)(t1 - t0) * E);
+        double *acc = w.part + (size_t)b * E;
+        for (int t = t0; t < t1; t++) {
             if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            const float *g = logits + o;
-            if (!load_row(v, g, noise + o, E)) {
-                bad = 1;
-                continue;
-            }
-            float eta = v[kth_largest(v, E, k, NULL)];
-            for (int i = 0; i < E; i++) {
-                float z = (eta - g[i]) * inv_sigma;
-                acc[i] += 0.5f * dx_erfcf(z * INV_SQRT2);
-            }
+            const float *pr = u + (size_t)(t - t0) * E;
+            for (int i = 0; i < E; i++) acc[i] += pr[i];
         }
     }
-    reduce_blocks(load, s.part, nb, E);
-    scratch_free(&s);
+    reduce_blocks(load, w.part, nb, E);
+    work_free(&w);
     return bad ? DAMEX_ENONFINITE : DAMEX_OK;
 }
 
@@ -320,7 +407,7 @@ int load_loss_forward(double *loss, const float *logits, const float *noise,
     if (check_load(noise, T, E, k, sigma, variance)) return DAMEX_EINVAL;
     double *load = malloc((size_t)E * sizeof(double));
     if (!load) return DAMEX_ENOMEM;
-    int st = load_sums(load, logits, noise, mask, T, E, k, (float)(1.0 / sigma));
+    int st = load_sums(load, logits, noise, mask, T, E, k, (float)(1.0 / sigma) * INV_SQRT2);
     *loss = st ? 0.0 : cv_squared(NULL, load, E, variance);
     free(load);
     return st;
@@ -335,82 +422,76 @@ int load_loss_backward(float *dlogits, double dloss, const float *logits, const 
                        const uint8_t *mask, int T, int E, int k, double sigma, int variance)
 {
     if (check_load(noise, T, E, k, sigma, variance)) return DAMEX_EINVAL;
-    float inv_sigma = (float)(1.0 / sigma);
+    float c = (float)(1.0 / sigma) * INV_SQRT2;
     double *a = malloc(2 * (size_t)E * sizeof(double));
-    if (!a) return DAMEX_ENOMEM;
+    float *af = malloc((size_t)E * sizeof(float));
+    work w = {0};
+    int nb = nblocks(T), st = DAMEX_ENOMEM;
+    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
     double *load = a + E;
-    int st = load_sums(load, logits, noise, mask, T, E, k, inv_sigma);
-    if (st) {
-        free(a);
-        return st;
-    }
+    st = load_sums(load, logits, noise, mask, T, E, k, c);
+    if (st) goto done;
     cv_squared(a, load, E, variance);
-    int nb = nblocks(T);
-    scratch s;
-    if (scratch_alloc(&s, nb, E, E)) {
-        free(a);
-        return DAMEX_ENOMEM;
-    }
-    float *af = (float *)s.part; /* dloss * a / sigma as float */
-    for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma);
+    /* phi(z) / sigma = exp(-u^2) / (sqrt(2 pi) sigma), u = z / sqrt 2 */
+    for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma) * INV_SQRT_2PI;
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK / 4)
     for (int b = 0; b < nb; b++) {
-        float *v = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
+        BLOCK_RANGE(b, T, t0, t1);
+        float *u = work_buf(&w);
+        int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
+        size_t o = (size_t)t0 * E;
+        load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
+        flat_gauss(u, (long)(t1 - t0) * E);
+        for (int t = t0; t < t1; t++) {
             if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            const float *g = logits + o;
-            float *dg = dlogits + o;
-            load_row(v, g, noise + o, E);
-            int j = kth_largest(v, E, k, NULL);
-            float eta = v[j], sum = 0.0f;
+            float *cr = u + (size_t)(t - t0) * E, *dg = dlogits + (size_t)t * E, sum = 0.0f;
             for (int i = 0; i < E; i++) {
-                float z = (eta - g[i]) * inv_sigma;
-                float c = af[i] * INV_SQRT_2PI * dx_expf(-0.5f * z * z);
-                v[i] = c;
-                sum += c;
+                cr[i] *= af[i];
+                sum += cr[i];
             }
-            /* the j-th term appears in both: its net derivative is 0 */
-            for (int i = 0; i < E; i++) dg[i] += v[i];
-            dg[j] -= sum;
+            /* the j-th term appears in both sums: its net derivative is 0 */
+            for (int i = 0; i < E; i++) dg[i] += cr[i];
+            dg[rowi[t - t0]] -= sum;
         }
     }
-    scratch_free(&s);
+done:
+    if (w.part) work_free(&w);
     free(a);
-    return DAMEX_OK;
+    free(af);
+    return st;
 }
 
 /* ---- Switch / GShard balance loss ------------------------------------- */
 
-/* part: per block E counts then E probability sums (W = 2E), reduced into out[2E]. */
+/* out[0:E] = counts of the top-1 (TOP1) or of all top-k choices (TOPK) over M;
+ * with probs, out[E:2E] = sum_{x in M} q(x).  W = 2E doubles per block. */
 static int switch_sums(double *out, int with_probs, const float *logits, const uint8_t *mask,
                        int T, int E, int k, int counts)
 {
     int nb = nblocks(T), bad = 0, kk = counts == DAMEX_COUNTS_TOPK ? k : 1;
-    scratch s;
-    if (scratch_alloc(&s, nb, 2 * E, E)) return DAMEX_ENOMEM;
+    work w;
+    if (work_alloc(&w, nb, 2 * E, E)) return DAMEX_ENOMEM;
 #pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
-        double *cnt = s.part + (size_t)b * 2 * E, *psum = cnt + E;
-        float *q = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
+        BLOCK_RANGE(b, T, t0, t1);
+        if (!rows_finite(logits, NULL, t0, t1, E)) {
+            bad = 1;
+            continue;
+        }
+        double *cnt = w.part + (size_t)b * 2 * E, *psum = cnt + E;
+        for (int t = t0; t < t1; t++)
+            if (is_valid(mask, t)) kth_largest(logits + (size_t)t * E, E, kk, cnt);
+        if (!with_probs) continue;
+        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
+        block_softmax(q, rowv, NULL, logits + (size_t)t0 * E, NULL, t1 - t0, E);
+        for (int t = t0; t < t1; t++) {
             if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            if (!load_row(q, logits + o, NULL, E)) {
-                bad = 1;
-                continue;
-            }
-            kth_largest(q, E, kk, cnt);
-            if (with_probs) {
-                softmax_inplace(q, E);
-                for (int i = 0; i < E; i++) psum[i] += q[i];
-            }
+            const float *qr = q + (size_t)(t - t0) * E;
+            for (int i = 0; i < E; i++) psum[i] += qr[i];
         }
     }
-    reduce_blocks(out, s.part, nb, 2 * E);
-    scratch_free(&s);
+    reduce_blocks(out, w.part, nb, 2 * E);
+    work_free(&w);
     return bad ? DAMEX_ENONFINITE : DAMEX_OK;
 }
 
@@ -447,39 +528,27 @@ int switch_loss_backward(float *dlogits, double dloss, const float *logits, cons
 {
     if (check_switch(T, E, k, counts)) return DAMEX_EINVAL;
     double *sums = malloc(2 * (size_t)E * sizeof(double));
-    if (!sums) return DAMEX_ENOMEM;
-    int st = switch_sums(sums, 0, logits, mask, T, E, k, counts);
+    float *af = malloc((size_t)E * sizeof(float));
+    work w = {0};
+    int nb = nblocks(T), st = DAMEX_ENOMEM;
     long n = count_valid(mask, T);
-    if (st || n == 0) {
-        free(sums);
-        return st;
-    }
+    if (!sums || !af || work_alloc(&w, nb, 0, E)) goto done;
+    st = switch_sums(sums, 0, logits, mask, T, E, k, counts);
+    if (st || n == 0) goto done;
     double kk = counts == DAMEX_COUNTS_TOPK ? k : 1;
-    int nb = nblocks(T);
-    scratch s;
-    if (scratch_alloc(&s, nb, E, E)) {
-        free(sums);
-        return DAMEX_ENOMEM;
-    }
-    float *af = (float *)s.part;
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * E * sums[i] / (kk * (double)n * (double)n));
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
-        float *q = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            load_row(q, logits + o, NULL, E);
-            softmax_inplace(q, E);
-            float dot = 0.0f;
-            for (int i = 0; i < E; i++) dot += q[i] * af[i];
-            for (int i = 0; i < E; i++) dlogits[o + i] += q[i] * (af[i] - dot);
-        }
+        BLOCK_RANGE(b, T, t0, t1);
+        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
+        block_softmax(q, rowv, NULL, logits + (size_t)t0 * E, NULL, t1 - t0, E);
+        softmax_grad_rows(dlogits, q, af, mask, t0, t1, E);
     }
-    scratch_free(&s);
+done:
+    if (w.part) work_free(&w);
     free(sums);
-    return DAMEX_OK;
+    free(af);
+    return st;
 }
 
 /* ---- router z-loss (ST-MoE) and DAMEX loss ---------------------------- */
@@ -491,47 +560,47 @@ static int lse_pass(double *total, float *dlogits, double scale, const float *lo
                     const int64_t *target, const uint8_t *mask, int T, int E)
 {
     int nb = nblocks(T), bad = 0, badidx = 0;
-    scratch s;
-    if (scratch_alloc(&s, nb, 1, E)) return DAMEX_ENOMEM;
+    if (target)
+        for (long t = 0; t < T; t++)
+            if (is_valid(mask, t) && (target[t] < 0 || target[t] >= E)) return DAMEX_EINDEX;
+    work w;
+    if (work_alloc(&w, nb, 1, E)) return DAMEX_ENOMEM;
     float sc = (float)scale;
-#pragma omp parallel for schedule(static) reduction(| : bad, badidx) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
+        BLOCK_RANGE(b, T, t0, t1);
+        if (!rows_finite(logits, NULL, t0, t1, E)) {
+            bad = 1;
+            continue;
+        }
+        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E, *lse = rowv + BLOCK;
+        block_softmax(q, rowv, lse, logits + (size_t)t0 * E, NULL, t1 - t0, E);
         double acc = 0.0;
-        float *q = s.row + (size_t)b * E;
-        int t1 = (b + 1) * BLOCK < T ? (b + 1) * BLOCK : T;
-        for (int t = b * BLOCK; t < t1; t++) {
+        for (int t = t0; t < t1; t++) {
             if (!is_valid(mask, t)) continue;
-            size_t o = (size_t)t * E;
-            int64_t y = target ? target[t] : 0;
-            if (y < 0 || y >= E) {
-                badidx = 1;
-                continue;
-            }
-            if (!load_row(q, logits + o, NULL, E)) {
-                bad = 1;
-                continue;
-            }
-            float lse = softmax_inplace(q, E);
+            const float *qr = q + (size_t)(t - t0) * E;
+            float *dg = dlogits ? dlogits + (size_t)t * E : NULL, l = lse[t - t0];
             if (target) {
-                acc += (double)lse - (double)logits[o + y];
-                if (dlogits) {
-                    for (int i = 0; i < E; i++) dlogits[o + i] += sc * q[i];
-                    dlogits[o + y] -= sc;
+                int64_t y = target[t];
+                acc += (double)l - (double)logits[(size_t)t * E + y];
+                if (dg) {
+                    for (int i = 0; i < E; i++) dg[i] += sc * qr[i];
+                    dg[y] -= sc;
                 }
             } else {
-                acc += (double)lse * (double)lse;
-                if (dlogits) {
-                    float c = 2.0f * sc * lse;
-                    for (int i = 0; i < E; i++) dlogits[o + i] += c * q[i];
+                acc += (double)l * (double)l;
+                if (dg) {
+                    float c = 2.0f * sc * l;
+                    for (int i = 0; i < E; i++) dg[i] += c * qr[i];
                 }
             }
         }
-        s.part[b] = acc;
+        w.part[b] = acc;
     }
     double sum = 0.0;
-    for (int b = 0; b < nb; b++) sum += s.part[b];
+    for (int b = 0; b < nb; b++) sum += w.part[b];
     *total = sum;
-    scratch_free(&s);
+    work_free(&w);
     return badidx ? DAMEX_EINDEX : bad ? DAMEX_ENONFINITE : DAMEX_OK;
 }
 
