@@ -22,3 +22,9 @@ def get_num_threads():
 
 
 __all__ = ["ops", "MoELayer", "set_num_threads", "get_num_threads", "__version__"]
+
+# The tape and the modules (NumPy only, cheap to import): damex.Tensor, damex.nn, ...
+from .autograd import Tensor, enable_grad, is_grad_enabled, no_grad  # noqa: E402
+from . import functional, nn, optim  # noqa: E402,F401
+
+__all__ += ["Tensor", "no_grad", "enable_grad", "is_grad_enabled", "functional", "nn", "optim"]

@@ -148,6 +148,9 @@ class Tensor:
     def tolist(self):
         return self.data.tolist()
 
+    def __bool__(self):
+        return bool(self.data)
+
     def __float__(self):
         return float(self.item())
 

@@ -147,9 +147,13 @@ class MultiStepLR(_Scheduler):
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         self.milestones, self.gamma = sorted(int(m) for m in milestones), float(gamma)
+        ops_sched = getattr(_ops, "StepLR", None)   # damex.ops.StepLR: the same closed form
+        self._closed_form = ops_sched(1.0, self.milestones, self.gamma).lr if ops_sched else None
         super().__init__(optimizer)
 
     def factor(self, epoch):
+        if self._closed_form is not None:
+            return self._closed_form(epoch)
         return self.gamma ** sum(m <= epoch for m in self.milestones)
 
 

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from damex.data import CocoDetection, MixtureDataset, make_mixture
-from damex.engine.evaluate import (boxes_to_xywh, coco_results, evaluate_detections,
-                                   format_table)
+from damex.data import MixtureSampler, collate
+from damex.data import transforms as T
+from damex.engine.evaluate import (add_predictions, boxes_to_xywh, coco_results,
+                                   evaluate_detections, format_table)
 
 
 def write_dataset(root, name, images, annotations, categories):
@@ -57,6 +59,23 @@ def test_ground_truth_as_predictions_scores_one(tmp_path):
         assert r["ap"] == pytest.approx(1.0) and r["ap50"] == pytest.approx(1.0)
         assert r["ap75"] == pytest.approx(1.0), name
     json.dumps(res)  # JSON-ready
+
+
+def test_batches_of_outputs_filed_by_dataset(tmp_path):
+    """The eval loop: mixed batches, a model output per image (here the GT), filed by dataset id."""
+    desc = make_mixture(tmp_path / "mix", seed=2, preset="tiny")
+    tf = T.default_transforms(train=False, min_size=96, max_size=128)  # resized: boxes stay normalised
+    mix = MixtureDataset([CocoDetection(d["name"], d["val"], d["img_dir"], transforms=tf)
+                          for d in desc["datasets"]])
+    store = {}
+    pairs = list(MixtureSampler(mix.sizes, "proportional", seed=0))
+    for k in range(0, len(pairs), 4):
+        batch = collate([mix[p] for p in pairs[k:k + 4]])
+        outputs = [{"boxes": t["boxes"], "scores": np.ones(len(t["labels"])), "labels": t["labels"]}
+                   for t in batch["targets"]]
+        add_predictions(store, batch["targets"], outputs, mix.names)
+    assert sorted(store) == sorted(mix.names)
+    assert evaluate_detections(mix, store)["mean_ap"] == pytest.approx(1.0)
 
 
 def test_hand_made_case_matches_pycocotools(hand_mix):

@@ -224,3 +224,106 @@ def test_moe_dataset_ids_per_image_and_per_token():
     assert m.routing["losses"] == {} and float(m.aux_loss) == 0.0
     with pytest.raises(ValueError, match="dataset_ids"):
         m(x, dataset_ids=np.array([0, 1]))
+
+
+@needs("attention_forward", "linear_forward")
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_matches_torch(batch_first):
+    torch = torch_or_skip()
+    rng = np.random.default_rng(0)
+    E_, H_, L, S_, N = 8, 2, 5, 6, 3
+    m = nn.MultiheadAttention(E_, H_, batch_first=batch_first)
+    for p in m.parameters():
+        p.data[...] = rng.normal(0, 0.3, p.shape)
+    tm = torch.nn.MultiheadAttention(E_, H_, batch_first=batch_first)
+    tm.load_state_dict({k: torch.tensor(v) for k, v in m.state_dict().items()})
+    shp = lambda n: (N, n, E_) if batch_first else (n, N, E_)  # noqa: E731
+    q, k, v = (rng.standard_normal(shp(n)).astype(np.float32) for n in (L, S_, S_))
+    am = np.zeros((L, S_), bool)
+    am[1, :3] = True
+    kpm = np.zeros((N, S_), bool)
+    kpm[2, -1] = True
+    qs, ks, vs = (Tensor(a, requires_grad=True) for a in (q, k, v))
+    out, w = m(qs, ks, vs, key_padding_mask=kpm, attn_mask=am)
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    tout, tw = tm(tq, tk, tv, key_padding_mask=torch.tensor(kpm), attn_mask=torch.tensor(am))
+    np.testing.assert_allclose(out.data, tout.detach().numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(w.data, tw.detach().numpy(), atol=1e-6)
+    up = rng.standard_normal(out.shape).astype(np.float32)
+    (out * up).sum().backward()
+    (tout * torch.tensor(up)).sum().backward()
+    for a, b in ((qs, tq), (ks, tk), (vs, tv)):
+        np.testing.assert_allclose(a.grad, b.grad.numpy(), atol=1e-5, rtol=1e-4)
+    tgrads = dict(tm.named_parameters())
+    for name, p in m.named_parameters():
+        np.testing.assert_allclose(p.grad, tgrads[name].grad.numpy(), atol=1e-5, rtol=1e-4, err_msg=name)
+    _, none = m(qs, ks, vs, need_weights=False)
+    assert none is None
+
+
+@needs("adamw_step")
+def test_adamw_matches_torch_and_state_round_trip(tmp_path):
+    torch = torch_or_skip()
+    from damex.optim import AdamW
+    rng = np.random.default_rng(0)
+    ps = [nn.Parameter(rng.standard_normal(s).astype(np.float32)) for s in [(4, 3), (5,)]]
+    tps = [torch.tensor(p.data.copy(), requires_grad=True) for p in ps]
+    groups = [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 0.05, "weight_decay": 0.0}]
+    opt = AdamW(groups, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    topt = torch.optim.AdamW([{"params": [tps[0]]}, {"params": [tps[1]], "lr": 0.05, "weight_decay": 0.0}],
+                             lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in ps] for _ in range(6)]
+    for step in range(3):
+        for p, tp, g in zip(ps, tps, grads[step]):
+            p.grad, tp.grad = g.copy(), torch.tensor(g)
+        opt.step()
+        topt.step()
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    # save / load the optimizer state, continue both copies: identical bits
+    nn.save(opt, tmp_path / "opt.npz")
+    ps2 = [nn.Parameter(p.data.copy()) for p in ps]
+    opt2 = AdamW([{"params": [ps2[0]]}, {"params": [ps2[1]]}], lr=1.0)
+    opt2.load_state_dict(nn.load(tmp_path / "opt.npz"))
+    assert opt2.param_groups[1]["lr"] == 0.05 and opt2.param_groups[0]["betas"] == (0.8, 0.95)
+    for step in range(3, 6):
+        for p, p2, g in zip(ps, ps2, grads[step]):
+            p.grad, p2.grad = g.copy(), g.copy()
+        opt.step()
+        opt2.step()
+    for p, p2 in zip(ps, ps2):
+        assert p.data.tobytes() == p2.data.tobytes()
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+
+
+def test_step_lr_schedules_match_torch():
+    torch = torch_or_skip()
+    from damex.optim import AdamW, MultiStepLR, StepLR
+    for make, tmake in [(lambda o: StepLR(o, 3, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 3, 0.5)),
+                        (lambda o: MultiStepLR(o, [2, 5], 0.1),
+                         lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5], 0.1))]:
+        opt = AdamW([nn.Parameter(np.zeros(2, np.float32))], lr=0.1)
+        topt = torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=0.1)
+        s, ts = make(opt), tmake(topt)
+        for _ in range(8):
+            assert s.get_last_lr() == pytest.approx(ts.get_last_lr())
+            topt.step()
+            s.step()
+            ts.step()
+
+
+@needs("clip_grad_norm")
+def test_clip_grad_norm_matches_torch():
+    torch = torch_or_skip()
+    rng = np.random.default_rng(0)
+    ps = [nn.Parameter(np.zeros(s, np.float32)) for s in [(3, 4), (5,)]]
+    tps = [torch.zeros(s, requires_grad=True) for s in [(3, 4), (5,)]]
+    for p, tp in zip(ps, tps):
+        g = rng.standard_normal(p.shape).astype(np.float32) * 3
+        p.grad, tp.grad = g.copy(), torch.tensor(g)
+    total = nn.utils.clip_grad_norm_(ps, 1.0)
+    ttotal = torch.nn.utils.clip_grad_norm_(tps, 1.0)
+    assert total == pytest.approx(float(ttotal), rel=1e-5)
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-5, atol=1e-7)

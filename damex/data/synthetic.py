@@ -56,7 +56,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
 
 # Per dataset: image (width, height), categories, objects per image, object side
@@ -129,7 +129,7 @@ def _shape_mask(shape, box, size, outline):
         x, y, w, h = x + stroke / 2, y + stroke / 2, w - stroke, h - stroke
     x1, y1 = x + w - 1, y + h - 1
     if shape in ("circle", "ring"):
-        width = stroke if shape == "circle" else max(stroke, int(round(0.28 * min(w, h) / 2)))
+        width = stroke if shape == "circle" else max(stroke, int(round(0.36 * min(w, h) / 2)))
         if width:
             d.ellipse([x, y, x1, y1], outline=255, width=width)
         else:
@@ -215,7 +215,8 @@ def _render_image(spec, rng):
         alpha = _shape_mask(name, box, size, outline)[..., None]
         img = img * (1 - alpha) + colour * alpha
         if style == "stripes":  # a thin dark rim keeps small shapes off the texture
-            rim = _shape_mask(name, box, size, 0.7)[..., None] * 0.6
+            rim_shape = "circle" if name == "ring" else name  # a ring gets its outer edge only
+            rim = _shape_mask(rim_shape, box, size, 0.7)[..., None] * 0.6
             img = img * (1 - rim) + 20.0 * rim
         objects.append((box, cat_id))
     if style == "noise":

@@ -14,7 +14,8 @@ Predictions format (per dataset name)::
 
 (a list of dicts with an ``"image_id"`` key is accepted too). With
 ``label_space="category"`` labels are the dataset's own category ids.
-:func:`boxes_to_xywh` converts normalised ``(cx, cy, w, h)`` model output.
+:func:`boxes_to_xywh` converts normalised ``(cx, cy, w, h)`` model output and
+:func:`add_predictions` files a batch of outputs under the right dataset.
 
 Result::
 
@@ -33,6 +34,35 @@ def boxes_to_xywh(boxes_cxcywh, orig_size):
     H, W = (float(v) for v in orig_size)
     return np.stack([(b[:, 0] - b[:, 2] / 2) * W, (b[:, 1] - b[:, 3] / 2) * H,
                      b[:, 2] * W, b[:, 3] * H], axis=1)
+
+
+def add_predictions(store, targets, outputs, dataset_names):
+    """File one batch of model outputs under their datasets, for :func:`evaluate_detections`.
+
+    The model never sees the dataset ids; they are only used here to know which
+    ground truth each image belongs to.
+
+    Parameters
+    ----------
+    store : dict
+        Filled in place: ``{name: {image_id: {"boxes", "scores", "labels"}}}``.
+    targets : list of dict
+        The batch targets (``dataset_id``, ``image_id``, ``orig_size``).
+    outputs : list of dict
+        Per image: ``boxes`` [N, 4] normalised ``(cx, cy, w, h)``, ``scores``
+        [N], ``labels`` [N] joint label ids (post-processed model output).
+    dataset_names : sequence of str
+        Name of each dataset id.
+    """
+    if len(targets) != len(outputs):
+        raise ValueError(f"{len(targets)} targets but {len(outputs)} outputs")
+    for t, o in zip(targets, outputs):
+        name = dataset_names[int(t["dataset_id"])]
+        store.setdefault(name, {})[int(t["image_id"])] = {
+            "boxes": boxes_to_xywh(o["boxes"], t["orig_size"]),
+            "scores": np.asarray(o["scores"], dtype=np.float64).reshape(-1),
+            "labels": np.asarray(o["labels"]).reshape(-1).astype(np.int64)}
+    return store
 
 
 def _as_dataset_list(datasets):

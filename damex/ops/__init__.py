@@ -14,3 +14,4 @@ from .box import (  # noqa: F401
     generalized_box_iou_forward, l1_loss_backward, l1_loss_forward, sigmoid_focal_loss_backward,
     sigmoid_focal_loss_forward)
 from .nn import *  # noqa: F401,F403
+from .routing_loss import *  # noqa: F401,F403
