@@ -113,9 +113,9 @@ class Tensor:
     def ndim(self):
         return self.data.ndim
 
-    @property
-    def size(self):
-        return self.data.size
+    def size(self, dim=None):
+        """The shape, or its entry ``dim`` (torch's ``Tensor.size``)."""
+        return self.data.shape if dim is None else self.data.shape[dim]
 
     @property
     def dtype(self):
@@ -355,6 +355,19 @@ class Tensor:
 
     def masked_fill(self, mask, value):
         return masked_fill(self, mask, value)
+
+    # the heavy elementwise ops live in damex.functional (C kernels)
+    def sigmoid(self):
+        from .functional import sigmoid
+        return sigmoid(self)
+
+    def softmax(self, dim=-1):
+        from .functional import softmax
+        return softmax(self, dim)
+
+    def relu(self):
+        from .functional import relu
+        return relu(self)
 
 
 # ------------------------------------------------------------------ the tape

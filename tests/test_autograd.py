@@ -574,3 +574,10 @@ def test_routing_loss_node():
     check_op([(7, 4)], lambda g: F.routing_loss("damex", g, 0.5, expert_target=target),
              lambda g: 0.5 * tf().cross_entropy(g, torch.tensor(target)))
     check_op([(7, 4)], lambda g: F.routing_loss("z", g), lambda g: (torch.logsumexp(g, -1) ** 2).mean())
+
+
+def test_torch_style_methods():
+    check_op([(3, 4)], lambda a: a.sigmoid() + a.softmax(0) + a.relu(),
+             lambda a: a.sigmoid() + a.softmax(0) + a.relu())
+    x = Tensor(np.zeros((2, 3)))
+    assert x.size() == (2, 3) and x.size(1) == 3 and x.numel() == 6 and x.dim() == 2

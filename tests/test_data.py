@@ -393,3 +393,18 @@ def test_config_resolves_relative_paths(tmp_path):
     cfg = load_data_config(p)
     assert cfg.datasets[0].train == str(tmp_path / "a" / "train.json")
     assert cfg.synthetic.root == str(tmp_path / "data" / "synthetic")
+
+
+def test_default_preset_is_the_documented_mixture(tmp_path):
+    desc = make_mixture(tmp_path / "default", seed=0)
+    counts = {d["name"]: (d["num_train"], d["num_val"]) for d in desc["datasets"]}
+    assert counts == {"flat": (160, 40), "noise": (160, 40), "stripes": (160, 40), "sketch": (24, 16)}
+    for d in desc["datasets"]:
+        for split in ("train", "val"):
+            coco = json.load(open(d[split]))
+            assert len(coco["images"]) == d["num_" + split]
+            # every class of the dataset occurs in both splits, so every AP is defined
+            assert {a["category_id"] for a in coco["annotations"]} == {c["id"] for c in d["categories"]}
+            per_image = np.bincount([a["image_id"] for a in coco["annotations"]],
+                                    minlength=len(coco["images"]) + 1)[1:]
+            assert per_image.max() <= d["objects_per_image"][1]

@@ -38,8 +38,12 @@ def ref_combine(noisy, idx, kept, normalize):
 
 
 def ref_router(x, w, k=1, noise=None, capacity_factor=None, bpr=False, normalize=False,
-               mask=None):
-    """A plain, slow float64 router following SPEC section 2 word by word."""
+               mask=None, bpr_probs=None):
+    """A plain, slow float64 router following SPEC section 2 word by word.
+
+    bpr_probs: probs to order BPR by (default the float64 ones).  With thousands
+    of tokens some top-1 probs differ by one float32 ulp and the float32 kernel
+    may order them the other way; passing its probs checks the rest exactly."""
     normalize = NORM_NAME[normalize]
     logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     noisy = logits if noise is None else logits + np.asarray(noise, np.float64)
@@ -52,7 +56,8 @@ def ref_router(x, w, k=1, noise=None, capacity_factor=None, bpr=False, normalize
     cap = -1 if capacity_factor is None else math.ceil(capacity_factor * k * t_valid / E)
     order = [t for t in range(T) if valid[t]]
     if bpr:
-        order = sorted(order, key=lambda t: -probs[t, idx[t, 0]])  # sorted() is stable
+        key = probs if bpr_probs is None else np.asarray(bpr_probs, np.float64)
+        order = sorted(order, key=lambda t: -key[t, idx[t, 0]])  # sorted() is stable
     slot = np.full((T, k), -1, np.int64)
     count = np.zeros(E, np.int64)
     for r in range(k):
@@ -115,6 +120,24 @@ def test_forward_matches_reference_random(bpr, normalize):
         assert res.capacity_factor == cf
 
 
+@pytest.mark.parametrize("E", [1, 3, 8, 9, 12, 16, 17, 40])
+def test_forward_matches_reference_across_gemm_paths(E):
+    """E <= 8 and E <= 16 take the narrow logits kernels, E > 16 sgemm; T off
+    multiples of their row blocks; one large case crosses the OpenMP thresholds."""
+    rng = np.random.default_rng(20 + E)
+    for T, D in [(1, 33), (7, 33), (9, 5), (257, 33), (601, 0)]:
+        x, w, nz, m = rand_case(rng, T, D, E, noise=True, mask=True)
+        kw = dict(k=min(2, E), noise=nz, capacity_factor=1.0, bpr=True, mask=m)
+        assert_matches_ref(ops.router_forward(x, w, **kw), ref_router(x, w, **kw),
+                           name=f"T={T} D={D} E={E}: ")
+    if E == 8:
+        x, w, nz, _ = rand_case(rng, 8200, 520, E, noise=True)
+        w /= np.float32(np.sqrt(520))  # logits O(1): no top-1 prob saturates to 1.0f
+        kw = dict(k=2, noise=nz, capacity_factor=1.25, bpr=True, normalize="after_drop")
+        res = ops.router_forward(x, w, **kw)
+        assert_matches_ref(res, ref_router(x, w, bpr_probs=res.probs, **kw), name="large: ")
+
+
 def test_result_is_consistent():
     rng = np.random.default_rng(3)
     x, w, nz, m = rand_case(rng, 200, 16, 8, noise=True, mask=True)
@@ -175,6 +198,13 @@ def test_capacity_drops_with_bpr():
     res = route([[1.0, 0], [5.0, 0], [1.0, 0], [5.0, 0], [1.0, 0]], capacity_factor=0.8, bpr=True)
     assert res.capacity == 2
     np.testing.assert_array_equal(res.slot[:, 0], [-1, 0, -1, 1, -1])
+
+
+def test_bpr_orders_by_the_float32_probs():
+    # top-1 probs that differ in float64 but all round to 1.0f: token order
+    res = route([[20.0, 0], [40.0, 0], [30.0, 0]], capacity_factor=1.0, bpr=True)
+    assert (res.probs[:, 0] == 1.0).all()
+    np.testing.assert_array_equal(res.slot[:, 0], [0, 1, -1])
 
 
 def test_second_choices_come_after_all_first_choices():

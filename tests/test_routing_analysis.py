@@ -69,3 +69,17 @@ def test_plots_write_pngs(tmp_path):
                              gt_boxes=[[20, 10, 24, 20]], title="flat val 1"))
     with pytest.raises(ValueError, match="dataset names"):
         plot_routing_heatmap(m, ["a"], tmp_path / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "curves2.png", "det.png", "heat.png"]
+
+
+def test_failed_plot_leaves_nothing(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken(self, f, **kw):
+        f.write(b"\x89PNG half")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="simulated"):
+        plot_routing_heatmap(np.eye(2), ["a", "b"], tmp_path / "heat.png")
+    assert list(tmp_path.iterdir()) == []

@@ -23,23 +23,21 @@
 #include "fastmath.h"
 #include "status.h"
 
-/* idx[0..k) = top-k of g[0..E) in the order (descending value, ascending index).
- * The r-th choice is the largest (value, -index) strictly below the (r-1)-th:
- * O(kE), no scratch.  g must be finite. */
-static void topk_row(int64_t *idx, const float *g, int E, int k)
+/* idx[1..k) = the rest of the top-k of g[0..E) in the order (descending value,
+ * ascending index), idx[0] (the top-1) given.  The r-th choice is the largest
+ * (value, -index) strictly below the (r-1)-th: O(kE), no scratch.  g finite. */
+static inline void topk_rest(int64_t *idx, const float *g, int E, int k)
 {
-    float prev_v = INFINITY;
-    int prev_i = -1;
-    for (int r = 0; r < k; r++) {
-        int best = -1;
-        float best_v = 0.0f;
+    int prev_i = (int)idx[0];
+    float prev_v = g[prev_i];
+    for (int r = 1; r < k; r++) {
+        int best = 0;
+        float best_v = -INFINITY;
         for (int j = 0; j < E; j++) {
             float v = g[j];
-            int below_prev = v < prev_v || (v == prev_v && j > prev_i);
-            if (below_prev && (best < 0 || v > best_v)) {
-                best = j;
-                best_v = v;
-            }
+            int take = ((v < prev_v) | ((v == prev_v) & (j > prev_i))) & (v > best_v);
+            best = take ? j : best;
+            best_v = take ? v : best_v;
         }
         idx[r] = best;
         prev_v = best_v;
@@ -74,38 +72,157 @@ static void radix_sort_stable(int32_t *order, uint32_t *key, int32_t *tmp, uint3
     if (src != order) memcpy(order, src, (size_t)n * sizeof *order);
 }
 
-/* Per row: noisy = logits + noise, probs = softmax(noisy), expert_index = top-k.
- * Returns the number of rows with a NaN/inf logit or noisy logit. */
+/* Clones for x86-64-v4 (AVX-512) and v3 (AVX2 + FMA): FMA matters to the
+ * narrow GEMM, and the "avx2" clone of DAMEX_CLONES does not enable it. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define ROUTER_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ROUTER_CLONES
+#endif
+
+/* 8 floats: one AVX register, two SSE registers in the default clone. */
+typedef float v8f __attribute__((vector_size(32)));
+#define V8_LOAD(dst, p) memcpy(&(dst), (p), sizeof(dst))
+
+/* logits[t0..t1, 0..E) = x[t0..t1, :] @ w for E <= 8 * NV, with w zero-padded
+ * to wp[D, 8 * NV].  OpenBLAS packs all of x for a GEMM this narrow; this
+ * reads each x row once, R rows at a time so that each wp vector loaded from
+ * L1 feeds R independent FMAs, and sums over d in order like a plain dot. */
+#define DEFINE_LOGITS_NARROW(NV, R)                                                            \
+    ROUTER_CLONES                                                                              \
+    static void logits_narrow_##NV(float *restrict logits, const float *restrict x,            \
+                                   const float *restrict wp, int t0, int t1, int D, int E)     \
+    {                                                                                          \
+        int t = t0;                                                                            \
+        for (; t + R <= t1; t += R) {                                                          \
+            v8f a[R][NV];                                                                      \
+            for (int r = 0; r < R; r++)                                                        \
+                for (int v = 0; v < NV; v++) a[r][v] = (v8f){0};                               \
+            const float *xr = x + (long)t * D;                                                 \
+            for (int d = 0; d < D; d++) {                                                      \
+                for (int v = 0; v < NV; v++) {                                                 \
+                    v8f w;                                                                     \
+                    V8_LOAD(w, wp + ((long)d * NV + v) * 8);                                   \
+                    for (int r = 0; r < R; r++) a[r][v] += xr[(long)r * D + d] * w;            \
+                }                                                                              \
+            }                                                                                  \
+            for (int r = 0; r < R; r++) {                                                      \
+                float o[8 * NV];                                                               \
+                memcpy(o, a[r], sizeof o);                                                     \
+                memcpy(logits + (long)(t + r) * E, o, (size_t)E * sizeof(float));              \
+            }                                                                                  \
+        }                                                                                      \
+        for (; t < t1; t++) {                                                                  \
+            v8f a[NV];                                                                         \
+            for (int v = 0; v < NV; v++) a[v] = (v8f){0};                                      \
+            const float *xr = x + (long)t * D;                                                 \
+            for (int d = 0; d < D; d++)                                                        \
+                for (int v = 0; v < NV; v++) {                                                 \
+                    v8f w;                                                                     \
+                    V8_LOAD(w, wp + ((long)d * NV + v) * 8);                                   \
+                    a[v] += xr[d] * w;                                                         \
+                }                                                                              \
+            float o[8 * NV];                                                                   \
+            memcpy(o, a, sizeof o);                                                            \
+            memcpy(logits + (long)t * E, o, (size_t)E * sizeof(float));                        \
+        }                                                                                      \
+    }
+DEFINE_LOGITS_NARROW(1, 8)
+DEFINE_LOGITS_NARROW(2, 4)
+
+/* Rows per task of the narrow logits GEMM. */
+#define LOGITS_BLOCK 256
+
+/* logits[T,E] = x[T,D] @ w_router[D,E]; wp: D*16 floats of scratch (E <= 16). */
+static void router_logits(float *logits, const float *x, const float *w_router, float *wp, int T,
+                          int D, int E)
+{
+    if (E > 16 || D == 0) {
+        sgemm_rm(0, 0, T, E, D, 1.0f, x, D, w_router, E, 0.0f, logits, E);
+        return;
+    }
+    int ep = E <= 8 ? 8 : 16;
+    for (int d = 0; d < D; d++)
+        for (int e = 0; e < ep; e++) wp[(long)d * ep + e] = e < E ? w_router[(long)d * E + e] : 0.0f;
+    int nblocks = (T + LOGITS_BLOCK - 1) / LOGITS_BLOCK;
+#pragma omp parallel for schedule(static) if ((long)T * D * ep >= (1L << 22))
+    for (int b = 0; b < nblocks; b++) {
+        int t0 = b * LOGITS_BLOCK, t1 = t0 + LOGITS_BLOCK < T ? t0 + LOGITS_BLOCK : T;
+        if (ep == 8)
+            logits_narrow_1(logits, x, wp, t0, t1, D, E);
+        else
+            logits_narrow_2(logits, x, wp, t0, t1, D, E);
+    }
+}
+
+/* Rows per block of the row passes: the exp runs flat over a block, so that it
+ * vectorises whatever E is. */
+#define ROUTER_BLOCK 64
+
+/* For rows [t0, t1): noisy = logits + noise, probs = softmax(noisy),
+ * expert_index = top-k.  Returns the number of rows with a NaN/inf logit or
+ * noisy logit (their probs and expert_index are left unset). */
+ROUTER_CLONES
+static long softmax_topk_block(float *restrict noisy, float *restrict probs,
+                               int64_t *restrict expert_index, const float *restrict logits,
+                               const float *restrict noise, int t0, int t1, int E, int k)
+{
+    long bad = 0;
+    int finite_row[ROUTER_BLOCK];
+    /* noisy, the row max and top-1 (strict >: ties to the lower index), p = g - max */
+    for (int t = t0; t < t1; t++) {
+        const float *l = logits + (long)t * E;
+        float *g = noisy + (long)t * E;
+        float *p = probs + (long)t * E;
+        if (noise) {
+            const float *nz = noise + (long)t * E;
+            for (int j = 0; j < E; j++) g[j] = l[j] + nz[j];
+        } else {
+            for (int j = 0; j < E; j++) g[j] = l[j];
+        }
+        /* |v| < inf is false for NaN and +-inf; v - v != 0 would also catch them */
+        int finite = 1, arg = 0;
+        float m = g[0];
+        for (int j = 0; j < E; j++) {
+            finite &= (fabsf(l[j]) <= 3.4028234663852886e38f) & (fabsf(g[j]) <= 3.4028234663852886e38f);
+            if (g[j] > m) {
+                m = g[j];
+                arg = j;
+            }
+        }
+        finite_row[t - t0] = finite;
+        if (!finite) {
+            bad++;
+            m = 0.0f;
+        }
+        for (int j = 0; j < E; j++) p[j] = finite ? g[j] - m : 0.0f;
+        expert_index[(long)t * k] = arg;
+    }
+    /* flat exp over the block: vectorises for any E */
+    float *pb = probs + (long)t0 * E;
+    long n = (long)(t1 - t0) * E;
+    for (long i = 0; i < n; i++) pb[i] = dx_expf(pb[i]);
+    for (int t = t0; t < t1; t++) {
+        float *p = probs + (long)t * E;
+        float s = 0.0f;
+        for (int j = 0; j < E; j++) s += p[j];
+        float inv = 1.0f / s;
+        for (int j = 0; j < E; j++) p[j] *= inv;
+        if (k > 1 && finite_row[t - t0]) topk_rest(expert_index + (long)t * k, noisy + (long)t * E, E, k);
+    }
+    return bad;
+}
+
 static long softmax_topk_rows(float *noisy, float *probs, int64_t *expert_index,
                               const float *logits, const float *noise, int T, int E, int k)
 {
     long bad = 0;
+    int nblocks = (T + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if ((long)T * E >= 65536)
-    for (int t = 0; t < T; t++) {
-        const float *l = logits + (long)t * E;
-        const float *nz = noise ? noise + (long)t * E : NULL;
-        float *g = noisy + (long)t * E;
-        float *p = probs + (long)t * E;
-        int finite = 1;
-        float m = -INFINITY;
-        for (int j = 0; j < E; j++) {
-            float v = nz ? l[j] + nz[j] : l[j];
-            g[j] = v;
-            finite &= isfinite(l[j]) && isfinite(v);
-            m = v > m ? v : m;
-        }
-        if (!finite) {
-            bad++;
-            continue;
-        }
-        float s = 0.0f;
-        for (int j = 0; j < E; j++) {
-            p[j] = dx_expf(g[j] - m);
-            s += p[j];
-        }
-        float inv = 1.0f / s;
-        for (int j = 0; j < E; j++) p[j] *= inv;
-        topk_row(expert_index + (long)t * k, g, E, k);
+    for (int b = 0; b < nblocks; b++) {
+        int t0 = b * ROUTER_BLOCK, t1 = t0 + ROUTER_BLOCK < T ? t0 + ROUTER_BLOCK : T;
+        bad += softmax_topk_block(noisy, probs, expert_index, logits, noise, t0, t1, E, k);
     }
     return bad;
 }
@@ -133,10 +250,22 @@ int router_forward(float *logits, float *noisy_logits, float *probs, int64_t *ex
         normalize > DAMEX_NORM_AFTER_DROP)
         return DAMEX_EINVAL;
 
+    /* One scratch block: the padded router weights (narrow GEMM) and, with
+     * bpr, the token order, keys and their radix-sort copies. */
+    size_t wp_bytes = E <= 16 ? (size_t)D * 16 * sizeof(float) : 0;
+    size_t order_bytes = bpr ? (size_t)T * (2 * sizeof(int32_t) + 2 * sizeof(uint32_t)) : 0;
+    void *scratch = NULL;
+    if (wp_bytes + order_bytes) {
+        scratch = malloc(wp_bytes + order_bytes);
+        if (!scratch) return DAMEX_ENOMEM;
+    }
+
     /* logits[T,E] = x[T,D] @ w_router[D,E] */
-    sgemm_rm(0, 0, T, E, D, 1.0f, x, D, w_router, E, 0.0f, logits, E);
-    if (softmax_topk_rows(noisy_logits, probs, expert_index, logits, noise, T, E, k))
+    router_logits(logits, x, w_router, (float *)scratch, T, D, E);
+    if (softmax_topk_rows(noisy_logits, probs, expert_index, logits, noise, T, E, k)) {
+        free(scratch);
         return DAMEX_ENONFINITE;
+    }
 
     /* Tokens in slot-filling priority: the unmasked ones, in token order or by
      * decreasing top-1 prob (key = ~bits of a positive float: ascending key =
@@ -144,9 +273,7 @@ int router_forward(float *logits, float *noisy_logits, float *probs, int64_t *ex
     int32_t *order = NULL;
     int n = T;
     if (bpr && T > 0) {
-        void *scratch = malloc((size_t)T * (2 * sizeof(int32_t) + 2 * sizeof(uint32_t)));
-        if (!scratch) return DAMEX_ENOMEM;
-        order = (int32_t *)scratch;
+        order = (int32_t *)((char *)scratch + wp_bytes);
         int32_t *tmp = order + T;
         uint32_t *key = (uint32_t *)(tmp + T), *ktmp = key + T;
         n = 0;
@@ -171,7 +298,7 @@ int router_forward(float *logits, float *noisy_logits, float *probs, int64_t *ex
             if (capacity < 0 || expert_count[e] < capacity) slot[(long)t * k + r] = expert_count[e]++;
         }
     }
-    free(order);
+    free(scratch);
 
     int64_t acc = 0;
     for (int e = 0; e < E; e++) {
@@ -235,7 +362,9 @@ int router_backward(float *dlogits, const float *dcombine_weight, const float *p
 }
 
 /* Inverts  logits[T,E] = x[T,D] @ w_router[D,E]:
- *   dx[T,D] += dlogits @ w_router^T,   dw_router[D,E] += x^T @ dlogits */
+ *   dx[T,D] += dlogits @ w_router^T,   dw_router[D,E] += x^T @ dlogits
+ * (sgemm: narrow kernels like logits_narrow were measured no faster here, both
+ * steps being bound by the memory traffic of x and dx.) */
 int router_logits_backward(float *dx, float *dw_router, const float *dlogits, const float *x,
                            const float *w_router, int T, int D, int E)
 {

@@ -120,9 +120,12 @@ def _shape_mask(shape, box, size, outline):
     """
     s = SUPERSAMPLE
     W, H = size
-    m = Image.new("L", (W * s, H * s), 0)
+    # draw only the box and a one-pixel margin (integer pixel offsets keep the raster)
+    ox, oy = max(int(box[0]) - 1, 0), max(int(box[1]) - 1, 0)
+    ex, ey = min(int(np.ceil(box[0] + box[2])) + 1, W), min(int(np.ceil(box[1] + box[3])) + 1, H)
+    m = Image.new("L", ((ex - ox) * s, (ey - oy) * s), 0)
     d = ImageDraw.Draw(m)
-    x, y, w, h = (v * s for v in box)
+    x, y, w, h = (box[0] - ox) * s, (box[1] - oy) * s, box[2] * s, box[3] * s
     stroke = max(1, int(round(outline * s))) if outline else 0
     if stroke and shape not in ("circle", "ring", "square"):
         # a polygon's stroke is centred on its edges: inset so it stays in the box
@@ -145,8 +148,10 @@ def _shape_mask(shape, box, size, outline):
             d.line(pts + [pts[0], pts[1]], fill=255, width=stroke, joint="curve")
         else:
             d.polygon(pts, fill=255)
-    m = m.resize((W, H), Image.Resampling.BOX)
-    return np.asarray(m, dtype=np.float32) / 255.0
+    out = np.zeros((H, W), dtype=np.float32)
+    out[oy:ey, ox:ex] = np.asarray(m.resize((ex - ox, ey - oy), Image.Resampling.BOX),
+                                   dtype=np.float32) / 255.0
+    return out
 
 
 def _background(style, size, rng):

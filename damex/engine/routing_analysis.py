@@ -14,6 +14,9 @@ expert(s) the router chose (column 0 = top choice). From records:
 Figures: :func:`plot_routing_heatmap`, :func:`plot_training_curves`,
 :func:`draw_detections`, each writing a PNG.
 """
+import os
+import tempfile
+
 import numpy as np
 
 
@@ -104,6 +107,22 @@ def analyse_routing(records, num_datasets, num_experts, assignment=None):
     return out
 
 
+def _save_png(fig, path):
+    """Save ``fig`` as PNG atomically: a temporary file in the same folder, renamed into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -134,7 +153,7 @@ def plot_routing_heatmap(matrix, dataset_names, path, expert_names=None, title=N
         cb = fig.colorbar(im, ax=ax)
         cb.set_label("fraction of tokens")
         fig.tight_layout()
-        fig.savefig(path)
+        _save_png(fig, path)
     finally:
         plt.close(fig)
     return path
@@ -184,7 +203,7 @@ def plot_training_curves(history, path, title=None):
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(path)
+        _save_png(fig, path)
     finally:
         plt.close(fig)
     return path
@@ -237,7 +256,7 @@ def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0
                     bbox=dict(facecolor=c, edgecolor="none", pad=1, alpha=0.85), clip_on=True)
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.savefig(path)
+        _save_png(fig, path)
     finally:
         plt.close(fig)
     return path
