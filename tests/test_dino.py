@@ -139,7 +139,7 @@ def test_paper_preset_runs_one_step():
     cfg = preset("paper", num_classes=5, dataset_to_expert=(0, 1))
     from damex.models.dino import DINO
     model = DINO(cfg)
-    n_params = sum(p.size for p in model.parameters())
+    n_params = sum(p.data.size for p in model.parameters())
     assert n_params > 40e6  # ResNet-50-sized backbone + 6/6 layers + 8 experts x 3 layers
     from damex.models.criterion import SetCriterion
     rng = np.random.default_rng(0)
