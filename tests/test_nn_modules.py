@@ -327,3 +327,12 @@ def test_clip_grad_norm_matches_torch():
     assert total == pytest.approx(float(ttotal), rel=1e-5)
     for p, tp in zip(ps, tps):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_assigning_a_buffer_updates_it():
+    bn = nn.FrozenBatchNorm2d(3)
+    bn.running_mean = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(bn.state_dict()["running_mean"], [0, 1, 2])
+    lin = nn.Linear(2, 2)
+    lin.extra = 5                                   # plain attributes stay plain
+    assert lin.extra == 5 and "extra" not in lin.state_dict()
