@@ -377,8 +377,8 @@ def routing_loss(name, logits, weight=1.0, **kwargs):
     logits = as_tensor(logits)
     fwd, bwd = _loss_fns(name)
     ld = logits.data
-    args, kw = _loss_args(name, kwargs, noise=kwargs.pop("noise", None), k=kwargs.pop("k", 1),
-                          mask=kwargs.pop("mask", None))
+    noise, k, mask = kwargs.pop("noise", None), kwargs.pop("k", 1), kwargs.pop("mask", None)
+    args, kw = _loss_args(name, kwargs, noise=noise, k=k, mask=mask)
     val = np.asarray(weight * float(fwd(ld, *args, **kw)), np.float32)
     return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, grad=weight * float(gs[0])),),
                   f"{name}_loss")
