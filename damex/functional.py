@@ -304,6 +304,8 @@ def _loss_args(name, kwargs, *, noise, k, mask):
         if noise is None:
             raise ValueError("routing loss 'load' needs the gate noise (train mode with gate_noise > 0)")
         return (noise, kw.pop("sigma"), k), kw
+    if name == "importance" and kw.get("probs") == "noisy":
+        kw.setdefault("noise", noise)
     if name == "switch":
         kw.setdefault("k", k)
     if name == "damex":
@@ -325,7 +327,8 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
     losses : sequence of (name, weight, kwargs)
         Routing losses on the clean router logits, ``name`` in
         ``("importance", "load", "switch", "z", "damex")``; ``kwargs`` are the
-        loss's options (``expert_target`` for damex, ``sigma`` for load); the
+        loss's options (``expert_target`` for damex, ``sigma`` for load,
+        ``probs="noisy"`` for importance on the noisy probabilities ...); the
         layer's mask, noise and k are filled in.
     loss_values : dict, optional
         Filled with each loss's unweighted value (float), by name.
