@@ -64,6 +64,8 @@ static int work_alloc(work *w, int nb, int W, int E)
     if (!w->part || !w->mem) {
         free(w->part);
         free(w->mem);
+        w->part = NULL;
+        w->mem = NULL;
         return DAMEX_ENOMEM;
     }
     return DAMEX_OK;
