@@ -147,11 +147,14 @@ static void flat_normal_tail(float *restrict x, long n)
     for (long i = 0; i < n; i++) x[i] = 0.5f * dx_erfcf(x[i]);
 }
 
-/* x[n] <- exp(-x[n]^2) = sqrt(2 pi) phi(sqrt(2) x[n]) */
+/* g[n] <- exp(-x[n]^2), then x[n] <- erfc(x[n]) / 2 (forward and backward in one pass) */
 DAMEX_CLONES
-static void flat_gauss(float *restrict x, long n)
+static void flat_normal_tail_gauss(float *restrict x, float *restrict g, long n)
 {
-    for (long i = 0; i < n; i++) x[i] = dx_expf(-x[i] * x[i]);
+    for (long i = 0; i < n; i++) {
+        g[i] = dx_expf(-x[i] * x[i]);
+        x[i] = 0.5f * dx_erfcf(x[i]);
+    }
 }
 
 /* ---- per-row helpers --------------------------------------------------- */
@@ -337,8 +340,8 @@ static int check_variance(int variance, int E)
 
 /* ---- importance (V-MoE) ----------------------------------------------- */
 
-/* Imp[E] = sum_{x in M} softmax(g(x) (+ noise(x))) */
-static int importance_sums(double *imp, const float *logits, const float *noise,
+/* Imp[E] = sum_{x in M} softmax(g(x) (+ noise(x))); if qsave, qsave[T,E] = the softmax */
+static int importance_sums(double *imp, float *qsave, const float *logits, const float *noise,
                            const uint8_t *mask, int T, int E)
 {
     int nb = nblocks(T), bad = 0;
@@ -353,6 +356,7 @@ static int importance_sums(double *imp, const float *logits, const float *noise,
         }
         float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
         size_t o = (size_t)t0 * E;
+        if (qsave) q = qsave + o;
         block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
         acc_rows(w.part + (size_t)b * E, q, mask, t0, t1, E);
     }
@@ -369,7 +373,7 @@ int importance_loss_forward(double *loss, const float *logits, const float *nois
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
     double *imp = malloc((size_t)E * sizeof(double));
     if (!imp) return DAMEX_ENOMEM;
-    int st = importance_sums(imp, logits, noise, mask, T, E);
+    int st = importance_sums(imp, NULL, logits, noise, mask, T, E);
     *loss = st ? 0.0 : cv_squared(NULL, imp, E, variance);
     free(imp);
     return st;
@@ -383,24 +387,21 @@ int importance_loss_backward(float *dlogits, double dloss, const float *logits,
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
     double *a = malloc(2 * (size_t)E * sizeof(double));
     float *af = malloc((size_t)E * sizeof(float));
-    work w = {0};
+    float *q = malloc(((size_t)T * E + 1) * sizeof(float)); /* the softmax, kept from pass 1 */
     int nb = nblocks(T), st = DAMEX_ENOMEM;
-    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
+    if (!a || !af || !q) goto done;
     double *imp = a + E;
-    st = importance_sums(imp, logits, noise, mask, T, E);
+    st = importance_sums(imp, q, logits, noise, mask, T, E);
     if (st) goto done;
     cv_squared(a, imp, E, variance);
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i]);
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
-        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
-        size_t o = (size_t)t0 * E;
-        block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
-        softmax_grad_rows(dlogits, q, af, mask, t0, t1, E);
+        softmax_grad_rows(dlogits, q + (size_t)t0 * E, af, mask, t0, t1, E);
     }
 done:
-    if (w.part) work_free(&w);
+    free(q);
     free(a);
     free(af);
     return st;
@@ -464,9 +465,10 @@ static void load_grad_rows(float *restrict dlogits, float *restrict c, const int
     WITH_E(E, load_grad_rows_e(dlogits, c, rowi, af, mask, t0, t1, E_));
 }
 
-/* Load[E] = sum_{x in M} P(x), P_i = 1 - Phi(z_i) = erfc(z_i / sqrt 2) / 2 */
-static int load_sums(double *load, const float *logits, const float *noise, const uint8_t *mask,
-                     int T, int E, int k, float c)
+/* Load[E] = sum_{x in M} P(x), P_i = 1 - Phi(z_i) = erfc(z_i / sqrt 2) / 2.
+ * With gsave (and jsave): gsave[T,E] = exp(-z^2 / 2), jsave[T] = j(x), for the backward. */
+static int load_sums(double *load, float *gsave, int *jsave, const float *logits,
+                     const float *noise, const uint8_t *mask, int T, int E, int k, float c)
 {
     int nb = nblocks(T), bad = 0;
     work w;
@@ -481,8 +483,12 @@ static int load_sums(double *load, const float *logits, const float *noise, cons
         float *u = work_buf(&w);
         int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
         size_t o = (size_t)t0 * E;
+        if (jsave) rowi = jsave + t0;
         load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
-        flat_normal_tail(u, (long)(t1 - t0) * E);
+        if (gsave)
+            flat_normal_tail_gauss(u, gsave + o, (long)(t1 - t0) * E);
+        else
+            flat_normal_tail(u, (long)(t1 - t0) * E);
         acc_rows(w.part + (size_t)b * E, u, mask, t0, t1, E);
     }
     reduce_blocks(load, w.part, nb, E);
@@ -499,7 +505,8 @@ int load_loss_forward(double *loss, const float *logits, const float *noise,
     if (check_load(noise, T, E, k, sigma, variance)) return DAMEX_EINVAL;
     double *load = malloc((size_t)E * sizeof(double));
     if (!load) return DAMEX_ENOMEM;
-    int st = load_sums(load, logits, noise, mask, T, E, k, (float)(1.0 / sigma) * INV_SQRT2);
+    int st = load_sums(load, NULL, NULL, logits, noise, mask, T, E, k,
+                       (float)(1.0 / sigma) * INV_SQRT2);
     *loss = st ? 0.0 : cv_squared(NULL, load, E, variance);
     free(load);
     return st;
@@ -517,27 +524,24 @@ int load_loss_backward(float *dlogits, double dloss, const float *logits, const 
     float c = (float)(1.0 / sigma) * INV_SQRT2;
     double *a = malloc(2 * (size_t)E * sizeof(double));
     float *af = malloc((size_t)E * sizeof(float));
-    work w = {0};
+    float *gs = malloc(((size_t)T * E + 1) * sizeof(float)); /* exp(-z^2/2) from pass 1 */
+    int *js = malloc(((size_t)T + 1) * sizeof(int));         /* j(x) from pass 1 */
     int nb = nblocks(T), st = DAMEX_ENOMEM;
-    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
+    if (!a || !af || !gs || !js) goto done;
     double *load = a + E;
-    st = load_sums(load, logits, noise, mask, T, E, k, c);
+    st = load_sums(load, gs, js, logits, noise, mask, T, E, k, c);
     if (st) goto done;
     cv_squared(a, load, E, variance);
-    /* phi(z) / sigma = exp(-u^2) / (sqrt(2 pi) sigma), u = z / sqrt 2 */
+    /* phi(z) / sigma = exp(-z^2/2) / (sqrt(2 pi) sigma) */
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma) * INV_SQRT_2PI;
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
-        float *u = work_buf(&w);
-        int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
-        size_t o = (size_t)t0 * E;
-        load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
-        flat_gauss(u, (long)(t1 - t0) * E);
-        load_grad_rows(dlogits, u, rowi, af, mask, t0, t1, E);
+        load_grad_rows(dlogits, gs + (size_t)t0 * E, js + t0, af, mask, t0, t1, E);
     }
 done:
-    if (w.part) work_free(&w);
+    free(gs);
+    free(js);
     free(a);
     free(af);
     return st;
