@@ -1,7 +1,7 @@
 /* Dispatch, expert FFN and combine (see moe.h for shapes and formulas).
  *
- * Threads: gather/scatter use OpenMP with a static schedule over disjoint rows
- * (tokens for combine and dispatch backward, so no atomics).  The expert FFN
+ * Threads: large gathers/scatters use OpenMP with a static schedule over
+ * disjoint rows (tokens for combine and dispatch backward, so no atomics).  The expert FFN
  * runs one sgemm per block of one expert's rows (never a row of another
  * expert), on OpenMP threads with single-threaded BLAS: see the note above
  * expert_ffn_forward.  Bias gradients are per-block column sums reduced in
@@ -26,8 +26,10 @@
 #define INV_SQRT2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
 
-/* Below this many floats of work a loop stays on one thread. */
-#define PAR_MIN 32768L
+/* Gather/scatter are memory-bound: a second thread gains little and, on a
+ * busy machine, the region's closing barrier can wait a whole time slice for
+ * a descheduled thread.  Only very large ones (floats moved) go parallel. */
+#define PAR_MIN (1L << 22)
 
 /* rows[T*k] = packed row of each choice, -1 where dropped; checks that every
  * kept choice is inside its expert's range and that the kept choices cover
