@@ -194,8 +194,9 @@ def test_nonfinite_locations_sample_nothing():
 
 def test_thread_count_does_not_change_bits():
     rng = np.random.default_rng(4)
-    value, shapes, start, loc, attw = make(rng, 2, 40, 3, 16, [(6, 6), (3, 3)], 4)
-    gout = rng.normal(size=(2, 40, 48)).astype(np.float32)
+    # large enough for the kernels to go parallel (csrc/kernels/msda.c parallel_worth_it)
+    value, shapes, start, loc, attw = make(rng, 2, 400, 3, 16, [(6, 6), (3, 3)], 4)
+    gout = rng.normal(size=(2, 400, 48)).astype(np.float32)
     before = _C.get_num_threads()
     try:
         res = []
