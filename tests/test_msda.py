@@ -7,7 +7,7 @@ import pytest
 
 from damex import ops
 from damex._lib import _C
-from helpers import assert_close, numeric_grad, rss_bytes, torch_or_skip, unchanged
+from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
 
 
 def ref_forward(value, shapes, loc, attw):
@@ -258,10 +258,8 @@ def test_memory_flat_over_many_calls():
     rng = np.random.default_rng(7)
     value, shapes, start, loc, attw = make(rng, 1, 4, 2, 4, [(3, 3), (1, 2)], 2)
     gout = np.ones((1, 4, 8), np.float32)
-    for _ in range(500):
-        ops.ms_deform_attn_backward(gout, value, shapes, start, loc, attw)
-    before = rss_bytes()
-    for _ in range(10_000):
+
+    def step():
         ops.ms_deform_attn_forward(value, shapes, start, loc, attw)
         ops.ms_deform_attn_backward(gout, value, shapes, start, loc, attw)
-    assert rss_bytes() - before < 4 << 20
+    assert_memory_flat(step)
