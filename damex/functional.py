@@ -16,8 +16,8 @@ from .autograd import Tensor, as_tensor, record, transpose
 __all__ = ["linear", "layer_norm", "group_norm", "frozen_batch_norm", "conv2d", "relu", "gelu",
            "activation", "sigmoid", "inverse_sigmoid", "softmax", "dropout", "embedding",
            "attention", "ms_deform_attn", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh",
-           "generalized_box_iou", "sigmoid_focal_loss", "l1_loss", "moe", "routing_loss",
-           "manual_seed", "ROUTING_LOSSES"]
+           "generalized_box_iou", "generalized_box_iou_paired", "sigmoid_focal_loss", "l1_loss",
+           "moe", "routing_loss", "manual_seed", "ROUTING_LOSSES"]
 
 
 def _op(name):
@@ -253,6 +253,16 @@ def generalized_box_iou(a, b):
                   "generalized_box_iou")
 
 
+def generalized_box_iou_paired(a, b):
+    """GIoU of matched pairs [N] of xyxy boxes a[N, 4], b[N, 4] (the diagonal of
+    :func:`generalized_box_iou`, in O(N)); the DETR GIoU loss is ``(1 - giou).sum()``."""
+    a, b = as_tensor(a), as_tensor(b)
+    ad, bd = a.data, b.data
+    g = _op("generalized_box_iou_paired_forward")(ad, bd)
+    return record(g, [a, b], lambda gs: _op("generalized_box_iou_paired_backward")(gs[0], ad, bd),
+                  "generalized_box_iou_paired")
+
+
 def _reduce(loss, reduction, name):
     if reduction == "none":
         return loss
@@ -304,6 +314,8 @@ def _loss_args(name, kwargs, *, noise, k, mask):
         if noise is None:
             raise ValueError("routing loss 'load' needs the gate noise (train mode with gate_noise > 0)")
         return (noise, kw.pop("sigma"), k), kw
+    if name == "importance" and kw.get("probs") == "noisy":
+        kw.setdefault("noise", noise)
     if name == "switch":
         kw.setdefault("k", k)
     if name == "damex":
@@ -325,7 +337,8 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
     losses : sequence of (name, weight, kwargs)
         Routing losses on the clean router logits, ``name`` in
         ``("importance", "load", "switch", "z", "damex")``; ``kwargs`` are the
-        loss's options (``expert_target`` for damex, ``sigma`` for load); the
+        loss's options (``expert_target`` for damex, ``sigma`` for load,
+        ``probs="noisy"`` for importance on the noisy probabilities ...); the
         layer's mask, noise and k are filled in.
     loss_values : dict, optional
         Filled with each loss's unweighted value (float), by name.
@@ -377,8 +390,8 @@ def routing_loss(name, logits, weight=1.0, **kwargs):
     logits = as_tensor(logits)
     fwd, bwd = _loss_fns(name)
     ld = logits.data
-    args, kw = _loss_args(name, kwargs, noise=kwargs.pop("noise", None), k=kwargs.pop("k", 1),
-                          mask=kwargs.pop("mask", None))
+    noise, k, mask = kwargs.pop("noise", None), kwargs.pop("k", 1), kwargs.pop("mask", None)
+    args, kw = _loss_args(name, kwargs, noise=noise, k=k, mask=mask)
     val = np.asarray(weight * float(fwd(ld, *args, **kw)), np.float32)
     return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, grad=weight * float(gs[0])),),
                   f"{name}_loss")

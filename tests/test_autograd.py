@@ -439,6 +439,15 @@ def test_boxes_and_giou():
              lambda x, y: t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y)), inputs=[a, b], atol=1e-4)
 
 
+@needs("generalized_box_iou_paired_forward")
+def test_paired_giou_is_the_diagonal():
+    rng = np.random.default_rng(1)
+    a, b = random_cxcywh(rng, 6), random_cxcywh(rng, 6)
+    check_op(None, lambda x, y: F.generalized_box_iou_paired(F.box_cxcywh_to_xyxy(x), F.box_cxcywh_to_xyxy(y)),
+             lambda x, y: torch.diagonal(t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y))),
+             inputs=[a, b], atol=1e-4)
+
+
 def t_focal(x, t, alpha=0.25, gamma=2.0):
     p = torch.sigmoid(x)
     ce = tf().binary_cross_entropy_with_logits(x, t, reduction="none")
@@ -581,3 +590,16 @@ def test_torch_style_methods():
              lambda a: a.sigmoid() + a.softmax(0) + a.relu())
     x = Tensor(np.zeros((2, 3)))
     assert x.size() == (2, 3) and x.size(1) == 3 and x.numel() == 6 and x.dim() == 2
+
+
+@needs("moe_forward", "importance_loss_forward")
+def test_moe_importance_on_noisy_probs_gets_the_layers_noise():
+    rng = np.random.default_rng(3)
+    T, D, E = 10, 4, 3
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in [(D, E), (E, D, 5), (E, 5), (E, 5, D), (E, D)]]
+    noise = rng.normal(0, 0.3, (T, E)).astype(np.float32)
+    vals = {}
+    F.moe(x, *ws, noise=noise, losses=[("importance", 1.0, {"probs": "noisy"})], loss_values=vals)
+    q = torch.softmax(torch.tensor(x @ ws[0] + noise), -1).sum(0)
+    assert vals["importance"] == pytest.approx(float((q.std(unbiased=False) / q.mean()) ** 2), rel=1e-5)
