@@ -51,7 +51,7 @@ static long tap_offset(const struct conv2d_shape *s, const struct phases *g, int
 static void fill_phases(float *xq, const float *x, const struct conv2d_shape *s,
                         const struct phases *g)
 {
-#pragma omp parallel for schedule(static) if (g->nph * g->PB > 32768)
+#pragma omp parallel for schedule(static) if (g->nph * g->PB > CONV_PAR_MIN)
     for (long pc = 0; pc < (long)g->nph * s->Cin; pc++) {
         int ph_i = (int)(pc / s->Cin), ci = (int)(pc % s->Cin);
         int a = ph_i / s->sw, b = ph_i % s->sw;
@@ -85,7 +85,7 @@ static void fill_phases(float *xq, const float *x, const struct conv2d_shape *s,
 static void unfill_phases_accumulate(float *dx, const float *dxq, const struct conv2d_shape *s,
                                      const struct phases *g)
 {
-#pragma omp parallel for schedule(static) if (g->nph * g->PB > 32768)
+#pragma omp parallel for schedule(static) if (g->nph * g->PB > CONV_PAR_MIN)
     for (int ci = 0; ci < s->Cin; ci++)
         for (int r = 0; r < s->H; r++) {
             int pr = r + s->ph, a = pr % s->sh, qr = pr / s->sh;
@@ -125,7 +125,7 @@ int conv2d_forward_shifted(float *y, const float *x, const float *w, const float
             sgemm_rm(0, 0, s->Cout, (int)g.Q, s->Cin, 1.0f, wt + (long)t * s->Cout * s->Cin,
                      s->Cin, xq + tap_offset(s, &g, t), (int)g.CS, t ? 1.0f : 0.0f, yq, (int)g.Q);
         float *yn = y + n * ys;
-#pragma omp parallel for schedule(static) if (ys > 32768)
+#pragma omp parallel for schedule(static) if (ys > CONV_PAR_MIN)
         for (int co = 0; co < s->Cout; co++) {
             float bias = b ? b[co] : 0.0f;
             for (int oh = 0; oh < s->Ho; oh++) {
@@ -157,7 +157,7 @@ int conv2d_backward_shifted(float *dx, float *dw, const float *dy, const float *
     for (int n = 0; n < s->N; n++) {
         const float *dyn = dy + n * ys;
         /* dyq[co, oh*Wq + ow] = dy[co, oh, ow], 0 in the wrapped columns ow >= Wo */
-#pragma omp parallel for schedule(static) if (ys > 32768)
+#pragma omp parallel for schedule(static) if (ys > CONV_PAR_MIN)
         for (int co = 0; co < s->Cout; co++)
             for (int oh = 0; oh < s->Ho; oh++) {
                 float *dst = dyq + (long)co * g.Q + (long)oh * g.Wq;
