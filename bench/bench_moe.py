@@ -4,8 +4,8 @@
     python bench/bench_moe.py --quick    # small shapes, 3 repeats (a smoke run)
 
 For each shape it prints, side by side: damex and PyTorch forward and
-forward+backward times (median of the repeats; PyTorch timed at 1 and 2
-threads, the faster kept), the ratio, the layer's GFLOP/s as a share of the
+forward+backward times (median of the repeats; each timed at 1 and 2
+threads, the faster kept, both shown), the ratio, the layer's GFLOP/s as a share of the
 sgemm rate measured in the same run, the share of layer time spent outside
 the expert GEMMs (the same GEMMs timed alone with damex._C.sgemm), and a
 breakdown by op.  The PyTorch layer: router matmul, softmax, top-k, capacity
@@ -34,7 +34,11 @@ SHAPES = [
 ]
 
 
+STAT = np.median  # --stat min: np.min
+
+
 def median_time(fn, repeats, warmup=1):
+    """The median (or, with --stat min, the fastest) of `repeats` timed calls."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -42,7 +46,7 @@ def median_time(fn, repeats, warmup=1):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(STAT(ts))
 
 
 def sgemm_rates(repeats):
@@ -90,10 +94,14 @@ def damex_layer(s, inp, repeats):
         y, state = ops.moe_forward(*args, **opts)
         return ops.moe_backward(inp["dy"], state)
 
-    t_fwd = median_time(fwd, repeats)
-    t_all = median_time(fwd_bwd, repeats)
+    out = {}
+    saved = _C.get_num_threads()
+    for threads in (1, 2):
+        _C.set_num_threads(threads)
+        out[threads] = (median_time(fwd, repeats), median_time(fwd_bwd, repeats))
+    _C.set_num_threads(saved[1])
     y, state = fwd()
-    return t_fwd, t_all, y, state
+    return out, y, state
 
 
 def damex_breakdown(s, inp, state, repeats):
@@ -234,7 +242,8 @@ def torch_times(torch, s, inp, repeats):
 
 def bench_shape(s, rate, repeats, torch):
     inp = make_inputs(s)
-    t_fwd, t_all, y, state = damex_layer(s, inp, repeats)
+    td, y, state = damex_layer(s, inp, repeats)
+    t_fwd, t_all = (min(v[i] for v in td.values()) for i in (0, 1))
     N = int(state.router.expert_count.sum())
     cf = "dropless" if s["capacity_factor"] is None else f"cf={s['capacity_factor']}"
     print(f"\nshape {s['name']}: T={s['T']} D={s['D']} F={s['F']} E={s['E']} k={s['k']} {cf}"
@@ -242,10 +251,11 @@ def bench_shape(s, rate, repeats, torch):
     tt = y_t = None
     if torch is not None:
         tt, y_t = torch_times(torch, s, inp, repeats)
-    print(f"  {'':9}{'damex ms':>10}{'torch ms (threads)':>21}{'torch/damex':>13}"
+    print(f"  {'':9}{'damex ms (threads)':>20}{'torch ms (threads)':>21}{'torch/damex':>13}"
           f"{'damex GFLOP/s':>15}{'of sgemm':>10}")
     for i, (label, t) in enumerate((("fwd", t_fwd), ("fwd+bwd", t_all))):
         gf = layer_flop(s, N, backward=i == 1) / t / 1e9
+        best_d = min(td, key=lambda th: td[th][i])
         if tt is not None:
             best = min(tt, key=lambda th: tt[th][i])
             t_torch = tt[best][i]
@@ -253,12 +263,13 @@ def bench_shape(s, rate, repeats, torch):
             ratio = f"{t_torch / t:12.2f}x"
         else:
             torch_col, ratio = f"{'n/a':>20}", f"{'n/a':>13}"
-        print(f"  {label:9}{t * 1e3:10.1f}{torch_col:>21}{ratio:>13}{gf:15.1f}"
+        print(f"  {label:9}{f'{t * 1e3:.1f} ({best_d})':>20}{torch_col:>21}{ratio:>13}{gf:15.1f}"
               f"{100 * gf / rate:9.0f}%")
-    if tt is not None:
-        detail = ", ".join(f"{th} thread{'s' if th > 1 else ''}: fwd {v[0] * 1e3:.1f} ms, "
-                           f"fwd+bwd {v[1] * 1e3:.1f} ms" for th, v in tt.items())
-        print(f"  torch at {detail}")
+    for who, times in (("damex", td), ("torch", tt)):
+        if times is not None:
+            detail = ", ".join(f"{th} thread{'s' if th > 1 else ''}: fwd {v[0] * 1e3:.1f} ms, "
+                               f"fwd+bwd {v[1] * 1e3:.1f} ms" for th, v in times.items())
+            print(f"  {who} at {detail}")
     g_fwd, g_all = gemm_only(s, inp, state, repeats)
     print(f"  outside the expert GEMMs: fwd {100 * (1 - g_fwd / t_fwd):.1f}%, "
           f"fwd+bwd {100 * (1 - g_all / t_all):.1f}% of the layer time "
@@ -279,7 +290,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="statistic over the repeats (min resists a busy machine)")
     args = ap.parse_args()
+    global STAT
+    STAT = np.median if args.stat == "median" else np.min
     shapes = [dict(s) for s in SHAPES]
     repeats = args.repeats or (3 if args.quick else 5)
     if args.quick:
@@ -294,7 +309,7 @@ def main():
             print("torch not installed: PyTorch columns skipped")
     print(f"cores {os.cpu_count()}, damex threads (openblas, openmp) {_C.get_num_threads()}, "
           f"torch {torch.__version__ if torch else 'n/a'}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}, {args.stat} of {repeats} repeats")
     rate, np_rate, (M, N, K) = sgemm_rates(max(repeats, 5))
     print(f"sgemm {M}x{N}x{K}: damex._C.sgemm {rate:.1f} GFLOP/s, numpy {np_rate:.1f} GFLOP/s "
           f"(shares below are of the damex rate)")
