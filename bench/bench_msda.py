@@ -105,6 +105,61 @@ def bench_msda(torch, name, N, M, D, levels, Lq, P, reps):
     line("  msda forward+backward", timeit(ours_fwd_bwd, reps), torch_best(torch, torch_fwd_bwd, reps))
 
 
+# ---- attention ----------------------------------------------------------
+
+def torch_attention(torch, q, k, v, H, attn_mask):
+    """Eager PyTorch with the same outputs as damex (out and the attention map)."""
+    N, Lq, C = q.shape
+    hd = C // H
+    qh, kh, vh = (t.reshape(N, -1, H, hd).transpose(1, 2) for t in (q, k, v))
+    s = (qh @ kh.transpose(-1, -2)) * hd ** -0.5
+    a = torch.softmax(s.masked_fill(attn_mask, float("-inf")), -1)
+    return (a @ vh).transpose(1, 2).reshape(N, Lq, C), a
+
+
+def bench_attention(torch, N, L, C, H, reps):
+    rng = np.random.default_rng(1)
+    q, k, v, gout = (rng.normal(size=(N, L, C)).astype(np.float32) for _ in range(4))
+    # DINO-like denoising mask: 5 groups of 20 denoising queries, then matching queries
+    pad, size = 100, 20
+    mask = np.zeros((L, L), bool)
+    mask[pad:, :pad] = True
+    for g in range(pad // size):
+        mask[g * size:(g + 1) * size, :g * size] = True
+        mask[g * size:(g + 1) * size, (g + 1) * size:pad] = True
+
+    def ours_fwd():
+        ops.attention_forward(q, k, v, H, mask)
+
+    def ours_fwd_bwd():
+        out, attn = ops.attention_forward(q, k, v, H, mask)
+        ops.attention_backward(gout, q, k, v, attn, H)
+
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    tm, tg = torch.tensor(mask), torch.tensor(gout)
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch_attention(torch, tq, tk, tv, H, tm)
+
+    def torch_fwd_bwd():
+        tq.grad = tk.grad = tv.grad = None
+        torch_attention(torch, tq, tk, tv, H, tm)[0].backward(tg)
+
+    def torch_sdpa():
+        with torch.no_grad():
+            hd = C // H
+            th = [t.reshape(N, L, H, hd).transpose(1, 2) for t in (tq, tk, tv)]
+            torch.nn.functional.scaled_dot_product_attention(*th, attn_mask=~tm)
+
+    print(f"Attention N={N} L={L} C={C} H={H}, denoising mask")
+    line("  attention forward", timeit(ours_fwd, reps), torch_best(torch, torch_fwd, reps))
+    line("  attention forward+backward", timeit(ours_fwd_bwd, reps),
+         torch_best(torch, torch_fwd_bwd, reps))
+    line("  attention forward vs SDPA (no attn map)", timeit(ours_fwd, reps),
+         torch_best(torch, torch_sdpa, reps))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -116,6 +171,8 @@ def main():
     levels = [(32, 32), (16, 16), (8, 8), (4, 4)]
     bench_msda(torch, "MSDA encoder", 2, 8, 32, levels, 1360, 4, reps)
     bench_msda(torch, "MSDA decoder", 2, 8, 32, levels, 300, 4, reps)
+    for L in (300, 500):
+        bench_attention(torch, 2, L, 256, 8, reps)
 
 
 if __name__ == "__main__":

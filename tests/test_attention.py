@@ -1,6 +1,7 @@
 """Masked multi-head attention: a float64 NumPy reference, central
 differences, PyTorch parity with every mask combination, DINO's denoising
-mask, fully blocked rows, bad input, flat memory."""
+mask, fully blocked rows, bad input, flat memory; F.scaled_dot_product_attention
+and float64 torch gradients under DINO's full denoising mask."""
 import numpy as np
 import pytest
 
@@ -163,3 +164,70 @@ def test_memory_flat():
         out, attn = ops.attention_forward(q, k, v, 2, attn_mask=am)
         ops.attention_backward(out, q, k, v, attn, 2)
     assert_memory_flat(call)
+
+
+def dino_denoising_mask(num_queries, groups, group_size):
+    """DINO's self-attention mask: matching queries do not see the denoising queries,
+    and each denoising group sees only itself and the matching queries."""
+    pad = groups * group_size
+    m = np.zeros((pad + num_queries, pad + num_queries), bool)
+    m[pad:, :pad] = True
+    for g in range(groups):
+        lo, hi = g * group_size, (g + 1) * group_size
+        m[lo:hi, :lo] = True
+        m[lo:hi, hi:pad] = True
+    return m
+
+
+def test_parity_with_scaled_dot_product_attention():
+    torch = torch_or_skip()
+    N, L, C, H = 2, 10, 16, 2
+    q, k, v = qkv(N, L, L, C, seed=11)
+    am = dino_denoising_mask(num_queries=4, groups=3, group_size=2)
+    d = C // H
+    th = [torch.tensor(a).reshape(N, L, H, d).transpose(1, 2) for a in (q, k, v)]
+    # SDPA's boolean mask means True = may attend: the opposite of damex / nn.MultiheadAttention
+    ref = torch.nn.functional.scaled_dot_product_attention(*th, attn_mask=torch.tensor(~am))
+    out, _ = ops.attention_forward(q, k, v, H, attn_mask=am)
+    assert_close(out, ref.transpose(1, 2).reshape(N, L, C).numpy(), atol=2e-6, rtol=1e-5)
+
+
+def test_dino_mask_with_padding_against_float64_torch():
+    """Values and all three gradients against float64 torch on the very float32 inputs,
+    with the denoising mask, key padding and the threaded path (enough work)."""
+    torch = torch_or_skip()
+    am = dino_denoising_mask(num_queries=100, groups=5, group_size=12)
+    L, N, C, H = am.shape[0], 2, 32, 4
+    q, k, v = qkv(N, L, L, C, seed=12)
+    kpm = np.zeros((N, L), bool)
+    kpm[1, -7:] = True
+    dout = np.random.default_rng(13).normal(size=q.shape).astype(np.float32)
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    d = C // H
+    s = (tq.reshape(N, L, H, d).transpose(1, 2) @ tk.reshape(N, L, H, d).transpose(1, 2)
+         .transpose(-1, -2)) / d ** 0.5
+    blocked = torch.tensor(am)[None, None] | torch.tensor(kpm)[:, None, None, :]
+    p = torch.softmax(s.masked_fill(blocked, float("-inf")), -1)
+    tout = (p @ tv.reshape(N, L, H, d).transpose(1, 2)).transpose(1, 2).reshape(N, L, C)
+    tout.backward(torch.tensor(dout, dtype=torch.float64))
+    out, attn = ops.attention_forward(q, k, v, H, attn_mask=am, key_padding_mask=kpm)
+    assert_close(out, tout.detach().numpy(), atol=1e-5, rtol=1e-4, name="out")
+    assert_close(attn, p.detach().numpy(), atol=1e-6, rtol=1e-4, name="attn")
+    assert (attn[:, :, 60:, :60] == 0).all()  # matching queries never see denoising ones
+    for got, t, name in zip(ops.attention_backward(dout, q, k, v, attn, H), (tq, tk, tv),
+                            ("dq", "dk", "dv")):
+        assert_close(got, t.grad.numpy(), atol=2e-5, rtol=1e-4, name=name)
+
+
+def test_fully_blocked_row_is_zero_where_torch_gives_nan():
+    torch = torch_or_skip()
+    q, k, v = qkv(N=1, Lq=3, Lk=4, C=4, seed=14)
+    am = np.zeros((3, 4), bool)
+    am[1] = True
+    out, _ = ops.attention_forward(q, k, v, 2, attn_mask=am)
+    t = [torch.tensor(a).reshape(1, -1, 2, 2).transpose(1, 2) for a in (q, k, v)]
+    s = (t[0] @ t[1].transpose(-1, -2)) / 2 ** 0.5
+    ref = (torch.softmax(s.masked_fill(torch.tensor(am), float("-inf")), -1) @ t[2])
+    ref = ref.transpose(1, 2).reshape(1, 3, 4).numpy()
+    assert np.isnan(ref[0, 1]).all() and (out[0, 1] == 0).all()
+    assert_close(out[0, [0, 2]], ref[0, [0, 2]], atol=2e-6, rtol=1e-5)

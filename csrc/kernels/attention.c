@@ -8,6 +8,8 @@
 #include <stdlib.h>
 
 #include "blas.h"
+#include "fastmath.h"
+#include "reduce.h"
 #include "status.h"
 
 #ifdef _OPENMP
@@ -17,9 +19,52 @@
 /* Below this many multiply-adds the pairs run on the calling thread. */
 #define ATTN_PAR_MIN (1L << 20)
 
-static int blocked(const uint8_t *attn_mask, const uint8_t *kpm, int Lk, int i, int j)
+/* One row of P in place: a[j] = -inf where am[j] or kpm[j] (either may be NULL),
+ * then softmax; a row with every key blocked becomes 0.  Branch-free passes that
+ * vectorise (max in DX_LANES lanes, dx_expf, reduce.h's sum): the scalar expf
+ * loop was most of the forward's time. */
+DAMEX_CLONES
+static void masked_softmax_row(float *restrict a, const uint8_t *restrict am,
+                               const uint8_t *restrict kpm, long Lk)
 {
-    return (attn_mask && attn_mask[(long)i * Lk + j]) || (kpm && kpm[j]);
+    if (am && kpm)
+        for (long j = 0; j < Lk; j++) a[j] = (am[j] | kpm[j]) ? -INFINITY : a[j];
+    else if (am)
+        for (long j = 0; j < Lk; j++) a[j] = am[j] ? -INFINITY : a[j];
+    else if (kpm)
+        for (long j = 0; j < Lk; j++) a[j] = kpm[j] ? -INFINITY : a[j];
+    float mx[DX_LANES];
+    for (int l = 0; l < DX_LANES; l++) mx[l] = -INFINITY;
+    long j = 0;
+    for (; j + DX_LANES <= Lk; j += DX_LANES)
+        for (int l = 0; l < DX_LANES; l++) mx[l] = a[j + l] > mx[l] ? a[j + l] : mx[l];
+    float m = -INFINITY;
+    for (; j < Lk; j++) m = a[j] > m ? a[j] : m;
+    for (int l = 0; l < DX_LANES; l++) m = mx[l] > m ? mx[l] : m;
+    if (m == -INFINITY) { /* every key blocked */
+        for (j = 0; j < Lk; j++) a[j] = 0.0f;
+        return;
+    }
+    for (j = 0; j < Lk; j++) {
+        float d = a[j] - m; /* -inf where blocked */
+        a[j] = d < -87.0f ? 0.0f : dx_expf(d);
+    }
+    float inv = (float)(1.0 / dx_sum(a, Lk));
+    for (j = 0; j < Lk; j++) a[j] *= inv;
+}
+
+/* g[j] = p[j] (g[j] - sum_j g[j] p[j]), in place; the sum in DX_LANES lanes. */
+DAMEX_CLONES
+static void softmax_grad_row(float *restrict g, const float *restrict p, long Lk)
+{
+    float acc[DX_LANES] = {0};
+    long j = 0;
+    for (; j + DX_LANES <= Lk; j += DX_LANES)
+        for (int l = 0; l < DX_LANES; l++) acc[l] += g[j + l] * p[j + l];
+    float dot = 0.0f;
+    for (; j < Lk; j++) dot += g[j] * p[j];
+    for (int l = 0; l < DX_LANES; l++) dot += acc[l];
+    for (j = 0; j < Lk; j++) g[j] = p[j] * (g[j] - dot);
 }
 
 /* attention_forward
@@ -48,26 +93,9 @@ int attention_forward(float *out, float *attn, const float *q, const float *k, c
         const uint8_t *kpm = key_padding_mask ? key_padding_mask + (long)n * Lk : NULL;
         float *P = attn + nh * Lq * Lk;
         sgemm_rm(0, 1, Lq, Lk, d, scale, qh, C, kh, C, 0.0f, P, Lk);
-        for (int i = 0; i < Lq; i++) {
-            float *row = P + (long)i * Lk;
-            float mx = -INFINITY;
-            for (int j = 0; j < Lk; j++) {
-                if (blocked(attn_mask, kpm, Lk, i, j)) row[j] = -INFINITY;
-                else if (row[j] > mx) mx = row[j];
-            }
-            if (mx == -INFINITY) { /* every key blocked */
-                for (int j = 0; j < Lk; j++) row[j] = 0.0f;
-                continue;
-            }
-            float sum = 0.0f;
-            for (int j = 0; j < Lk; j++) {
-                float e = row[j] == -INFINITY ? 0.0f : expf(row[j] - mx);
-                row[j] = e;
-                sum += e;
-            }
-            const float inv = 1.0f / sum;
-            for (int j = 0; j < Lk; j++) row[j] *= inv;
-        }
+        for (int i = 0; i < Lq; i++)
+            masked_softmax_row(P + (long)i * Lk, attn_mask ? attn_mask + (long)i * Lk : NULL, kpm,
+                               Lk);
         sgemm_rm(0, 0, Lq, d, Lk, 1.0f, P, Lk, vh, C, 0.0f, out + (long)n * Lq * C + (long)h * d, C);
     }
     if (par) blas_single_thread_end();
@@ -107,13 +135,7 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
         float *dS = scratch + (size_t)tid * Lq * Lk;
         sgemm_rm(0, 1, Lq, Lk, d, 1.0f, dout + qo, C, v + ko, C, 0.0f, dS, Lk);
         sgemm_rm(1, 0, Lk, d, Lq, 1.0f, P, Lk, dout + qo, C, 1.0f, dv + ko, C);
-        for (int i = 0; i < Lq; i++) {
-            const float *p = P + (long)i * Lk;
-            float *g = dS + (long)i * Lk;
-            float dot = 0.0f;
-            for (int j = 0; j < Lk; j++) dot += g[j] * p[j];
-            for (int j = 0; j < Lk; j++) g[j] = p[j] * (g[j] - dot);
-        }
+        for (int i = 0; i < Lq; i++) softmax_grad_row(dS + (long)i * Lk, P + (long)i * Lk, Lk);
         sgemm_rm(0, 0, Lq, d, Lk, scale, dS, Lk, k + ko, C, 1.0f, dq + qo, C);
         sgemm_rm(1, 0, Lk, d, Lq, scale, dS, Lk, q + qo, C, 1.0f, dk + ko, C);
     }

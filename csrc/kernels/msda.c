@@ -22,6 +22,15 @@
 #include "fastmath.h"
 #include "status.h"
 
+/* GNU vector extension: 8 floats, one AVX register (two SSE registers in the
+ * default clone), for the dot products of the backward. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* unaligned load of 8 floats (a macro: a function returning v8f would change the ABI
+ * of the non-AVX clone) */
+#define LOAD8(x, p) memcpy(&(x), (p), sizeof(v8f))
+
 int ms_deform_attn_check_levels(const int64_t *spatial_shapes, const int64_t *level_start, int L,
                                 long S)
 {
@@ -67,23 +76,31 @@ static void scratch_levels(scratch_t *t, const int64_t *shapes, const int64_t *s
 static inline __attribute__((always_inline)) void setup_corners(scratch_t *t, const float *lq,
                                                                 int LP, int S)
 {
-    int *r0 = t->row, *r1 = r0 + LP, *r2 = r1 + LP, *r3 = r2 + LP;
+    /* restrict locals and no short-circuit operators: a straight-line body (GCC still
+     * keeps it scalar: float -> int conversion may trap under -ftrapping-math) */
+    int *restrict r0 = t->row, *restrict r1 = r0 + LP, *restrict r2 = r1 + LP;
+    int *restrict r3 = r2 + LP;
+    float *restrict fxo = t->fx, *restrict fyo = t->fy;
+    const float *restrict wf = t->wf, *restrict hf = t->hf, *restrict lqr = lq;
+    const int *restrict wi = t->wi, *restrict hi = t->hi, *restrict st = t->start;
     for (int i = 0; i < LP; i++) {
-        float W = t->wf[i], H = t->hf[i];
-        float x = fminf(fmaxf(lq[2 * i] * W - 0.5f, -2.0f), W + 1.0f);
-        float y = fminf(fmaxf(lq[2 * i + 1] * H - 0.5f, -2.0f), H + 1.0f);
+        float W = wf[i], H = hf[i];
+        float x = lqr[2 * i] * W - 0.5f, y = lqr[2 * i + 1] * H - 0.5f;
+        x = x > -2.0f ? x : -2.0f; /* false for NaN: NaN -> -2 */
+        y = y > -2.0f ? y : -2.0f;
+        x = x < W + 1.0f ? x : W + 1.0f;
+        y = y < H + 1.0f ? y : H + 1.0f;
         float x0f = floorf(x), y0f = floorf(y);
-        t->fx[i] = x - x0f;
-        t->fy[i] = y - y0f;
-        int x0 = (int)x0f, y0 = (int)y0f, x1 = x0 + 1, y1 = y0 + 1, w = t->wi[i];
-        int h = t->hi[i];
-        int in_x0 = x0 >= 0 && x0 < w, in_x1 = x1 >= 0 && x1 < w;
-        int in_y0 = y0 >= 0 && y0 < h, in_y1 = y1 >= 0 && y1 < h;
-        int base = t->start[i] + y0 * w + x0;
-        r0[i] = in_y0 && in_x0 ? base : S + 0;
-        r1[i] = in_y0 && in_x1 ? base + 1 : S + 1;
-        r2[i] = in_y1 && in_x0 ? base + w : S + 2;
-        r3[i] = in_y1 && in_x1 ? base + w + 1 : S + 3;
+        fxo[i] = x - x0f;
+        fyo[i] = y - y0f;
+        int x0 = (int)x0f, y0 = (int)y0f, w = wi[i], h = hi[i];
+        int in_x0 = (x0 >= 0) & (x0 < w), in_x1 = (x0 >= -1) & (x0 < w - 1);
+        int in_y0 = (y0 >= 0) & (y0 < h), in_y1 = (y0 >= -1) & (y0 < h - 1);
+        int base = st[i] + y0 * w + x0;
+        r0[i] = (in_y0 & in_x0) ? base : S + 0;
+        r1[i] = (in_y0 & in_x1) ? base + 1 : S + 1;
+        r2[i] = (in_y1 & in_x0) ? base + w : S + 2;
+        r3[i] = (in_y1 & in_x1) ? base + w + 1 : S + 3;
     }
 }
 
@@ -153,41 +170,51 @@ static void fwd_head_any(float *out, scratch_t *t, const float *value, const flo
         fwd_head(out, t, value, loc, attw, n, m, S, M, D, Lq, LP);
 }
 
-/* *d_c = g . v_c for four rows at once.  The sums run in DOT_LANES independent
- * lanes (then a tree) because strict IEEE order would force a serial chain of
- * scalar adds; the order is fixed, so results do not depend on threads. */
-#define DOT_LANES 16
+/* *d_c = g . v_c for four rows at once.  Strict IEEE order would make each sum a
+ * serial chain of scalar adds, so the products are summed in 8 lanes (GNU vector
+ * extension, one register per row) and the four lane vectors are then reduced
+ * together by a shuffle tree that never leaves the registers.  The order is fixed,
+ * so results do not depend on threads. */
+
 static inline __attribute__((always_inline)) void
 dot4(float *d0, float *d1, float *d2, float *d3, const float *restrict g,
      const float *restrict v0, const float *restrict v1, const float *restrict v2,
      const float *restrict v3, long D)
 {
-    float p0[DOT_LANES] = {0}, p1[DOT_LANES] = {0}, p2[DOT_LANES] = {0}, p3[DOT_LANES] = {0};
+    v8f a = {0}, b = {0}, c = {0}, e = {0};
     long d = 0;
-    for (; d + DOT_LANES <= D; d += DOT_LANES)
-        for (int j = 0; j < DOT_LANES; j++) {
-            p0[j] += g[d + j] * v0[d + j];
-            p1[j] += g[d + j] * v1[d + j];
-            p2[j] += g[d + j] * v2[d + j];
-            p3[j] += g[d + j] * v3[d + j];
-        }
-    for (int j = 0; d < D; d++, j++) {
-        p0[j] += g[d] * v0[d];
-        p1[j] += g[d] * v1[d];
-        p2[j] += g[d] * v2[d];
-        p3[j] += g[d] * v3[d];
+    for (; d + 8 <= D; d += 8) {
+        v8f gv, w0, w1, w2, w3;
+        LOAD8(gv, g + d);
+        LOAD8(w0, v0 + d);
+        LOAD8(w1, v1 + d);
+        LOAD8(w2, v2 + d);
+        LOAD8(w3, v3 + d);
+        a += gv * w0;
+        b += gv * w1;
+        c += gv * w2;
+        e += gv * w3;
     }
-    for (int w = DOT_LANES / 2; w > 0; w /= 2)
-        for (int j = 0; j < w; j++) {
-            p0[j] += p0[j + w];
-            p1[j] += p1[j + w];
-            p2[j] += p2[j + w];
-            p3[j] += p3[j + w];
-        }
-    *d0 = p0[0];
-    *d1 = p1[0];
-    *d2 = p2[0];
-    *d3 = p3[0];
+    /* x0 = [a_i + a_i+4 | b_i + b_i+4], x1 likewise for c, e */
+    v8f x0 = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    v8f x1 = __builtin_shufflevector(c, e, 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(c, e, 4, 5, 6, 7, 12, 13, 14, 15);
+    v8f y = __builtin_shufflevector(x0, x1, 0, 1, 8, 9, 4, 5, 12, 13) +
+            __builtin_shufflevector(x0, x1, 2, 3, 10, 11, 6, 7, 14, 15);
+    v4f z = __builtin_shufflevector(y, y, 0, 2, 4, 6) + __builtin_shufflevector(y, y, 1, 3, 5, 7);
+    /* z = [sum a, sum c, sum b, sum e] */
+    float s0 = z[0], s1 = z[2], s2 = z[1], s3 = z[3];
+    for (; d < D; d++) {
+        s0 += g[d] * v0[d];
+        s1 += g[d] * v1[d];
+        s2 += g[d] * v2[d];
+        s3 += g[d] * v3[d];
+    }
+    *d0 = s0;
+    *d1 = s1;
+    *d2 = s2;
+    *d3 = s3;
 }
 
 /* One (n, m) task of the backward, inverting the forward line
