@@ -2,6 +2,8 @@
 evaluate per dataset, print the table and write the pictures."""
 import json
 import os
+
+import numpy as np
 from importlib import resources
 
 from ..data.config import build_mixture
@@ -30,7 +32,9 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
     p = os.path.join(out_dir, "training_curves.png")
     plot_training_curves(trainer.history, p)
     paths.append(p)
-    label_names = mixture.label_space.names if hasattr(mixture.label_space, "names") else None
+    from ..data.coco import read_image
+
+    label_names = mixture.label_space.names
     for ds in mixture.datasets:
         for idx in range(min(num_images, len(ds))):
             info = ds.images[idx]
@@ -38,12 +42,11 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
             if det is None:
                 continue
             keep = det["scores"] >= 0.3
+            gt = [a["bbox"] for a in ds.coco["annotations"] if a["image_id"] == info["id"]]
             p = os.path.join(out_dir, f"detections_{ds.name}_{idx}.png")
-            xywh = det["boxes"][keep]
-            xyxy = xywh.copy()
-            xyxy[:, 2:] += xyxy[:, :2]
-            draw_detections(ds.image_path(info), xyxy, det["labels"][keep], det["scores"][keep],
-                            label_names, p)
+            draw_detections(read_image(ds.image_path(info)), det["boxes"][keep], det["labels"][keep],
+                            det["scores"][keep], label_names, p, gt_boxes=np.array(gt).reshape(-1, 4),
+                            title=f"{ds.name} #{info['id']}")
             paths.append(p)
     return paths
 
@@ -53,6 +56,8 @@ def run(config_path=None, *, steps=None, out_dir=None, progress=True, log=print)
     from .evaluate import format_table
 
     cfg = load_run_config(config_path or default_config_path())
+    if config_path is None:  # the shipped config: data and runs go below the working directory
+        cfg.data.synthetic.root = os.path.abspath("data/synthetic")
     if steps is not None:
         cfg.train.steps = steps
     if out_dir is not None:

@@ -9,7 +9,8 @@ For one set of predictions and a matching (query q answers for object g):
     loss_giou = sum over matched (1 - GIoU(box_q, box_g)) / num_boxes
 
 weighted 1 / 5 / 2.  The denoising set uses its fixed positive pairs instead of
-a matching; its negatives and padding queries only enter loss_ce, as background.
+a matching, normalised by ``num_boxes * num_groups`` as in DINO; its negatives
+and padding queries only enter loss_ce, as background.
 The routing loss is ``routing_weight * mean over MoE layers of that layer's
 loss`` (DAMEX: the DAMEX loss with weight 0.1; plain MoE: the balance loss).
 """
@@ -80,8 +81,10 @@ class SetCriterion:
         if dn is not None:
             for i, out in enumerate(outputs["dn_outputs"]):
                 sfx = "" if i == len(outputs["dn_outputs"]) - 1 else f"_{i}"
+                # as DINO: normalised by the boxes of all groups (each object has one
+                # positive query per group)
                 for name, value in self._set_losses(out["pred_logits"], out["pred_boxes"], targets,
-                                                    dn.positive, num_boxes).items():
+                                                    dn.positive, num_boxes * dn.num_groups).items():
                     terms[f"loss_{name}_dn{sfx}"] = value
         total = None
         for key, value in terms.items():
