@@ -304,6 +304,8 @@ def _loss_args(name, kwargs, *, noise, k, mask):
         if noise is None:
             raise ValueError("routing loss 'load' needs the gate noise (train mode with gate_noise > 0)")
         return (noise, kw.pop("sigma"), k), kw
+    if name == "importance" and kw.get("probs") == "noisy":
+        kw.setdefault("noise", noise)
     if name == "switch":
         kw.setdefault("k", k)
     if name == "damex":
@@ -325,7 +327,8 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
     losses : sequence of (name, weight, kwargs)
         Routing losses on the clean router logits, ``name`` in
         ``("importance", "load", "switch", "z", "damex")``; ``kwargs`` are the
-        loss's options (``expert_target`` for damex, ``sigma`` for load); the
+        loss's options (``expert_target`` for damex, ``sigma`` for load,
+        ``probs="noisy"`` for importance on the noisy probabilities ...); the
         layer's mask, noise and k are filled in.
     loss_values : dict, optional
         Filled with each loss's unweighted value (float), by name.
@@ -377,8 +380,8 @@ def routing_loss(name, logits, weight=1.0, **kwargs):
     logits = as_tensor(logits)
     fwd, bwd = _loss_fns(name)
     ld = logits.data
-    args, kw = _loss_args(name, kwargs, noise=kwargs.pop("noise", None), k=kwargs.pop("k", 1),
-                          mask=kwargs.pop("mask", None))
+    noise, k, mask = kwargs.pop("noise", None), kwargs.pop("k", 1), kwargs.pop("mask", None)
+    args, kw = _loss_args(name, kwargs, noise=noise, k=k, mask=mask)
     val = np.asarray(weight * float(fwd(ld, *args, **kw)), np.float32)
     return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, grad=weight * float(gs[0])),),
                   f"{name}_loss")

@@ -62,9 +62,10 @@ def rss_bytes():
         return 0
 
 
-def assert_memory_flat(fn, calls=10_000, slack=4 << 20):
-    """Call fn() `calls` times; fail if Python-traced memory or the RSS grew by
-    more than `slack` bytes (catches leaked arrays and leaked C scratch)."""
+def assert_memory_flat(fn, calls=10_000, traced_slack=256 << 10, rss_slack=4 << 20):
+    """Call fn() `calls` times; fail if Python-traced memory grew by more than
+    `traced_slack` bytes (one leaked object per call is more) or the RSS by more
+    than `rss_slack` (leaked C scratch)."""
     import gc
     import tracemalloc
     for _ in range(100):
@@ -79,5 +80,5 @@ def assert_memory_flat(fn, calls=10_000, slack=4 << 20):
         traced1, rss1 = tracemalloc.get_traced_memory()[0], rss_bytes()
     finally:
         tracemalloc.stop()
-    assert traced1 - traced0 < slack, f"traced memory grew by {traced1 - traced0} bytes"
-    assert rss1 - rss0 < slack, f"RSS grew by {rss1 - rss0} bytes over {calls} calls"
+    assert traced1 - traced0 < traced_slack, f"traced memory grew by {traced1 - traced0} bytes"
+    assert rss1 - rss0 < rss_slack, f"RSS grew by {rss1 - rss0} bytes over {calls} calls"

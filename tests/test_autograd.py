@@ -581,3 +581,16 @@ def test_torch_style_methods():
              lambda a: a.sigmoid() + a.softmax(0) + a.relu())
     x = Tensor(np.zeros((2, 3)))
     assert x.size() == (2, 3) and x.size(1) == 3 and x.numel() == 6 and x.dim() == 2
+
+
+@needs("moe_forward", "importance_loss_forward")
+def test_moe_importance_on_noisy_probs_gets_the_layers_noise():
+    rng = np.random.default_rng(3)
+    T, D, E = 10, 4, 3
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in [(D, E), (E, D, 5), (E, 5), (E, 5, D), (E, D)]]
+    noise = rng.normal(0, 0.3, (T, E)).astype(np.float32)
+    vals = {}
+    F.moe(x, *ws, noise=noise, losses=[("importance", 1.0, {"probs": "noisy"})], loss_values=vals)
+    q = torch.softmax(torch.tensor(x @ ws[0] + noise), -1).sum(0)
+    assert vals["importance"] == pytest.approx(float((q.std(unbiased=False) / q.mean()) ** 2), rel=1e-5)

@@ -327,3 +327,30 @@ def test_clip_grad_norm_matches_torch():
     assert total == pytest.approx(float(ttotal), rel=1e-5)
     for p, tp in zip(ps, tps):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_assigning_a_buffer_updates_it():
+    bn = nn.FrozenBatchNorm2d(3)
+    bn.running_mean = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(bn.state_dict()["running_mean"], [0, 1, 2])
+    lin = nn.Linear(2, 2)
+    lin.extra = 5                                   # plain attributes stay plain
+    assert lin.extra == 5 and "extra" not in lin.state_dict()
+
+
+@needs("moe_forward", "switch_loss_forward", "z_loss_forward", "importance_loss_forward")
+def test_moe_extra_losses_and_options():
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((6, 8)).astype(np.float32))
+    m = nn.MoE(8, 4, 16, k=2, loss="balance", gate_noise=0.0, switch_weight=0.3, z_weight=0.01,
+               loss_options={"importance": {"variance": "unbiased"}, "switch": {"counts": "topk"}})
+    m(x)
+    vals = m.routing["losses"]
+    assert set(vals) == {"importance", "switch", "z"}
+    logits = x.data @ m.w_router.data
+    assert vals["importance"] == pytest.approx(ops.importance_loss_forward(logits, variance="unbiased"))
+    assert vals["switch"] == pytest.approx(ops.switch_loss_forward(logits, k=2, counts="topk"))
+    want = 0.5 * vals["importance"] + 0.3 * vals["switch"] + 0.01 * vals["z"]
+    assert float(m.aux_loss) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown losses"):
+        nn.MoE(8, 4, 16, loss_options={"bogus": {}})

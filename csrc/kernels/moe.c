@@ -1,11 +1,11 @@
 /* Dispatch, expert FFN and combine (see moe.h for shapes and formulas).
  *
- * Threads: the expert GEMMs run one after another, each on exactly its
- * expert's rows, with OpenBLAS's own threads (no OpenMP around sgemm); the
- * gather/scatter and the fused bias+activation passes use OpenMP with a
- * static schedule over disjoint rows (tokens for combine, so no atomics).
- * Column sums (bias gradients) are per-thread partials reduced in thread
- * order, so results do not depend on scheduling. */
+ * Threads: gather/scatter use OpenMP with a static schedule over disjoint rows
+ * (tokens for combine and dispatch backward, so no atomics).  The expert FFN
+ * runs one sgemm per block of one expert's rows (never a row of another
+ * expert), on OpenMP threads with single-threaded BLAS: see the note above
+ * expert_ffn_forward.  Bias gradients are per-block column sums reduced in
+ * block order, so results do not depend on scheduling. */
 #include "moe.h"
 
 #include <stdlib.h>
@@ -27,24 +27,6 @@
 
 /* Below this many floats of work a loop stays on one thread. */
 #define PAR_MIN 32768L
-
-static int max_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void)
-{
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
 
 /* rows[T*k] = packed row of each choice, -1 where dropped; checks that every
  * kept choice is inside its expert's range and that the kept choices cover
@@ -289,6 +271,57 @@ static void add_row(float *restrict acc, const float *restrict v, int n)
 
 /* ---- expert FFN ------------------------------------------------------------ */
 
+/* Threads.  Two pools spinning on the same cores (OpenBLAS's pthreads and
+ * OpenMP's) slow each other down badly when an OpenMP pass sits between two
+ * threaded GEMMs, and OpenBLAS's pthreads server must not be entered from an
+ * OpenMP loop.  So the expert FFN runs on the OpenMP pool only: OpenBLAS is
+ * switched to one thread for the duration of the call (restored after, with a
+ * count so concurrent calls from several Python threads stay correct), and
+ * OpenMP threads take tasks (a block of rows of one expert, or a column block
+ * of one expert's weight gradient) with dynamic scheduling, each task one
+ * single-threaded sgemm plus its fused elementwise work on data still in cache. */
+#ifdef _OPENMP
+#include <pthread.h>
+static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int blas_users = 0, blas_saved = 1;
+#endif
+
+static void blas_single_begin(void)
+{
+#ifdef _OPENMP
+    pthread_mutex_lock(&blas_mutex);
+    if (blas_users++ == 0) {
+        blas_saved = DAMEX_OPENBLAS(get_num_threads)();
+        if (blas_saved != 1) DAMEX_OPENBLAS(set_num_threads)(1);
+    }
+    pthread_mutex_unlock(&blas_mutex);
+#endif
+}
+
+static void blas_single_end(void)
+{
+#ifdef _OPENMP
+    pthread_mutex_lock(&blas_mutex);
+    if (--blas_users == 0 && blas_saved != 1) DAMEX_OPENBLAS(set_num_threads)(blas_saved);
+    pthread_mutex_unlock(&blas_mutex);
+#endif
+}
+
+/* Rows per task: big enough for sgemm to run near its peak, small enough to
+ * balance the threads and keep a block of h/a in L2. */
+#define BLOCK_ROWS 256
+/* Columns of F per weight-gradient task. */
+#define BLOCK_COLS 256
+/* Below this many multiply-adds per GEMM pass the FFN runs on the calling
+ * thread (a parallel region costs more than it saves, worst on a busy machine). */
+#define FFN_PAR_MIN (1L << 21)
+
+typedef struct {
+    int e;    /* expert */
+    long r0;  /* first packed row */
+    int n;    /* rows */
+} row_block;
+
 static int check_ffn(const int64_t *expert_count, int E, int D, int F, long N, int act)
 {
     if (E < 1 || D < 1 || F < 1 || N < 0) return DAMEX_EINVAL;
@@ -302,34 +335,63 @@ static int check_ffn(const int64_t *expert_count, int E, int D, int F, long N, i
     return total == N ? DAMEX_OK : DAMEX_EINDEX;
 }
 
+/* Splits every expert's rows into near-equal blocks of at most BLOCK_ROWS;
+ * returns the block count, or -1 when out of memory. */
+static long row_blocks(row_block **out, const int64_t *expert_count, int E)
+{
+    long nblk = 0;
+    for (int e = 0; e < E; e++) nblk += (expert_count[e] + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    row_block *b = malloc(((size_t)nblk + 1) * sizeof *b);
+    if (!b) return -1;
+    long i = 0, off = 0;
+    for (int e = 0; e < E; e++) {
+        long n = (long)expert_count[e];
+        long m = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+        for (long j = 0; j < m; j++) {
+            long lo = n * j / m, hi = n * (j + 1) / m;
+            b[i].e = e;
+            b[i].r0 = off + lo;
+            b[i].n = (int)(hi - lo);
+            i++;
+        }
+        off += n;
+    }
+    *out = b;
+    return nblk;
+}
+
 int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const float *w1,
                        const float *b1, const float *w2, const float *b2,
                        const int64_t *expert_count, int E, int D, int F, long N, int act)
 {
     int status = check_ffn(expert_count, E, D, F, N, act);
     if (status != DAMEX_OK) return status;
-    long off = 0;
-    for (int e = 0; e < E; e++) {
-        int n = (int)expert_count[e];
-        if (n == 0) continue;
-        const float *x_e = xe + off * D;
-        float *h_e = h + off * F, *a_e = a + off * F, *y_e = ye + off * D;
+    row_block *blk;
+    long nblk = row_blocks(&blk, expert_count, E);
+    if (nblk < 0) return DAMEX_ENOMEM;
+    int par = nblk > 1 && (long)N * D * F >= FFN_PAR_MIN;
+    if (par) blas_single_begin();
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (long i = 0; i < nblk; i++) {
+        int e = blk[i].e, n = blk[i].n;
+        long r0 = blk[i].r0;
+        float *h_b = h + r0 * F, *a_b = a + r0 * F, *y_b = ye + r0 * D;
         const float *b1_e = b1 + (long)e * F, *b2_e = b2 + (long)e * D;
         /* h = xe @ w1[e] */
-        sgemm_rm(0, 0, n, F, D, 1.0f, x_e, D, w1 + (long)e * D * F, F, 0.0f, h_e, F);
+        sgemm_rm(0, 0, n, F, D, 1.0f, xe + r0 * D, D, w1 + (long)e * D * F, F, 0.0f, h_b, F);
         /* h += b1[e]; a = act(h); ye = b2[e] (the second GEMM adds onto it) */
-#pragma omp parallel for schedule(static) if ((long)n * F > PAR_MIN)
         for (int r = 0; r < n; r++) {
-            float *hr = h_e + (long)r * F, *ar = a_e + (long)r * F;
+            float *hr = h_b + (long)r * F, *ar = a_b + (long)r * F;
             if (act == DAMEX_ACT_GELU_TANH) bias_gelu_tanh(hr, ar, b1_e, F);
             else if (act == DAMEX_ACT_GELU_ERF) bias_gelu_erf(hr, ar, b1_e, F);
             else bias_relu(hr, ar, b1_e, F);
-            memcpy(y_e + (long)r * D, b2_e, (size_t)D * sizeof(float));
+            memcpy(y_b + (long)r * D, b2_e, (size_t)D * sizeof(float));
         }
         /* ye += a @ w2[e] */
-        sgemm_rm(0, 0, n, D, F, 1.0f, a_e, F, w2 + (long)e * F * D, D, 1.0f, y_e, D);
-        off += n;
+        sgemm_rm(0, 0, n, D, F, 1.0f, a_b, F, w2 + (long)e * F * D, D, 1.0f, y_b, D);
     }
+    if (par) blas_single_end();
+    free(blk);
     return DAMEX_OK;
 }
 
@@ -341,57 +403,79 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
 {
     int status = check_ffn(expert_count, E, D, F, N, act);
     if (status != DAMEX_OK) return status;
-    long max_n = 0;
-    for (int e = 0; e < E; e++)
-        if (expert_count[e] > max_n) max_n = (long)expert_count[e];
-    if (max_n == 0) return DAMEX_OK;
-    int nt = max_threads();
-    /* dh for one expert at a time (stays warm in cache between its GEMMs),
-     * and per-thread partial column sums for db1 (F) and db2 (D). */
-    float *dh = malloc((size_t)max_n * F * sizeof(float));
-    float *part = malloc((size_t)nt * (F + D) * sizeof(float));
-    if (!dh || !part) {
+    if (N == 0) return DAMEX_OK;
+    row_block *blk;
+    long nblk = row_blocks(&blk, expert_count, E);
+    if (nblk < 0) return DAMEX_ENOMEM;
+    long ncol = (F + BLOCK_COLS - 1) / BLOCK_COLS;
+    long ntask = (long)E * 2 * ncol; /* (expert, dw1 or dw2, column block of F) */
+    /* dh[N,F]; per-block column sums of dh (F) and dye (D), reduced in block
+     * order afterwards so the bias gradients do not depend on scheduling. */
+    float *dh = malloc((size_t)N * F * sizeof(float));
+    float *part = malloc((size_t)nblk * (F + D) * sizeof(float));
+    long *row0 = malloc((size_t)E * sizeof(long));
+    if (!dh || !part || !row0) {
         free(dh);
         free(part);
+        free(row0);
+        free(blk);
         return DAMEX_ENOMEM;
     }
     long off = 0;
     for (int e = 0; e < E; e++) {
-        int n = (int)expert_count[e];
-        if (n == 0) continue;
-        const float *x_e = xe + off * D, *h_e = h + off * F, *a_e = a + off * F;
-        const float *g_e = dye + off * D;
-        const float *w1_e = w1 + (long)e * D * F, *w2_e = w2 + (long)e * F * D;
-        /* dw2[e] += a^T @ dye */
-        sgemm_rm(1, 0, F, D, n, 1.0f, a_e, F, g_e, D, 1.0f, dw2 + (long)e * F * D, D);
-        /* da = dye @ w2[e]^T */
-        sgemm_rm(0, 1, n, F, D, 1.0f, g_e, D, w2_e, D, 0.0f, dh, F);
-        /* dh = da * act'(h), db1 partials; db2 partials = row sums of dye */
-        memset(part, 0, (size_t)nt * (F + D) * sizeof(float));
-#pragma omp parallel if ((long)n * F > PAR_MIN)
-        {
-            float *p1 = part + (long)thread_id() * (F + D), *p2 = p1 + F;
-#pragma omp for schedule(static)
+        row0[e] = off;
+        off += (long)expert_count[e];
+    }
+    int par = (long)N * D * F >= FFN_PAR_MIN;
+    if (par) blas_single_begin();
+#pragma omp parallel if (par)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (long i = 0; i < nblk; i++) {
+            int e = blk[i].e, n = blk[i].n;
+            long r0 = blk[i].r0;
+            float *g_b = dh + r0 * F, *p1 = part + i * (F + D), *p2 = p1 + F;
+            const float *dy_b = dye + r0 * D, *h_b = h + r0 * F;
+            /* da = dye @ w2[e]^T */
+            sgemm_rm(0, 1, n, F, D, 1.0f, dy_b, D, w2 + (long)e * F * D, D, 0.0f, g_b, F);
+            /* dh = da * act'(h); column sums of dh and dye */
+            memset(p1, 0, (size_t)(F + D) * sizeof(float));
             for (int r = 0; r < n; r++) {
-                float *gr = dh + (long)r * F;
-                const float *hr = h_e + (long)r * F;
+                float *gr = g_b + (long)r * F;
+                const float *hr = h_b + (long)r * F;
                 if (act == DAMEX_ACT_GELU_TANH) dgelu_tanh(gr, p1, hr, F);
                 else if (act == DAMEX_ACT_GELU_ERF) dgelu_erf(gr, p1, hr, F);
                 else drelu(gr, p1, hr, F);
-                add_row(p2, g_e + (long)r * D, D);
+                add_row(p2, dy_b + (long)r * D, D);
             }
+            /* dxe += dh @ w1[e]^T */
+            sgemm_rm(0, 1, n, D, F, 1.0f, g_b, F, w1 + (long)e * D * F, F, 1.0f, dxe + r0 * D, D);
         }
-        for (int i = 0; i < nt; i++) {
-            add_row(db1 + (long)e * F, part + (long)i * (F + D), F);
-            add_row(db2 + (long)e * D, part + (long)i * (F + D) + F, D);
+        /* (implicit barrier: dh is complete) */
+#pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < ntask; t++) {
+            int e = (int)(t / (2 * ncol)), kind = (int)(t / ncol % 2);
+            int c0 = (int)(t % ncol) * BLOCK_COLS;
+            int cw = F - c0 < BLOCK_COLS ? F - c0 : BLOCK_COLS;
+            int n = (int)expert_count[e];
+            long r0 = row0[e];
+            if (n == 0) continue;
+            if (kind == 0) /* dw1[e][:, c0:c0+cw] += xe^T @ dh[:, c0:c0+cw] */
+                sgemm_rm(1, 0, D, cw, n, 1.0f, xe + r0 * D, D, dh + r0 * F + c0, F, 1.0f,
+                         dw1 + (long)e * D * F + c0, F);
+            else /* dw2[e][c0:c0+cw, :] += a[:, c0:c0+cw]^T @ dye */
+                sgemm_rm(1, 0, cw, D, n, 1.0f, a + r0 * F + c0, F, dye + r0 * D, D, 1.0f,
+                         dw2 + ((long)e * F + c0) * D, D);
         }
-        /* dw1[e] += xe^T @ dh */
-        sgemm_rm(1, 0, D, F, n, 1.0f, x_e, D, dh, F, 1.0f, dw1 + (long)e * D * F, F);
-        /* dxe += dh @ w1[e]^T */
-        sgemm_rm(0, 1, n, D, F, 1.0f, dh, F, w1_e, F, 1.0f, dxe + off * D, D);
-        off += n;
+    }
+    if (par) blas_single_end();
+    for (long i = 0; i < nblk; i++) {
+        add_row(db1 + (long)blk[i].e * F, part + i * (F + D), F);
+        add_row(db2 + (long)blk[i].e * D, part + i * (F + D) + F, D);
     }
     free(dh);
     free(part);
+    free(row0);
+    free(blk);
     return DAMEX_OK;
 }

@@ -160,6 +160,11 @@ static void router_logits(float *logits, const float *x, const float *w_router, 
  * vectorises whatever E is. */
 #define ROUTER_BLOCK 64
 
+/* Fewest T*E elements for which the row passes use OpenMP.  At T=8192, E=8 a
+ * pass takes ~0.1-0.2 ms on one core: less than waking a second thread costs
+ * when the cores are busy (OpenBLAS threads spinning after the expert GEMMs). */
+#define ROUTER_OMP_MIN (1L << 18)
+
 /* For rows [t0, t1): noisy = logits + noise, probs = softmax(noisy),
  * expert_index = top-k.  Returns the number of rows with a NaN/inf logit or
  * noisy logit (their probs and expert_index are left unset). */
@@ -219,7 +224,7 @@ static long softmax_topk_rows(float *noisy, float *probs, int64_t *expert_index,
 {
     long bad = 0;
     int nblocks = (T + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if ((long)T * E >= 65536)
+#pragma omp parallel for schedule(static) reduction(+ : bad) if ((long)T * E >= ROUTER_OMP_MIN)
     for (int b = 0; b < nblocks; b++) {
         int t0 = b * ROUTER_BLOCK, t1 = t0 + ROUTER_BLOCK < T ? t0 + ROUTER_BLOCK : T;
         bad += softmax_topk_block(noisy, probs, expert_index, logits, noise, t0, t1, E, k);
@@ -328,7 +333,7 @@ int router_backward(float *dlogits, const float *dcombine_weight, const float *p
     for (long i = 0; i < (long)T * k; i++)
         if (expert_index[i] < 0 || expert_index[i] >= E) return DAMEX_EINDEX;
 
-#pragma omp parallel for schedule(static) if ((long)T * E >= 65536)
+#pragma omp parallel for schedule(static) if ((long)T * E >= ROUTER_OMP_MIN)
     for (int t = 0; t < T; t++) {
         const float *p = probs + (long)t * E;
         const float *dw = dcombine_weight + (long)t * k;

@@ -21,7 +21,10 @@
 #endif
 
 #define BLOCK 256          /* tokens per block: the unit of work and of summation */
-#define PAR_WORK 65536L    /* T*E from which OpenMP pays for its fork/join */
+/* T*E from which OpenMP pays: below it a pass takes well under 0.5 ms on one
+ * core, and on a busy machine a fork/join can wait for a descheduled thread
+ * for a whole time slice (measured: 16 ms instead of 0.1 ms at T*E = 65536). */
+#define PAR_WORK 262144L
 #define INV_SQRT2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
 
@@ -61,6 +64,8 @@ static int work_alloc(work *w, int nb, int W, int E)
     if (!w->part || !w->mem) {
         free(w->part);
         free(w->mem);
+        w->part = NULL;
+        w->mem = NULL;
         return DAMEX_ENOMEM;
     }
     return DAMEX_OK;
@@ -105,12 +110,6 @@ static int flat_finite(const float *restrict x, long n)
     return !bad;
 }
 
-DAMEX_CLONES
-static void flat_exp(float *restrict x, long n)
-{
-    for (long i = 0; i < n; i++) x[i] = dx_expf(x[i]);
-}
-
 /* erfc(x) in float, relative error < 5e-7 for every x whose erfc is a normal
  * float (checked against double erfc), 0 beyond x = 10 (erfc < 3e-45).
  * Chebyshev fit of Numerical Recipes: erfc(u) = t exp(-u^2 - 1.26551223 + t P(t)),
@@ -148,20 +147,35 @@ static void flat_normal_tail(float *restrict x, long n)
     for (long i = 0; i < n; i++) x[i] = 0.5f * dx_erfcf(x[i]);
 }
 
-/* x[n] <- exp(-x[n]^2) = sqrt(2 pi) phi(sqrt(2) x[n]) */
+/* g[n] <- exp(-x[n]^2), then x[n] <- erfc(x[n]) / 2 (forward and backward in one pass) */
 DAMEX_CLONES
-static void flat_gauss(float *restrict x, long n)
+static void flat_normal_tail_gauss(float *restrict x, float *restrict g, long n)
 {
-    for (long i = 0; i < n; i++) x[i] = dx_expf(-x[i] * x[i]);
+    for (long i = 0; i < n; i++) {
+        g[i] = dx_expf(-x[i] * x[i]);
+        x[i] = 0.5f * dx_erfcf(x[i]);
+    }
 }
 
 /* ---- per-row helpers --------------------------------------------------- */
 
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Run `call` with E_ a compile-time constant for the common expert counts, so
+ * that the per-row loops unroll and vectorise; any other E runs generic code. */
+#define WITH_E(E, call) \
+    switch (E) { \
+    case 4: { const int E_ = 4; call; } break; \
+    case 8: { const int E_ = 8; call; } break; \
+    case 16: { const int E_ = 16; call; } break; \
+    default: { const int E_ = (E); call; } break; \
+    }
+
 /* q[nt,E] = softmax of the rows of g (+ n), max-subtracted; if lse, lse[t] =
- * logsumexp of row t.  rowv[nt] is scratch.  Every row is computed (padding
- * too): the flat exp then runs over the whole block. */
-static void block_softmax(float *restrict q, float *restrict rowv, float *restrict lse,
-                          const float *restrict g, const float *restrict n, int nt, int E)
+ * logsumexp of row t.  rowv[nt] gets the row sums of exp(g - max).  Every row is computed (padding
+ * too): the exp then runs flat over the whole block. */
+ALWAYS_INLINE void softmax_rows(float *restrict q, float *restrict rowv, float *restrict lse,
+                                const float *restrict g, const float *restrict n, int nt, int E)
 {
     for (int t = 0; t < nt; t++) {
         float *qr = q + (size_t)t * E;
@@ -173,42 +187,116 @@ static void block_softmax(float *restrict q, float *restrict rowv, float *restri
         float m = qr[0];
         for (int i = 1; i < E; i++) m = qr[i] > m ? qr[i] : m;
         for (int i = 0; i < E; i++) qr[i] -= m;
-        rowv[t] = m;
+        if (lse) lse[t] = m;
     }
-    flat_exp(q, (long)nt * E);
+    for (long i = 0; i < (long)nt * E; i++) q[i] = dx_expf(q[i]);
     for (int t = 0; t < nt; t++) {
         float *qr = q + (size_t)t * E;
         float s = 0.0f;
         for (int i = 0; i < E; i++) s += qr[i];
         float inv = 1.0f / s;
         for (int i = 0; i < E; i++) qr[i] *= inv;
-        if (lse) lse[t] = rowv[t] + logf(s);
+        rowv[t] = s;
     }
+    if (lse)
+        for (int t = 0; t < nt; t++) lse[t] += logf(rowv[t]);
+}
+
+DAMEX_CLONES
+static void block_softmax(float *restrict q, float *restrict rowv, float *restrict lse,
+                          const float *restrict g, const float *restrict n, int nt, int E)
+{
+    WITH_E(E, softmax_rows(q, rowv, lse, g, n, nt, E_));
 }
 
 /* Index of the k-th entry of v[E] in the order (value descending, index
  * ascending): ties go to the lower index, as in the router's top-k.  If cnt is
- * given, cnt[j] += 1 for each of the k first entries j.  O(k E). */
-static inline int kth_largest(const float *v, int E, int k, double *cnt)
+ * given, cnt[j] += 1 for each of the k first entries j.  O(k E), branch-free
+ * inner loop (v finite: the callers check). */
+ALWAYS_INLINE int kth_largest(const float *v, int E, int k, double *cnt)
 {
+    if (k == 1) { /* top-1: the max, then its first index */
+        float m = v[0];
+        for (int i = 1; i < E; i++) m = v[i] > m ? v[i] : m;
+        int j = 0;
+        for (int i = E - 1; i >= 0; i--) j = v[i] == m ? i : j;
+        if (cnt) cnt[j] += 1.0;
+        return j;
+    }
     int prev = -1;
-    float pv = 0.0f;
+    float pv = INFINITY;
     for (int r = 0; r < k; r++) {
         int best = -1;
-        float bv = 0.0f;
+        float bv = -INFINITY;
         for (int i = 0; i < E; i++) {
             float x = v[i];
-            int after = prev < 0 || x < pv || (x == pv && i > prev);
-            if (after && (best < 0 || x > bv)) {
-                best = i;
-                bv = x;
-            }
+            int after = (x < pv) | ((x == pv) & (i > prev)); /* after prev in the order */
+            int take = after & ((x > bv) | (best < 0));
+            best = take ? i : best;
+            bv = take ? x : bv;
         }
+        if (best < 0) return 0; /* NaN only */
         prev = best;
         pv = bv;
         if (cnt) cnt[best] += 1.0;
     }
     return prev;
+}
+
+/* acc[E] += x[t - t0, :] over the unmasked rows t of [t0, t1) */
+ALWAYS_INLINE void acc_rows_e(double *restrict acc, const float *restrict x, const uint8_t *mask,
+                              int t0, int t1, int E)
+{
+    for (int t = t0; t < t1; t++) {
+        if (!is_valid(mask, t)) continue;
+        const float *xr = x + (size_t)(t - t0) * E;
+        for (int i = 0; i < E; i++) acc[i] += xr[i];
+    }
+}
+
+DAMEX_CLONES
+static void acc_rows(double *restrict acc, const float *restrict x, const uint8_t *mask, int t0,
+                     int t1, int E)
+{
+    WITH_E(E, acc_rows_e(acc, x, mask, t0, t1, E_));
+}
+
+/* dg(x) += q(x) * (af - q(x) . af) for the unmasked rows of a block: the
+ * backward of a softmax whose output feeds sum_i af_i q_i(x). */
+ALWAYS_INLINE void softmax_grad_rows_e(float *restrict dlogits, const float *restrict q,
+                                       const float *restrict af, const uint8_t *mask, int t0,
+                                       int t1, int E)
+{
+    for (int t = t0; t < t1; t++) {
+        if (!is_valid(mask, t)) continue;
+        const float *qr = q + (size_t)(t - t0) * E;
+        float *dg = dlogits + (size_t)t * E;
+        float dot = 0.0f;
+        for (int i = 0; i < E; i++) dot += qr[i] * af[i];
+        for (int i = 0; i < E; i++) dg[i] += qr[i] * (af[i] - dot);
+    }
+}
+
+DAMEX_CLONES
+static void softmax_grad_rows(float *restrict dlogits, const float *restrict q,
+                              const float *restrict af, const uint8_t *mask, int t0, int t1, int E)
+{
+    WITH_E(E, softmax_grad_rows_e(dlogits, q, af, mask, t0, t1, E_));
+}
+
+/* cnt[E] += the k first experts (ties to the lower index) of every unmasked row */
+ALWAYS_INLINE void count_rows_e(double *restrict cnt, const float *restrict logits,
+                                const uint8_t *mask, int t0, int t1, int E, int k)
+{
+    for (int t = t0; t < t1; t++)
+        if (is_valid(mask, t)) kth_largest(logits + (size_t)t * E, E, k, cnt);
+}
+
+DAMEX_CLONES
+static void count_rows(double *restrict cnt, const float *restrict logits, const uint8_t *mask,
+                       int t0, int t1, int E, int k)
+{
+    WITH_E(E, count_rows_e(cnt, logits, mask, t0, t1, E_, k));
 }
 
 /* Are the rows [t0, t1) of x (and of y, if given) finite? */
@@ -252,8 +340,8 @@ static int check_variance(int variance, int E)
 
 /* ---- importance (V-MoE) ----------------------------------------------- */
 
-/* Imp[E] = sum_{x in M} softmax(g(x) (+ noise(x))) */
-static int importance_sums(double *imp, const float *logits, const float *noise,
+/* Imp[E] = sum_{x in M} softmax(g(x) (+ noise(x))); if qsave, qsave[T,E] = the softmax */
+static int importance_sums(double *imp, float *qsave, const float *logits, const float *noise,
                            const uint8_t *mask, int T, int E)
 {
     int nb = nblocks(T), bad = 0;
@@ -268,13 +356,9 @@ static int importance_sums(double *imp, const float *logits, const float *noise,
         }
         float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
         size_t o = (size_t)t0 * E;
+        if (qsave) q = qsave + o;
         block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
-        double *acc = w.part + (size_t)b * E;
-        for (int t = t0; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            const float *qr = q + (size_t)(t - t0) * E;
-            for (int i = 0; i < E; i++) acc[i] += qr[i];
-        }
+        acc_rows(w.part + (size_t)b * E, q, mask, t0, t1, E);
     }
     reduce_blocks(imp, w.part, nb, E);
     work_free(&w);
@@ -289,25 +373,10 @@ int importance_loss_forward(double *loss, const float *logits, const float *nois
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
     double *imp = malloc((size_t)E * sizeof(double));
     if (!imp) return DAMEX_ENOMEM;
-    int st = importance_sums(imp, logits, noise, mask, T, E);
+    int st = importance_sums(imp, NULL, logits, noise, mask, T, E);
     *loss = st ? 0.0 : cv_squared(NULL, imp, E, variance);
     free(imp);
     return st;
-}
-
-/* dg(x) += q(x) * (af - q(x) . af) for the unmasked rows of a block: the
- * backward of a softmax whose output feeds sum_i af_i q_i(x). */
-static void softmax_grad_rows(float *dlogits, const float *q, const float *af,
-                              const uint8_t *mask, int t0, int t1, int E)
-{
-    for (int t = t0; t < t1; t++) {
-        if (!is_valid(mask, t)) continue;
-        const float *qr = q + (size_t)(t - t0) * E;
-        float *dg = dlogits + (size_t)t * E;
-        float dot = 0.0f;
-        for (int i = 0; i < E; i++) dot += qr[i] * af[i];
-        for (int i = 0; i < E; i++) dg[i] += qr[i] * (af[i] - dot);
-    }
 }
 
 /* inverts: loss = var(Imp) / mean(Imp)^2, Imp_i = sum_x q_i(x)
@@ -318,24 +387,21 @@ int importance_loss_backward(float *dlogits, double dloss, const float *logits,
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
     double *a = malloc(2 * (size_t)E * sizeof(double));
     float *af = malloc((size_t)E * sizeof(float));
-    work w = {0};
+    float *q = malloc(((size_t)T * E + 1) * sizeof(float)); /* the softmax, kept from pass 1 */
     int nb = nblocks(T), st = DAMEX_ENOMEM;
-    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
+    if (!a || !af || !q) goto done;
     double *imp = a + E;
-    st = importance_sums(imp, logits, noise, mask, T, E);
+    st = importance_sums(imp, q, logits, noise, mask, T, E);
     if (st) goto done;
     cv_squared(a, imp, E, variance);
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i]);
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
-        float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
-        size_t o = (size_t)t0 * E;
-        block_softmax(q, rowv, NULL, logits + o, noise ? noise + o : NULL, t1 - t0, E);
-        softmax_grad_rows(dlogits, q, af, mask, t0, t1, E);
+        softmax_grad_rows(dlogits, q + (size_t)t0 * E, af, mask, t0, t1, E);
     }
 done:
-    if (w.part) work_free(&w);
+    free(q);
     free(a);
     free(af);
     return st;
@@ -353,8 +419,8 @@ static int check_load(const float *noise, int T, int E, int k, double sigma, int
 
 /* For the rows [t0, t1): rowi[t] = j(x), the index of the k-th largest noisy
  * logit, and u[t,i] = (g~_j - g_i) * c (c = 1 / (sigma sqrt 2)). */
-static void load_block_u(float *restrict u, int *restrict rowi, const float *restrict g,
-                         const float *restrict n, int nt, int E, int k, float c)
+ALWAYS_INLINE void load_block_u_e(float *restrict u, int *restrict rowi, const float *restrict g,
+                                  const float *restrict n, int nt, int E, int k, float c)
 {
     for (int t = 0; t < nt; t++) {
         float *ur = u + (size_t)t * E;
@@ -367,14 +433,47 @@ static void load_block_u(float *restrict u, int *restrict rowi, const float *res
     }
 }
 
-/* Load[E] = sum_{x in M} P(x), P_i = 1 - Phi(z_i) = erfc(z_i / sqrt 2) / 2 */
-static int load_sums(double *load, const float *logits, const float *noise, const uint8_t *mask,
-                     int T, int E, int k, float c)
+DAMEX_CLONES
+static void load_block_u(float *restrict u, int *restrict rowi, const float *restrict g,
+                         const float *restrict n, int nt, int E, int k, float c)
+{
+    WITH_E(E, load_block_u_e(u, rowi, g, n, nt, E_, k, c));
+}
+
+/* With c[t,i] = exp(-u^2) on entry: c *= af; dg_i += c_i; dg_j -= sum_i c_i. */
+ALWAYS_INLINE void load_grad_rows_e(float *restrict dlogits, float *restrict c,
+                                    const int *restrict rowi, const float *restrict af,
+                                    const uint8_t *mask, int t0, int t1, int E)
+{
+    for (int t = t0; t < t1; t++) {
+        if (!is_valid(mask, t)) continue;
+        float *cr = c + (size_t)(t - t0) * E, *dg = dlogits + (size_t)t * E, sum = 0.0f;
+        for (int i = 0; i < E; i++) {
+            cr[i] *= af[i];
+            sum += cr[i];
+        }
+        /* the j-th term appears in both sums: its net derivative is 0 */
+        for (int i = 0; i < E; i++) dg[i] += cr[i];
+        dg[rowi[t - t0]] -= sum;
+    }
+}
+
+DAMEX_CLONES
+static void load_grad_rows(float *restrict dlogits, float *restrict c, const int *restrict rowi,
+                           const float *restrict af, const uint8_t *mask, int t0, int t1, int E)
+{
+    WITH_E(E, load_grad_rows_e(dlogits, c, rowi, af, mask, t0, t1, E_));
+}
+
+/* Load[E] = sum_{x in M} P(x), P_i = 1 - Phi(z_i) = erfc(z_i / sqrt 2) / 2.
+ * With gsave (and jsave): gsave[T,E] = exp(-z^2 / 2), jsave[T] = j(x), for the backward. */
+static int load_sums(double *load, float *gsave, int *jsave, const float *logits,
+                     const float *noise, const uint8_t *mask, int T, int E, int k, float c)
 {
     int nb = nblocks(T), bad = 0;
     work w;
     if (work_alloc(&w, nb, E, E)) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK / 4)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         if (!rows_finite(logits, noise, t0, t1, E)) {
@@ -384,14 +483,13 @@ static int load_sums(double *load, const float *logits, const float *noise, cons
         float *u = work_buf(&w);
         int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
         size_t o = (size_t)t0 * E;
+        if (jsave) rowi = jsave + t0;
         load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
-        flat_normal_tail(u, (long)(t1 - t0) * E);
-        double *acc = w.part + (size_t)b * E;
-        for (int t = t0; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            const float *pr = u + (size_t)(t - t0) * E;
-            for (int i = 0; i < E; i++) acc[i] += pr[i];
-        }
+        if (gsave)
+            flat_normal_tail_gauss(u, gsave + o, (long)(t1 - t0) * E);
+        else
+            flat_normal_tail(u, (long)(t1 - t0) * E);
+        acc_rows(w.part + (size_t)b * E, u, mask, t0, t1, E);
     }
     reduce_blocks(load, w.part, nb, E);
     work_free(&w);
@@ -407,7 +505,8 @@ int load_loss_forward(double *loss, const float *logits, const float *noise,
     if (check_load(noise, T, E, k, sigma, variance)) return DAMEX_EINVAL;
     double *load = malloc((size_t)E * sizeof(double));
     if (!load) return DAMEX_ENOMEM;
-    int st = load_sums(load, logits, noise, mask, T, E, k, (float)(1.0 / sigma) * INV_SQRT2);
+    int st = load_sums(load, NULL, NULL, logits, noise, mask, T, E, k,
+                       (float)(1.0 / sigma) * INV_SQRT2);
     *loss = st ? 0.0 : cv_squared(NULL, load, E, variance);
     free(load);
     return st;
@@ -425,37 +524,24 @@ int load_loss_backward(float *dlogits, double dloss, const float *logits, const 
     float c = (float)(1.0 / sigma) * INV_SQRT2;
     double *a = malloc(2 * (size_t)E * sizeof(double));
     float *af = malloc((size_t)E * sizeof(float));
-    work w = {0};
+    float *gs = malloc(((size_t)T * E + 1) * sizeof(float)); /* exp(-z^2/2) from pass 1 */
+    int *js = malloc(((size_t)T + 1) * sizeof(int));         /* j(x) from pass 1 */
     int nb = nblocks(T), st = DAMEX_ENOMEM;
-    if (!a || !af || work_alloc(&w, nb, 0, E)) goto done;
+    if (!a || !af || !gs || !js) goto done;
     double *load = a + E;
-    st = load_sums(load, logits, noise, mask, T, E, k, c);
+    st = load_sums(load, gs, js, logits, noise, mask, T, E, k, c);
     if (st) goto done;
     cv_squared(a, load, E, variance);
-    /* phi(z) / sigma = exp(-u^2) / (sqrt(2 pi) sigma), u = z / sqrt 2 */
+    /* phi(z) / sigma = exp(-z^2/2) / (sqrt(2 pi) sigma) */
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma) * INV_SQRT_2PI;
-#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK / 4)
+#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
-        float *u = work_buf(&w);
-        int *rowi = (int *)(u + (size_t)BLOCK * E + BLOCK);
-        size_t o = (size_t)t0 * E;
-        load_block_u(u, rowi, logits + o, noise + o, t1 - t0, E, k, c);
-        flat_gauss(u, (long)(t1 - t0) * E);
-        for (int t = t0; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            float *cr = u + (size_t)(t - t0) * E, *dg = dlogits + (size_t)t * E, sum = 0.0f;
-            for (int i = 0; i < E; i++) {
-                cr[i] *= af[i];
-                sum += cr[i];
-            }
-            /* the j-th term appears in both sums: its net derivative is 0 */
-            for (int i = 0; i < E; i++) dg[i] += cr[i];
-            dg[rowi[t - t0]] -= sum;
-        }
+        load_grad_rows(dlogits, gs + (size_t)t0 * E, js + t0, af, mask, t0, t1, E);
     }
 done:
-    if (w.part) work_free(&w);
+    free(gs);
+    free(js);
     free(a);
     free(af);
     return st;
@@ -479,16 +565,11 @@ static int switch_sums(double *out, int with_probs, const float *logits, const u
             continue;
         }
         double *cnt = w.part + (size_t)b * 2 * E, *psum = cnt + E;
-        for (int t = t0; t < t1; t++)
-            if (is_valid(mask, t)) kth_largest(logits + (size_t)t * E, E, kk, cnt);
+        count_rows(cnt, logits, mask, t0, t1, E, kk);
         if (!with_probs) continue;
         float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
         block_softmax(q, rowv, NULL, logits + (size_t)t0 * E, NULL, t1 - t0, E);
-        for (int t = t0; t < t1; t++) {
-            if (!is_valid(mask, t)) continue;
-            const float *qr = q + (size_t)(t - t0) * E;
-            for (int i = 0; i < E; i++) psum[i] += qr[i];
-        }
+        acc_rows(psum, q, mask, t0, t1, E);
     }
     reduce_blocks(out, w.part, nb, 2 * E);
     work_free(&w);

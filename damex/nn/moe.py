@@ -37,6 +37,11 @@ class MoE(Module):
         ``damex``: ``damex_weight * L_damex`` (needs ``dataset_ids`` or ``expert_target``
         in forward, else contributes 0); ``balance``: ``importance_weight * L_imp +
         load_weight * L_load`` (the load loss needs gate noise, so only in training).
+    switch_weight, z_weight : float
+        Add the Switch/GShard loss and the ST-MoE router z-loss with these weights (0 = off).
+    loss_options : dict, optional
+        Per-loss options passed to ``damex.ops``, e.g. ``{"importance": {"variance":
+        "unbiased"}, "switch": {"counts": "topk"}}``.
     dataset_to_expert : sequence of int, optional
         The map h from dataset id to expert; default ``d % E``.
     seed : int, optional
@@ -58,8 +63,8 @@ class MoE(Module):
 
     def __init__(self, d_model, num_experts, hidden_dim, k=1, capacity_factor=None, bpr=True,
                  normalize=False, gate_noise=1.0, activation="gelu_tanh", loss="damex",
-                 damex_weight=1.0, importance_weight=0.5, load_weight=0.5,
-                 dataset_to_expert=None, seed=0):
+                 damex_weight=1.0, importance_weight=0.5, load_weight=0.5, switch_weight=0.0,
+                 z_weight=0.0, loss_options=None, dataset_to_expert=None, seed=0):
         super().__init__()
         if loss not in LOSS_MODES:
             raise ValueError(f"MoE: loss must be one of {list(LOSS_MODES)}, got {loss!r}")
@@ -70,6 +75,12 @@ class MoE(Module):
         self.capacity_factor, self.bpr, self.normalize = capacity_factor, bool(bpr), normalize
         self.gate_noise, self.activation, self.loss = float(gate_noise), activation, loss
         self.damex_weight, self.importance_weight, self.load_weight = damex_weight, importance_weight, load_weight
+        self.switch_weight, self.z_weight = switch_weight, z_weight
+        self.loss_options = {k_: dict(v) for k_, v in (loss_options or {}).items()}
+        unknown = set(self.loss_options) - set(F.ROUTING_LOSSES)
+        if unknown:
+            raise ValueError(f"MoE: loss_options has unknown losses {sorted(unknown)}; "
+                             f"expected names from {list(F.ROUTING_LOSSES)}")
         self.dataset_to_expert = None if dataset_to_expert is None else np.asarray(dataset_to_expert, np.int64)
         self.rng = np.random.default_rng(seed)
         self.w_router = Parameter(np.zeros((D, E), np.float32))
@@ -130,13 +141,18 @@ class MoE(Module):
         noise = None
         if self.training and self.gate_noise > 0:
             noise = self.rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
+        opts = self.loss_options
         losses = []
         if "damex" in self.loss and target is not None:
-            losses.append(("damex", self.damex_weight, {"expert_target": target}))
+            losses.append(("damex", self.damex_weight, dict(opts.get("damex", {}), expert_target=target)))
         if "balance" in self.loss:
-            losses.append(("importance", self.importance_weight, {}))
+            losses.append(("importance", self.importance_weight, opts.get("importance", {})))
             if noise is not None:
-                losses.append(("load", self.load_weight, {"sigma": self.sigma}))
+                losses.append(("load", self.load_weight, dict(opts.get("load", {}), sigma=self.sigma)))
+        if self.switch_weight:
+            losses.append(("switch", self.switch_weight, opts.get("switch", {})))
+        if self.z_weight:
+            losses.append(("z", self.z_weight, opts.get("z", {})))
         values = {}
         y, aux, state = F.moe(xt, self.w_router, self.w1, self.b1, self.w2, self.b2, k=self.k,
                               noise=noise, capacity_factor=self.capacity_factor, bpr=self.bpr,

@@ -15,3 +15,4 @@ from .box import (  # noqa: F401
     sigmoid_focal_loss_forward)
 from .nn import *  # noqa: F401,F403
 from .routing_loss import *  # noqa: F401,F403
+from .optim import StepLR, adamw_step, clip_grad_norm, grad_global_norm  # noqa: F401
