@@ -73,8 +73,10 @@ class Profiler:
         self.mark = time.perf_counter()
         self.fwd = collections.defaultdict(float)   # part -> seconds (forward)
         self.bwd = collections.defaultdict(float)   # part -> seconds (backward closures)
-        self.ops_fwd = collections.defaultdict(float)
-        self.ops_bwd = collections.defaultdict(float)
+        self.ops_fwd = collections.defaultdict(float)   # damex.ops calls in model + criterion forward
+        self.ops_bwd = collections.defaultdict(float)   # ... inside the tape's backward
+        self.ops_opt = collections.defaultdict(float)   # ... in clipping + AdamW
+        self.in_optim = False
         self.nodes_bwd = collections.defaultdict(float)
         self.op_depth = 0
         self.in_backward = False
@@ -112,12 +114,13 @@ class Profiler:
                 return fn(*a, **kw)
             finally:
                 dt = time.perf_counter() - t0
-                (self.ops_bwd if self.in_backward else self.ops_fwd)[name] += dt
+                (self.ops_bwd if self.in_backward else self.ops_opt if self.in_optim
+                 else self.ops_fwd)[name] += dt
                 self.op_depth -= 1
         return wrapped
 
     def reset(self):
-        for d in (self.fwd, self.bwd, self.ops_fwd, self.ops_bwd, self.nodes_bwd):
+        for d in (self.fwd, self.bwd, self.ops_fwd, self.ops_bwd, self.ops_opt, self.nodes_bwd):
             d.clear()
 
 
@@ -197,10 +200,12 @@ def instrumented_step(trainer, prof):
     loss.backward()
     prof.in_backward = False
     t3 = time.perf_counter()
+    prof.in_optim = True
     if tc.clip_max_norm > 0:
         nn.utils.clip_grad_norm_(trainer.model.parameters(), tc.clip_max_norm)
     trainer.optimizer.step()
     trainer.scheduler.step()
+    prof.in_optim = False
     trainer.step += 1
     t4 = time.perf_counter()
     t.update(data=t1 - t0, forward=t2 - t1, backward=t3 - t2, optim=t4 - t3, total=t4 - t0)
@@ -301,9 +306,11 @@ def main(argv=None):
     print(fmt_table(rows, ("part", "forward", "backward", "total", "share")))
 
     ops_total_f, ops_total_b = sum(prof.ops_fwd.values()) / n, sum(prof.ops_bwd.values()) / n
-    print(f"\nwhere a step goes, by op (mean s/step): damex.ops kernels take {ops_total_f:.3f} s of the "
-          f"forward ({100 * ops_total_f / ph['forward']:.0f}%) and {ops_total_b:.3f} s of the backward; "
-          f"the rest is NumPy glue and Python")
+    ops_total_o = sum(prof.ops_opt.values()) / n
+    print(f"\nwhere a step goes, by op (mean s/step): damex.ops calls take {ops_total_f:.3f} s of the "
+          f"{ph['forward']:.3f} s forward (model + criterion, {100 * ops_total_f / ph['forward']:.0f}%), "
+          f"{ops_total_b:.3f} s of the {ph['backward']:.3f} s backward and {ops_total_o:.3f} s of the "
+          f"{ph['optim']:.3f} s clip+AdamW; the rest is NumPy glue and Python")
     items = sorted(mean(prof.ops_fwd).items(), key=lambda kv: -kv[1])[:args.top]
     print(fmt_table([(k, f"{v:.4f}", f"{100 * v / total:.1f}%") for k, v in items],
                     ("forward: damex.ops call", "s/step", "share")))
