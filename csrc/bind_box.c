@@ -89,6 +89,36 @@ static PyObject *py_generalized_box_iou_backward(PyObject *self, PyObject *args)
               generalized_box_iou_backward(da, db, dgiou, a, b, N, M));
 }
 
+/* generalized_box_iou_paired_forward(giou, a, b, n) */
+static PyObject *py_generalized_box_iou_paired_forward(PyObject *self, PyObject *args)
+{
+    PyObject *ogiou, *oa, *ob;
+    Py_ssize_t n_;
+    if (!PyArg_ParseTuple(args, "OOOn", &ogiou, &oa, &ob, &n_)) return NULL;
+    DIM(n, n_);
+    F32_IN(a, oa, 4 * (npy_intp)n);
+    F32_IN(b, ob, 4 * (npy_intp)n);
+    F32_OUT(giou, ogiou, n);
+    DAMEX_RUN("generalized_box_iou_paired_forward",
+              generalized_box_iou_paired_forward(giou, a, b, n));
+}
+
+/* generalized_box_iou_paired_backward(da, db, dgiou, a, b, n): da, db += ... */
+static PyObject *py_generalized_box_iou_paired_backward(PyObject *self, PyObject *args)
+{
+    PyObject *oda, *odb, *odgiou, *oa, *ob;
+    Py_ssize_t n_;
+    if (!PyArg_ParseTuple(args, "OOOOOn", &oda, &odb, &odgiou, &oa, &ob, &n_)) return NULL;
+    DIM(n, n_);
+    F32_IN(a, oa, 4 * (npy_intp)n);
+    F32_IN(b, ob, 4 * (npy_intp)n);
+    F32_IN(dgiou, odgiou, n);
+    F32_OUT(da, oda, 4 * (npy_intp)n);
+    F32_OUT(db, odb, 4 * (npy_intp)n);
+    DAMEX_RUN("generalized_box_iou_paired_backward",
+              generalized_box_iou_paired_backward(da, db, dgiou, a, b, n));
+}
+
 /* sigmoid_focal_loss_forward(loss, x, t, alpha, gamma) */
 static PyObject *py_sigmoid_focal_loss_forward(PyObject *self, PyObject *args)
 {
@@ -148,6 +178,10 @@ PyMethodDef damex_box_methods[] = {
     {"box_iou_forward", py_box_iou_forward, METH_VARARGS, NULL},
     {"generalized_box_iou_forward", py_generalized_box_iou_forward, METH_VARARGS, NULL},
     {"generalized_box_iou_backward", py_generalized_box_iou_backward, METH_VARARGS, NULL},
+    {"generalized_box_iou_paired_forward", py_generalized_box_iou_paired_forward, METH_VARARGS,
+     NULL},
+    {"generalized_box_iou_paired_backward", py_generalized_box_iou_paired_backward, METH_VARARGS,
+     NULL},
     {"sigmoid_focal_loss_forward", py_sigmoid_focal_loss_forward, METH_VARARGS, NULL},
     {"sigmoid_focal_loss_backward", py_sigmoid_focal_loss_backward, METH_VARARGS, NULL},
     {"l1_loss_forward", py_l1_loss_forward, METH_VARARGS, NULL},

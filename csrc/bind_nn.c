@@ -189,13 +189,20 @@ static PyObject *py_frozen_batch_norm_backward(PyObject *self, PyObject *args)
               frozen_batch_norm_backward(dx, dy, weight, running_var, N, C, HW, eps));
 }
 
-/* The sizes tuple of the conv2d bindings: (N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw). */
+/* The sizes tuple of the conv2d bindings:
+ * (N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw[, algorithm]), see conv.h. */
 static int conv_shape_from(PyObject *sizes, struct conv2d_shape *s)
 {
     Py_ssize_t v[11];
-    if (!PyArg_ParseTuple(sizes, "nnnnnnnnnnn", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
-                          &v[7], &v[8], &v[9], &v[10]))
+    int algorithm = CONV2D_AUTO;
+    if (!PyArg_ParseTuple(sizes, "nnnnnnnnnnn|i", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                          &v[7], &v[8], &v[9], &v[10], &algorithm))
         return -1;
+    if (algorithm < CONV2D_AUTO || algorithm > CONV2D_SHIFTED) {
+        PyErr_Format(PyExc_ValueError, "conv2d: unknown algorithm %d", algorithm);
+        return -1;
+    }
+    s->algorithm = algorithm;
     int *f[11] = {&s->N, &s->Cin, &s->H, &s->W, &s->Cout, &s->kh, &s->kw,
                   &s->sh, &s->sw, &s->ph, &s->pw};
     for (int i = 0; i < 11; i++)

@@ -16,8 +16,8 @@ from .autograd import Tensor, as_tensor, record, transpose
 __all__ = ["linear", "layer_norm", "group_norm", "frozen_batch_norm", "conv2d", "relu", "gelu",
            "activation", "sigmoid", "inverse_sigmoid", "softmax", "dropout", "embedding",
            "attention", "ms_deform_attn", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh",
-           "generalized_box_iou", "sigmoid_focal_loss", "l1_loss", "moe", "routing_loss",
-           "manual_seed", "ROUTING_LOSSES"]
+           "generalized_box_iou", "generalized_box_iou_paired", "sigmoid_focal_loss", "l1_loss",
+           "moe", "routing_loss", "manual_seed", "ROUTING_LOSSES"]
 
 
 def _op(name):
@@ -251,6 +251,16 @@ def generalized_box_iou(a, b):
     g = _op("generalized_box_iou_forward")(ad, bd)
     return record(g, [a, b], lambda gs: _op("generalized_box_iou_backward")(gs[0], ad, bd),
                   "generalized_box_iou")
+
+
+def generalized_box_iou_paired(a, b):
+    """GIoU of matched pairs [N] of xyxy boxes a[N, 4], b[N, 4] (the diagonal of
+    :func:`generalized_box_iou`, in O(N)); the DETR GIoU loss is ``(1 - giou).sum()``."""
+    a, b = as_tensor(a), as_tensor(b)
+    ad, bd = a.data, b.data
+    g = _op("generalized_box_iou_paired_forward")(ad, bd)
+    return record(g, [a, b], lambda gs: _op("generalized_box_iou_paired_backward")(gs[0], ad, bd),
+                  "generalized_box_iou_paired")
 
 
 def _reduce(loss, reduction, name):

@@ -439,6 +439,15 @@ def test_boxes_and_giou():
              lambda x, y: t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y)), inputs=[a, b], atol=1e-4)
 
 
+@needs("generalized_box_iou_paired_forward")
+def test_paired_giou_is_the_diagonal():
+    rng = np.random.default_rng(1)
+    a, b = random_cxcywh(rng, 6), random_cxcywh(rng, 6)
+    check_op(None, lambda x, y: F.generalized_box_iou_paired(F.box_cxcywh_to_xyxy(x), F.box_cxcywh_to_xyxy(y)),
+             lambda x, y: torch.diagonal(t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y))),
+             inputs=[a, b], atol=1e-4)
+
+
 def t_focal(x, t, alpha=0.25, gamma=2.0):
     p = torch.sigmoid(x)
     ce = tf().binary_cross_entropy_with_logits(x, t, reduction="none")

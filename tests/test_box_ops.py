@@ -291,6 +291,38 @@ def test_giou_large_set_uses_threads_and_agrees():
     assert np.isfinite(db).all()
 
 
+def test_giou_paired_is_the_diagonal():
+    torch = torch_or_skip()
+    rng = np.random.default_rng(9)
+    sa, sb = special_pairs()
+    a = np.concatenate([random_xyxy(rng, 7), sa[:5], [[0.3, 0.3, 0.3, 0.3]]]).astype(np.float32)
+    b = np.concatenate([random_xyxy(rng, 7), sb, [[0.3, 0.3, 0.3, 0.3]]]).astype(np.float32)
+    dg = rng.normal(size=len(a)).astype(np.float32)
+    full = ops.generalized_box_iou_forward(a, b)
+    np.testing.assert_array_equal(ops.generalized_box_iou_paired_forward(a, b), np.diag(full))
+    da, db = ops.generalized_box_iou_paired_backward(dg, a, b)
+    fa, fb = ops.generalized_box_iou_backward(np.diag(dg), a, b)
+    np.testing.assert_array_equal(da, fa)
+    np.testing.assert_array_equal(db, fb)
+    at = torch.tensor(a[:-1], requires_grad=True)  # DETR: NaN on the point pair
+    bt = torch.tensor(b[:-1], requires_grad=True)
+    g, _, _ = torch_giou(torch, at, bt)
+    torch.diag(g).backward(torch.tensor(dg[:-1]))
+    assert_close(da[:-1], at.grad.numpy(), atol=2e-6, rtol=1e-5)
+    assert_close(db[:-1], bt.grad.numpy(), atol=2e-6, rtol=1e-5)
+    a64, b64 = random_xyxy(rng, 4), random_xyxy(rng, 4)
+    d64 = rng.normal(size=4)
+    num = numeric_grad(lambda v: (np.diag(ref_giou(v, b64)) * d64).sum(), a64)
+    got = ops.generalized_box_iou_paired_backward(d64.astype(np.float32), a64.astype(np.float32),
+                                                  b64.astype(np.float32))[0]
+    assert_close(got, num, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"b: expected shape \(2, 4\)"):
+        ops.generalized_box_iou_paired_forward(a[:2], b[:3])
+    with pytest.raises(ValueError, match=r"dgiou: expected shape \(2,\)"):
+        ops.generalized_box_iou_paired_backward(dg[:3], a[:2], b[:2])
+    assert ops.generalized_box_iou_paired_forward(a[:0], b[:0]).shape == (0,)
+
+
 # ---- sigmoid focal loss -----------------------------------------------------
 
 FOCAL_CASES = [(0.25, 2.0), (-1.0, 2.0), (0.25, 0.0), (0.5, 1.0), (0.25, 1.5), (0.75, 3.0)]
@@ -480,6 +512,7 @@ def test_memory_flat_over_many_calls():
     def step():
         ops.generalized_box_iou_forward(a, b)
         ops.generalized_box_iou_backward(dg, a, b)
+        ops.generalized_box_iou_paired_backward(dg[:2, 0], a[:2], b)
         ops.box_iou_forward(a, b)
         ops.box_cxcywh_to_xyxy_backward(ops.box_cxcywh_to_xyxy_forward(a))
         ops.sigmoid_focal_loss_backward(x, x, t)

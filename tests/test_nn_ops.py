@@ -214,16 +214,17 @@ CONV_SMALL = [  # (x shape, w shape, stride, padding)
 ]
 
 
+@pytest.mark.parametrize("algorithm", ["im2col", "shifted"])
 @pytest.mark.parametrize("xs,ws,stride,padding", CONV_SMALL)
-def test_conv2d_central_differences(xs, ws, stride, padding):
+def test_conv2d_central_differences(xs, ws, stride, padding, algorithm):
     x, w, b = rnd(*xs), rnd(*ws), rnd(ws[0])
     st = stride if isinstance(stride, tuple) else (stride, stride)
     pd = padding if isinstance(padding, tuple) else (padding, padding)
     ref = lambda x, w, b: ref_conv2d(x, w, b, st, pd)  # noqa: E731
-    y = ops.conv2d_forward(f32(x), f32(w), f32(b), stride, padding)
+    y = ops.conv2d_forward(f32(x), f32(w), f32(b), stride, padding, algorithm=algorithm)
     assert_close(y, ref(x, w, b), 1e-5, 1e-4)
     dy = rnd(*y.shape)
-    dx, dw, db = ops.conv2d_backward(f32(dy), f32(x), f32(w), stride, padding)
+    dx, dw, db = ops.conv2d_backward(f32(dy), f32(x), f32(w), stride, padding, algorithm=algorithm)
     check_grads(ref, [x, w, b], dy, {0: dx, 1: dw, 2: db})
 
 
@@ -235,11 +236,14 @@ CONV_TORCH = [
     ((3, 8, 9, 9), (4, 8, 1, 1), 2, 0, True),        # strided 1x1
     ((1, 3, 28, 28), (8, 3, 7, 7), 2, 3, True),      # ResNet stem
     ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, True),
+    ((2, 24, 15, 10), (7, 24, 3, 5), (2, 3), (2, 1), True),  # rectangular everything
+    ((1, 16, 4, 4), (8, 16, 5, 5), 3, 2, True),     # stride 3, kernel larger than input
 ]
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "im2col", "shifted"])
 @pytest.mark.parametrize("xs,ws,stride,padding,bias", CONV_TORCH)
-def test_conv2d_torch_parity(xs, ws, stride, padding, bias):
+def test_conv2d_torch_parity(xs, ws, stride, padding, bias, algorithm):
     torch = torch_or_skip()
     x, w = f32(rnd(*xs)), f32(rnd(*ws) * 0.2)
     b = f32(rnd(ws[0])) if bias else None
@@ -249,8 +253,9 @@ def test_conv2d_torch_parity(xs, ws, stride, padding, bias):
     dy = f32(rnd(*yt.shape))
     yt.backward(torch.tensor(dy))
     check = unchanged(x, w, dy)
-    assert_close(ops.conv2d_forward(x, w, b, stride, padding), yt.detach().numpy(), 1e-4, 1e-4)
-    dx, dw, db = ops.conv2d_backward(dy, x, w, stride, padding, has_bias=bias)
+    assert_close(ops.conv2d_forward(x, w, b, stride, padding, algorithm=algorithm),
+                 yt.detach().numpy(), 1e-4, 1e-4)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, stride, padding, has_bias=bias, algorithm=algorithm)
     check()
     assert_close(dx, xt.grad.numpy(), 1e-4, 1e-4, "dx")
     assert_close(dw, wt.grad.numpy(), 5e-4, 1e-4, "dw")
@@ -418,6 +423,8 @@ def test_bad_input_raises_clear_errors():
         ops.conv2d_forward(x4, w.astype(np.int64))
     with pytest.raises(ValueError, match="dy"):
         ops.conv2d_backward(np.zeros((1, 2, 5, 5), np.float32), x4, w)
+    with pytest.raises(ValueError, match="algorithm"):
+        ops.conv2d_forward(x4, w, algorithm="fft")
     with pytest.raises(ValueError, match="p"):
         ops.dropout_forward(x4, 1.5, seed=0)
     with pytest.raises(ValueError, match="seed"):
@@ -455,9 +462,14 @@ def test_memory_flat_over_many_small_calls():
     v = f32(rnd(6, 8))
     g = np.ones(8, np.float32)
 
+    x16 = f32(rnd(1, 16, 4, 5))
+    w16 = f32(rnd(2, 16, 3, 3))
+
     def step():
         y = ops.conv2d_forward(x, w, b, 1, 1)
         ops.conv2d_backward(y, x, w, 1, 1)
+        y = ops.conv2d_forward(x16, w16, None, 2, 1)  # the shifted algorithm
+        ops.conv2d_backward(y, x16, w16, 2, 1)
         yl, m, r = ops.layer_norm_forward(v, g, g)
         ops.layer_norm_backward(yl, v, m, r, g)
         yg, m, r = ops.group_norm_forward(x, g[:3], g[:3], 3)

@@ -296,14 +296,19 @@ def test_importance_and_load_combine_linearly():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_tokens_change_nothing(name):
+    """Changing the logits, noise and target of padding tokens changes nothing."""
     g, noise, target = make(T=16, E=5, seed=8)
     mask = np.ones(16, bool)
     mask[[0, 5, 6, 15]] = False
     fwd, bwd, _ = cases(noise, target)[name]
-    g2 = g.copy()
-    g2[~mask] = np.random.default_rng(9).normal(0, 10, ((~mask).sum(), 5))
-    assert fwd(g, mask) == fwd(g2, mask)
-    d1, d2 = bwd(g, mask, 1.0), bwd(g2, mask, 1.0)
+    rng = np.random.default_rng(9)
+    g2, noise2, target2 = g.copy(), noise.copy(), target.copy()
+    g2[~mask] = rng.normal(0, 10, ((~mask).sum(), 5))
+    noise2[~mask] = rng.normal(0, 10, ((~mask).sum(), 5))
+    target2[~mask] = -1
+    fwd2, bwd2, _ = cases(noise2, target2)[name]
+    assert fwd(g, mask) == fwd2(g2, mask)
+    d1, d2 = bwd(g, mask, 1.0), bwd2(g2, mask, 1.0)
     np.testing.assert_array_equal(d1, d2)
     assert (d1[~mask] == 0).all()
     # and the masked batch is the batch of the unmasked tokens alone

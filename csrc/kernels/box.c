@@ -268,6 +268,36 @@ int generalized_box_iou_backward(float *da, float *db, const float *dgiou, const
     return DAMEX_OK;
 }
 
+/* a[n,4], b[n,4] xyxy -> giou[n] = giou(a[i], b[i]), the formula of
+ * generalized_box_iou_forward on matched pairs (the loss needs only these) */
+int generalized_box_iou_paired_forward(float *giou, const float *a, const float *b, long n)
+{
+    if (n < 0) return DAMEX_EINVAL;
+    for (long i = 0; i < n; i++) {
+        struct giou_pair p;
+        giou_pair_forward(&p, a + 4 * i, b + 4 * i);
+        giou[i] = giou_of(&p);
+    }
+    return DAMEX_OK;
+}
+
+/* inverts giou[i] = iou - (C > 0 ? (C - union) / C : 0) on pair (a[i], b[i]):
+ *   da[i] += dgiou[i] d giou[i] / d a[i],  db[i] += dgiou[i] d giou[i] / d b[i] */
+int generalized_box_iou_paired_backward(float *da, float *db, const float *dgiou, const float *a,
+                                        const float *b, long n)
+{
+    if (n < 0) return DAMEX_EINVAL;
+    for (long i = 0; i < n; i++) {
+        double ga[4], gb[4];
+        giou_pair_backward(ga, gb, dgiou[i], a + 4 * i, b + 4 * i);
+        for (int k = 0; k < 4; k++) {
+            da[4 * i + k] += (float)ga[k];
+            db[4 * i + k] += (float)gb[k];
+        }
+    }
+    return DAMEX_OK;
+}
+
 /* ---- sigmoid focal loss ------------------------------------------------- */
 
 /* The pieces of the focal loss at logit x, target t, in double:

@@ -24,6 +24,13 @@ int generalized_box_iou_forward(float *giou, const float *a, const float *b, int
 int generalized_box_iou_backward(float *da, float *db, const float *dgiou, const float *a,
                                  const float *b, int N, int M);
 
+/* giou[n] of matched pairs: giou(a[i], b[i]) for xyxy a[n,4], b[n,4] (the diagonal
+ * of the pairwise matrix, without the n x n work) */
+int generalized_box_iou_paired_forward(float *giou, const float *a, const float *b, long n);
+/* da[n,4], db[n,4] += dgiou[i] d giou(a[i], b[i]) / d(a[i], b[i]) */
+int generalized_box_iou_paired_backward(float *da, float *db, const float *dgiou, const float *a,
+                                        const float *b, long n);
+
 /* loss[n] = focal(x[n], t[n]); alpha < 0 disables the alpha weighting; gamma >= 0 */
 int sigmoid_focal_loss_forward(float *loss, const float *x, const float *t, long n, float alpha,
                                float gamma);

@@ -1,5 +1,5 @@
-/* 2-D convolution, NCHW, groups = 1, no dilation: im2col + one sgemm per image
- * (no copy at all for a 1x1 stride-1 unpadded convolution). */
+/* 2-D convolution, NCHW, groups = 1, no dilation, by one of two sgemm-based
+ * algorithms (conv_im2col.c, conv_shifted.c; conv.c picks one). */
 #ifndef DAMEX_CONV_H
 #define DAMEX_CONV_H
 
@@ -8,20 +8,28 @@ struct conv2d_shape {
     int Cout, kh, kw;   /* weight w[Cout,Cin,kh,kw]              */
     int sh, sw, ph, pw; /* stride >= 1, zero padding >= 0        */
     int Ho, Wo;         /* output y[N,Cout,Ho,Wo], set by _init  */
+    int algorithm;      /* CONV2D_AUTO, CONV2D_IM2COL, CONV2D_SHIFTED */
 };
+
+/* AUTO: SHIFTED when Cin >= CONV2D_SHIFTED_MIN_CIN (and not a 1x1 stride-1 unpadded
+ * conv, which multiplies x directly), else IM2COL. */
+enum conv2d_algorithm { CONV2D_AUTO = 0, CONV2D_IM2COL = 1, CONV2D_SHIFTED = 2 };
+#define CONV2D_SHIFTED_MIN_CIN 16
 
 /* Checks the sizes and sets Ho = (H + 2 ph - kh) / sh + 1 (and Wo); returns
  * DAMEX_EINVAL if any size is out of range or the output would be empty. */
 int conv2d_shape_init(struct conv2d_shape *s);
 
 /* y[n,co,oh,ow] = b[co] + sum_{ci,i,j} w[co,ci,i,j] * x[n,ci,oh*sh-ph+i,ow*sw-pw+j]
- * (x is 0 outside the image; b may be NULL).  Per image: y[n] = w[Cout,K] @ col[K,P],
- * K = Cin*kh*kw, P = Ho*Wo. */
+ * (x is 0 outside the image; b may be NULL).
+ * IM2COL, per image:  y[n] = w[Cout,K] @ col[K,P],  K = Cin*kh*kw, P = Ho*Wo.
+ * SHIFTED, per image: y[n] = sum over taps (i,j) of w[:,:,i,j] @ (x[n] shifted by (i,j)). */
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,
                    const struct conv2d_shape *s);
 
 /* Inverts  y[n] = w @ col(x[n]) + b:
  *   dw[Cout,K] += dy[n] @ col(x[n])^T;   dx[n] += col2im(w^T @ dy[n]);   db += sum_{n,p} dy
+ * (SHIFTED: the same per tap, see conv_shifted.c)
  * Any of dx, dw, db may be NULL (not wanted). */
 int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                     const float *w, const struct conv2d_shape *s);

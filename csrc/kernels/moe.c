@@ -1,7 +1,7 @@
 /* Dispatch, expert FFN and combine (see moe.h for shapes and formulas).
  *
- * Threads: gather/scatter use OpenMP with a static schedule over disjoint rows
- * (tokens for combine and dispatch backward, so no atomics).  The expert FFN
+ * Threads: large gathers/scatters use OpenMP with a static schedule over
+ * disjoint rows (tokens for combine and dispatch backward, so no atomics).  The expert FFN
  * runs one sgemm per block of one expert's rows (never a row of another
  * expert), on OpenMP threads with single-threaded BLAS: see the note above
  * expert_ffn_forward.  Bias gradients are per-block column sums reduced in
@@ -10,6 +10,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -25,8 +26,10 @@
 #define INV_SQRT2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
 
-/* Below this many floats of work a loop stays on one thread. */
-#define PAR_MIN 32768L
+/* Gather/scatter are memory-bound: a second thread gains little and, on a
+ * busy machine, the region's closing barrier can wait a whole time slice for
+ * a descheduled thread.  Only very large ones (floats moved) go parallel. */
+#define PAR_MIN (1L << 22)
 
 /* rows[T*k] = packed row of each choice, -1 where dropped; checks that every
  * kept choice is inside its expert's range and that the kept choices cover
@@ -316,6 +319,20 @@ static void blas_single_end(void)
  * thread (a parallel region costs more than it saves, worst on a busy machine). */
 #define FFN_PAR_MIN (1L << 21)
 
+/* A large scratch buffer on transparent huge pages where the kernel allows it
+ * (as NumPy does for its arrays): fresh 4 KiB pages cost a fault each. */
+static float *alloc_scratch(size_t n)
+{
+    size_t bytes = n * sizeof(float) + 1;
+    void *p = NULL;
+    if (bytes < ((size_t)1 << 22)) return malloc(bytes);
+    if (posix_memalign(&p, (size_t)1 << 21, bytes) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes & ~(((size_t)1 << 21) - 1), MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
 typedef struct {
     int e;    /* expert */
     long r0;  /* first packed row */
@@ -411,7 +428,7 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
     long ntask = (long)E * 2 * ncol; /* (expert, dw1 or dw2, column block of F) */
     /* dh[N,F]; per-block column sums of dh (F) and dye (D), reduced in block
      * order afterwards so the bias gradients do not depend on scheduling. */
-    float *dh = malloc((size_t)N * F * sizeof(float));
+    float *dh = alloc_scratch((size_t)N * F);
     float *part = malloc((size_t)nblk * (F + D) * sizeof(float));
     long *row0 = malloc((size_t)E * sizeof(long));
     if (!dh || !part || !row0) {

@@ -11,7 +11,8 @@ from .moe import (combine_backward, combine_forward, dispatch_backward, dispatch
 from .box import (  # noqa: F401
     box_cxcywh_to_xyxy_backward, box_cxcywh_to_xyxy_forward, box_iou_forward,
     box_xyxy_to_cxcywh_backward, box_xyxy_to_cxcywh_forward, generalized_box_iou_backward,
-    generalized_box_iou_forward, l1_loss_backward, l1_loss_forward, sigmoid_focal_loss_backward,
+    generalized_box_iou_forward, generalized_box_iou_paired_backward,
+    generalized_box_iou_paired_forward, l1_loss_backward, l1_loss_forward, sigmoid_focal_loss_backward,
     sigmoid_focal_loss_forward)
 from .nn import *  # noqa: F401,F403
 from .routing_loss import *  # noqa: F401,F403

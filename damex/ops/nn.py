@@ -12,9 +12,10 @@ gradients can be compared with ``torch.nn.functional`` one to one.
 import numpy as np
 
 from .._lib import _C
-from ._check import f32, float_arg, i64, int_arg
+from ._check import choice, f32, float_arg, i64, int_arg
 
 __all__ = [
+    "CONV2D_ALGORITHMS",
     "linear_forward",
     "linear_backward",
     "layer_norm_forward",
@@ -257,7 +258,11 @@ def _pair(v, name, lo):
     return v, v
 
 
-def _conv_sizes(x, w, stride, padding):
+CONV2D_ALGORITHMS = ("auto", "im2col", "shifted")  # codes as in csrc/kernels/conv.h
+
+
+def _conv_sizes(x, w, stride, padding, algorithm="auto"):
+    code = choice(algorithm, "algorithm", CONV2D_ALGORITHMS)
     x = _nchw(x)
     w = f32(w, "w", ndim=4)
     n, cin, h, wd = x.shape
@@ -272,10 +277,10 @@ def _conv_sizes(x, w, stride, padding):
         raise ValueError(f"w: kernel {kh}x{kw} is larger than the padded input "
                          f"{h + 2 * ph}x{wd + 2 * pw}")
     ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    return x, w, (n, cin, h, wd, cout, kh, kw, sh, sw, ph, pw), (n, cout, ho, wo)
+    return x, w, (n, cin, h, wd, cout, kh, kw, sh, sw, ph, pw, code), (n, cout, ho, wo)
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0):
+def conv2d_forward(x, w, b=None, stride=1, padding=0, *, algorithm="auto"):
     """2-D convolution (cross-correlation, as PyTorch), NCHW, groups = 1.
 
     ``y[n,o,i,j] = b[o] + sum_{c,u,v} w[o,c,u,v] x[n, c, i*sh - ph + u, j*sw - pw + v]``
@@ -288,12 +293,18 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     b : ndarray, float32, shape (Cout,), optional
     stride : int or (int, int), >= 1
     padding : int or (int, int), >= 0
+    algorithm : {"auto", "im2col", "shifted"}
+        "im2col": one product with K = Cin*kh*kw per image (no copy for a 1x1
+        stride-1 conv); "shifted": one product per kernel tap over shifted
+        views of the padded image (stride handled by phase planes), no im2col
+        matrix; "auto" takes "shifted" for Cin >= 16 except the plain 1x1 case.
+        Both give the same values up to float32 rounding.
 
     Returns
     -------
     y : ndarray, float32, shape (N, Cout, Ho, Wo), ``Ho = (H + 2 ph - kh) // sh + 1``
     """
-    x, w, sizes, yshape = _conv_sizes(x, w, stride, padding)
+    x, w, sizes, yshape = _conv_sizes(x, w, stride, padding, algorithm)
     if b is not None:
         b = f32(b, "b", shape=(w.shape[0],))
     y = np.empty(yshape, np.float32)
@@ -301,12 +312,12 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     return y
 
 
-def conv2d_backward(dy, x, w, stride=1, padding=0, has_bias=True):
+def conv2d_backward(dy, x, w, stride=1, padding=0, has_bias=True, *, algorithm="auto"):
     """Gradients of :func:`conv2d_forward`: ``(dx, dw, db or None)``.
 
     dy has the output's shape (N, Cout, Ho, Wo); dx, dw, db have the shapes of x, w, b.
     """
-    x, w, sizes, yshape = _conv_sizes(x, w, stride, padding)
+    x, w, sizes, yshape = _conv_sizes(x, w, stride, padding, algorithm)
     dy = f32(dy, "dy", shape=yshape)
     dx = np.zeros_like(x)
     dw = np.zeros_like(w)

@@ -1,0 +1,19 @@
+/* Internal to the conv2d kernels: the two algorithms behind conv.c. */
+#ifndef DAMEX_CONV_IMPL_H
+#define DAMEX_CONV_IMPL_H
+
+#include "conv.h"
+
+/* 1x1, stride 1, no padding: the image itself is the column matrix. */
+int conv2d_is_pointwise(const struct conv2d_shape *s);
+
+int conv2d_forward_im2col(float *y, const float *x, const float *w, const float *b,
+                          const struct conv2d_shape *s);
+int conv2d_backward_im2col(float *dx, float *dw, const float *dy, const float *x,
+                           const float *w, const struct conv2d_shape *s);
+int conv2d_forward_shifted(float *y, const float *x, const float *w, const float *b,
+                           const struct conv2d_shape *s);
+int conv2d_backward_shifted(float *dx, float *dw, const float *dy, const float *x,
+                            const float *w, const struct conv2d_shape *s);
+
+#endif
