@@ -1,21 +1,26 @@
 """MoE layer benchmark: damex against a PyTorch eager layer with the same maths.
 
-    python bench/bench_moe.py            # full shapes, 5-7 repeats
+    python bench/bench_moe.py            # full shapes, 5 repeats
     python bench/bench_moe.py --quick    # small shapes, 3 repeats (a smoke run)
+    python bench/bench_moe.py --stat min # fastest repeat instead of the median
 
 For each shape it prints, side by side: damex and PyTorch forward and
-forward+backward times (median of the repeats; PyTorch timed at 1 and 2
-threads, the faster kept), the ratio, the layer's GFLOP/s as a share of the
-sgemm rate measured in the same run, the share of layer time spent outside
-the expert GEMMs (the same GEMMs timed alone with damex._C.sgemm), and a
-breakdown by op.  The PyTorch layer: router matmul, softmax, top-k, capacity
-with batch-prioritised routing, per-expert Linear-GELU-Linear on
+forward+backward times (median of the repeats; each timed at 1 and 2
+threads, the faster kept, both shown), the ratio, the layer's GFLOP/s as a
+share of the machine's sgemm rate (damex._C.sgemm on 4096x1024x256, best of
+1 and 2 threads), the share of layer time spent outside the expert GEMMs
+(the same GEMMs timed alone through damex._C.sgemm at the same thread
+count), and the ops timed one by one.
+
+The PyTorch layer: router matmul, softmax, top-k, capacity with
+batch-prioritised routing, per-expert Linear-GELU(tanh)-Linear (addmm) on
 index_select'ed rows, index_add combine.  Its forward is timed under
 torch.no_grad() (the fastest PyTorch forward); damex's forward always saves
 what the backward needs.
 
-Timing is wall clock on a possibly shared machine: the load average is
-printed before and after; trust a run only when it was low.
+The machine may be shared: every timed function of a shape runs once per
+round, round after round, so all of them see the same background load; the
+load average is printed before and after.  Trust a run only when it was low.
 """
 import argparse
 import math
@@ -32,29 +37,33 @@ SHAPES = [
     dict(name="A", T=4096, D=256, F=1024, E=8, k=1, capacity_factor=1.25, bpr=True),
     dict(name="B", T=8192, D=256, F=2048, E=8, k=2, capacity_factor=None, bpr=False),
 ]
+THREADS = (1, 2)
+STAT = np.median
 
 
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def interleaved(jobs, repeats, warmup=1):
+    """jobs: {name: (threads, fn)}.  Runs every job once per round (threads set
+    untimed before each call) and returns {name: statistic of its times, s}."""
+    times = {name: [] for name in jobs}
+    for r in range(warmup + repeats):
+        for name, (threads, fn) in jobs.items():
+            set_threads(threads)
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    set_threads(max(THREADS))
+    return {name: float(STAT(v)) for name, v in times.items()}
 
 
-def sgemm_rates(repeats):
-    M, N, K = 4096, 1024, 256
-    rng = np.random.default_rng(0)
-    a = rng.random((M, K), dtype=np.float32)
-    b = rng.random((K, N), dtype=np.float32)
-    c = np.empty((M, N), np.float32)
-    flop = 2.0 * M * N * K
-    damex = flop / median_time(lambda: _C.sgemm(c, a, b, M, N, K), repeats, warmup=2) / 1e9
-    numpy = flop / median_time(lambda: a @ b, repeats, warmup=2) / 1e9
-    return damex, numpy, (M, N, K)
+_torch = None
+
+
+def set_threads(n):
+    _C.set_num_threads(n)
+    if _torch is not None:
+        _torch.set_num_threads(n)
 
 
 def make_inputs(s, seed=0):
@@ -77,9 +86,18 @@ def layer_flop(s, N, backward):
     return 3 * (router + experts) if backward else router + experts
 
 
+def sgemm_job():
+    M, N, K = 4096, 1024, 256
+    rng = np.random.default_rng(0)
+    a = rng.random((M, K), dtype=np.float32)
+    b = rng.random((K, N), dtype=np.float32)
+    c = np.empty((M, N), np.float32)
+    return 2.0 * M * N * K, lambda: _C.sgemm(c, a, b, M, N, K), lambda: a @ b
+
+
 # ---- damex --------------------------------------------------------------------
 
-def damex_layer(s, inp, repeats):
+def damex_jobs(s, inp):
     args = [inp[n] for n in ("x", "w_router", "w1", "b1", "w2", "b2")]
     opts = dict(k=s["k"], capacity_factor=s["capacity_factor"], bpr=s["bpr"])
 
@@ -90,50 +108,42 @@ def damex_layer(s, inp, repeats):
         y, state = ops.moe_forward(*args, **opts)
         return ops.moe_backward(inp["dy"], state)
 
-    t_fwd = median_time(fwd, repeats)
-    t_all = median_time(fwd_bwd, repeats)
-    y, state = fwd()
-    return t_fwd, t_all, y, state
+    return fwd, fwd_bwd
 
 
-def damex_breakdown(s, inp, state, repeats):
-    """Each op of the layer timed alone (forward + backward), in seconds."""
+def op_jobs(s, inp, state):
+    """Each op of the layer alone, forward + backward."""
     x, wr = inp["x"], inp["w_router"]
     r, dy = state.router, inp["dy"]
     opts = dict(k=s["k"], capacity_factor=s["capacity_factor"], bpr=s["bpr"])
+    w = [inp[n] for n in ("w1", "b1", "w2", "b2")]
     xe = ops.dispatch_forward(x, r)
-    ye, saved = ops.expert_ffn_forward(xe, r.expert_count, inp["w1"], inp["b1"], inp["w2"],
-                                       inp["b2"])
+    ye, saved = ops.expert_ffn_forward(xe, r.expert_count, *w)
     dye, dcw = ops.combine_backward(dy, ye, r)
     dxe = ops.expert_ffn_backward(dye, saved)[0]
     T = s["T"]
 
     def routing():
         res = ops.router_forward(x, wr, **opts)
-        dl = ops.router_backward(dcw, res)
-        ops.router_logits_backward(dl, x, wr)
+        ops.router_logits_backward(ops.router_backward(dcw, res), x, wr)
 
-    out = {
-        "routing": median_time(routing, repeats),
-        "dispatch": median_time(lambda: (ops.dispatch_forward(x, r),
-                                         ops.dispatch_backward(dxe, r, T)), repeats),
-        "expert FFN": median_time(lambda: ops.expert_ffn_backward(
-            dye, ops.expert_ffn_forward(xe, r.expert_count, inp["w1"], inp["b1"], inp["w2"],
-                                        inp["b2"])[1]), repeats),
-        "combine": median_time(lambda: (ops.combine_forward(ye, r),
-                                        ops.combine_backward(dy, ye, r)), repeats),
+    jobs = {
+        "routing": routing,
+        "dispatch": lambda: (ops.dispatch_forward(x, r), ops.dispatch_backward(dxe, r, T)),
+        "expert FFN": lambda: ops.expert_ffn_backward(
+            dye, ops.expert_ffn_forward(xe, r.expert_count, *w)[1]),
+        "combine": lambda: (ops.combine_forward(ye, r), ops.combine_backward(dy, ye, r)),
     }
     if hasattr(ops, "damex_loss_forward") and hasattr(ops, "damex_loss_backward"):
         target = np.arange(T, dtype=np.int64) % s["E"]
-        out["DAMEX loss"] = median_time(lambda: (ops.damex_loss_forward(r.logits, target),
-                                                 ops.damex_loss_backward(r.logits, target)),
-                                        repeats)
-    return out
+        jobs["DAMEX loss"] = lambda: (ops.damex_loss_forward(r.logits, target),
+                                      ops.damex_loss_backward(r.logits, target))
+    return jobs
 
 
-def gemm_only(s, inp, state, repeats):
-    """The layer's expert GEMMs (2 forward, 4 backward per expert, same shapes)
-    run alone through damex._C.sgemm with OpenBLAS's threads: (fwd, fwd+bwd) s."""
+def gemm_jobs(s, inp, state):
+    """The layer's expert GEMMs (2 forward, 4 backward per expert, same shapes,
+    transposes made beforehand) alone through damex._C.sgemm: (fwd, fwd+bwd)."""
     D, F, E = s["D"], s["F"], s["E"]
     count = state.router.expert_count
     rng = np.random.default_rng(1)
@@ -144,9 +154,9 @@ def gemm_only(s, inp, state, repeats):
             continue
         xe = rng.random((n, D), dtype=np.float32)
         a = rng.random((n, F), dtype=np.float32)
-        g = rng.random((n, D), dtype=np.float32)
-        bufs.append(dict(n=n, xe=xe, a=a, g=g, xeT=np.ascontiguousarray(xe.T),
-                         aT=np.ascontiguousarray(a.T), w1=inp["w1"][e], w2=inp["w2"][e],
+        bufs.append(dict(n=n, xe=xe, a=a, g=rng.random((n, D), dtype=np.float32),
+                         xeT=np.ascontiguousarray(xe.T), aT=np.ascontiguousarray(a.T),
+                         w1=inp["w1"][e], w2=inp["w2"][e],
                          w1T=np.ascontiguousarray(inp["w1"][e].T),
                          w2T=np.ascontiguousarray(inp["w2"][e].T),
                          h=np.empty((n, F), np.float32), y=np.empty((n, D), np.float32),
@@ -154,18 +164,18 @@ def gemm_only(s, inp, state, repeats):
 
     def fwd():
         for b in bufs:
-            _C.sgemm(b["h"], b["xe"], b["w1"], b["n"], F, D)
-            _C.sgemm(b["y"], b["a"], b["w2"], b["n"], D, F)
+            _C.sgemm(b["h"], b["xe"], b["w1"], b["n"], F, D)       # xe @ w1
+            _C.sgemm(b["y"], b["a"], b["w2"], b["n"], D, F)        # a @ w2
 
-    def bwd():
+    def fwd_bwd():
+        fwd()
         for b in bufs:
-            _C.sgemm(b["dW2"], b["aT"], b["g"], F, D, b["n"])
-            _C.sgemm(b["h"], b["g"], b["w2T"], b["n"], F, D)
-            _C.sgemm(b["dW1"], b["xeT"], b["a"], D, F, b["n"])
-            _C.sgemm(b["y"], b["a"], b["w1T"], b["n"], D, F)
+            _C.sgemm(b["dW2"], b["aT"], b["g"], F, D, b["n"])      # a^T @ dye
+            _C.sgemm(b["h"], b["g"], b["w2T"], b["n"], F, D)       # dye @ w2^T
+            _C.sgemm(b["dW1"], b["xeT"], b["a"], D, F, b["n"])     # xe^T @ dh
+            _C.sgemm(b["y"], b["a"], b["w1T"], b["n"], D, F)       # dh @ w1^T
 
-    t_fwd = median_time(fwd, repeats)
-    return t_fwd, t_fwd + median_time(bwd, repeats)
+    return fwd, fwd_bwd
 
 
 # ---- PyTorch eager -------------------------------------------------------------------
@@ -204,102 +214,120 @@ def torch_layer(torch, x, wr, w1, b1, w2, b2, k, capacity_factor, bpr):
     return y
 
 
-def torch_times(torch, s, inp, repeats):
-    """{threads: (fwd s, fwd+bwd s)} and the forward output."""
+def torch_jobs(torch, s, inp):
     names = ("x", "w_router", "w1", "b1", "w2", "b2")
     opts = (s["k"], s["capacity_factor"], s["bpr"])
     dy = torch.tensor(inp["dy"])
-    out, y = {}, None
-    saved_threads = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        params = [torch.tensor(inp[n], requires_grad=True) for n in names]
+    params = [torch.tensor(inp[n], requires_grad=True) for n in names]
 
-        def fwd():
-            with torch.no_grad():
-                return torch_layer(torch, *params, *opts)
+    def fwd():
+        with torch.no_grad():
+            return torch_layer(torch, *params, *opts)
 
-        def fwd_bwd():
-            for p in params:
-                p.grad = None
-            torch_layer(torch, *params, *opts).backward(dy)
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        torch_layer(torch, *params, *opts).backward(dy)
 
-        out[threads] = (median_time(fwd, repeats), median_time(fwd_bwd, repeats))
-        y = fwd().numpy()
-    torch.set_num_threads(saved_threads)
-    return out, y
+    return fwd, fwd_bwd
 
 
 # ---- report ---------------------------------------------------------------------------
 
-def bench_shape(s, rate, repeats, torch):
+def best(times, key):
+    """(seconds, threads) of the fastest thread count for `key`."""
+    return min((times[(key, th)], th) for th in THREADS)
+
+
+def bench_shape(s, repeats, torch):
     inp = make_inputs(s)
-    t_fwd, t_all, y, state = damex_layer(s, inp, repeats)
+    d_fwd, d_all = damex_jobs(s, inp)
+    y, state = d_fwd()
     N = int(state.router.expert_count.sum())
+    g_fwd, g_all = gemm_jobs(s, inp, state)
+    flop_sgemm, sgemm, _ = sgemm_job()
+    jobs = {}
+    for th in THREADS:
+        jobs[("sgemm", th)] = (th, sgemm)
+        jobs[("damex fwd", th)] = (th, d_fwd)
+        jobs[("damex fwd+bwd", th)] = (th, d_all)
+        jobs[("gemm fwd", th)] = (th, g_fwd)
+        jobs[("gemm fwd+bwd", th)] = (th, g_all)
+    y_t = None
+    if torch is not None:
+        t_fwd, t_all = torch_jobs(torch, s, inp)
+        y_t = t_fwd().numpy()
+        for th in THREADS:
+            jobs[("torch fwd", th)] = (th, t_fwd)
+            jobs[("torch fwd+bwd", th)] = (th, t_all)
+    t = interleaved(jobs, repeats)
+    rate = max(flop_sgemm / t[("sgemm", th)] for th in THREADS) / 1e9
+
     cf = "dropless" if s["capacity_factor"] is None else f"cf={s['capacity_factor']}"
     print(f"\nshape {s['name']}: T={s['T']} D={s['D']} F={s['F']} E={s['E']} k={s['k']} {cf}"
           f"{' BPR' if s['bpr'] else ''}  (kept rows N={N})")
-    tt = y_t = None
-    if torch is not None:
-        tt, y_t = torch_times(torch, s, inp, repeats)
-    print(f"  {'':9}{'damex ms':>10}{'torch ms (threads)':>21}{'torch/damex':>13}"
-          f"{'damex GFLOP/s':>15}{'of sgemm':>10}")
-    for i, (label, t) in enumerate((("fwd", t_fwd), ("fwd+bwd", t_all))):
-        gf = layer_flop(s, N, backward=i == 1) / t / 1e9
-        if tt is not None:
-            best = min(tt, key=lambda th: tt[th][i])
-            t_torch = tt[best][i]
-            torch_col = f"{t_torch * 1e3:14.1f} ({best})"
-            ratio = f"{t_torch / t:12.2f}x"
+    print("  sgemm 4096x1024x256: " + ", ".join(
+        f"{th} thread{'s' if th > 1 else ''} {flop_sgemm / t[('sgemm', th)] / 1e9:.1f} GFLOP/s"
+        for th in THREADS) + f"  -> machine rate {rate:.1f} GFLOP/s")
+    print(f"  {'':9}{'damex ms (threads)':>20}{'torch ms (threads)':>21}{'torch/damex':>13}"
+          f"{'damex GFLOP/s':>15}{'of sgemm':>10}{'outside GEMMs':>15}")
+    for label in ("fwd", "fwd+bwd"):
+        td, thd = best(t, "damex " + label)
+        gf = layer_flop(s, N, backward=label == "fwd+bwd") / td / 1e9
+        outside = 1 - t[("gemm " + label, thd)] / td
+        if torch is not None:
+            tt, tht = best(t, "torch " + label)
+            torch_col, ratio = f"{tt * 1e3:.1f} ({tht})", f"{tt / td:.2f}x"
         else:
-            torch_col, ratio = f"{'n/a':>20}", f"{'n/a':>13}"
-        print(f"  {label:9}{t * 1e3:10.1f}{torch_col:>21}{ratio:>13}{gf:15.1f}"
-              f"{100 * gf / rate:9.0f}%")
-    if tt is not None:
-        detail = ", ".join(f"{th} thread{'s' if th > 1 else ''}: fwd {v[0] * 1e3:.1f} ms, "
-                           f"fwd+bwd {v[1] * 1e3:.1f} ms" for th, v in tt.items())
-        print(f"  torch at {detail}")
-    g_fwd, g_all = gemm_only(s, inp, state, repeats)
-    print(f"  outside the expert GEMMs: fwd {100 * (1 - g_fwd / t_fwd):.1f}%, "
-          f"fwd+bwd {100 * (1 - g_all / t_all):.1f}% of the layer time "
-          f"(the same GEMMs alone: fwd {g_fwd * 1e3:.1f} ms, fwd+bwd {g_all * 1e3:.1f} ms)")
-    parts = damex_breakdown(s, inp, state, repeats)
-    total = sum(parts.values())
-    non_expert = total - parts["expert FFN"]
-    print("  ops timed alone (fwd+bwd): " + ", ".join(
-        f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)" for k, v in parts.items()))
-    print(f"  routing + dispatch + combine{' + loss' if 'DAMEX loss' in parts else ''}: "
-          f"{100 * non_expert / total:.1f}% of the summed op time")
+            torch_col, ratio = "n/a", "n/a"
+        print(f"  {label:9}{f'{td * 1e3:.1f} ({thd})':>20}{torch_col:>21}{ratio:>13}"
+              f"{gf:15.1f}{f'{100 * gf / rate:.0f}%':>10}{f'{100 * outside:.1f}%':>15}")
+    for who in ("damex", "torch", "gemm"):
+        if (who + " fwd", 1) not in t:
+            continue
+        detail = ", ".join(f"{th} thread{'s' if th > 1 else ''}: "
+                           f"fwd {t[(who + ' fwd', th)] * 1e3:.1f} ms, "
+                           f"fwd+bwd {t[(who + ' fwd+bwd', th)] * 1e3:.1f} ms" for th in THREADS)
+        print(f"  {who + (' (expert GEMMs alone)' if who == 'gemm' else '')} at {detail}")
+
+    _, thd = best(t, "damex fwd+bwd")
+    ops_t = interleaved({k: (thd, fn) for k, fn in op_jobs(s, inp, state).items()}, repeats)
+    total = sum(ops_t.values())
+    print(f"  ops timed alone, fwd+bwd at {thd} thread{'s' if thd > 1 else ''}: " + ", ".join(
+        f"{k} {v * 1e3:.1f} ms ({100 * v / total:.1f}%)" for k, v in ops_t.items()))
+    print(f"  routing + dispatch + combine{' + loss' if 'DAMEX loss' in ops_t else ''}: "
+          f"{100 * (total - ops_t['expert FFN']) / total:.1f}% of the summed op time")
     if y_t is not None:
         print(f"  max |y_damex - y_torch| = {np.abs(y - y_t).max():.2e}")
 
 
 def main():
+    global STAT, _torch
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="statistic over the repeats (min resists a busy machine)")
     args = ap.parse_args()
+    STAT = np.median if args.stat == "median" else np.min
     shapes = [dict(s) for s in SHAPES]
     repeats = args.repeats or (3 if args.quick else 5)
     if args.quick:
         for s in shapes:
             s["T"] //= 8
             s["F"] //= 4
-    torch = None
     if not args.no_torch:
         try:
             import torch
+            _torch = torch
         except ImportError:
             print("torch not installed: PyTorch columns skipped")
     print(f"cores {os.cpu_count()}, damex threads (openblas, openmp) {_C.get_num_threads()}, "
-          f"torch {torch.__version__ if torch else 'n/a'}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    rate, np_rate, (M, N, K) = sgemm_rates(max(repeats, 5))
-    print(f"sgemm {M}x{N}x{K}: damex._C.sgemm {rate:.1f} GFLOP/s, numpy {np_rate:.1f} GFLOP/s "
-          f"(shares below are of the damex rate)")
+          f"torch {_torch.__version__ if _torch else 'n/a'}, "
+          f"load average {os.getloadavg()[0]:.2f}, {args.stat} of {repeats} repeats")
     for s in shapes:
-        bench_shape(s, rate, repeats, torch)
+        bench_shape(s, repeats, _torch)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -107,7 +107,7 @@ def test_layer_and_routing_loss_match_torch(mode, k):
                                        layer.sigma, layer.weights)
     ((yt * torch.tensor(dy, dtype=torch.float64)).sum() + aux).backward()
     assert_close(y, yt.detach().numpy(), atol=1e-5, rtol=1e-4, name="y")
-    assert layer.aux_loss == pytest.approx(float(aux), rel=1e-4, abs=1e-6)
+    assert layer.aux_loss == pytest.approx(float(aux.detach()), rel=1e-4, abs=1e-6)
     assert_close(dx, xt.grad.numpy(), atol=1e-5, rtol=1e-3, name="dx")
     for name in ("w_router", "w1", "b1", "w2", "b2"):
         assert_close(layer.grads[name], t[name].grad.numpy(), atol=1e-5, rtol=1e-3, name=name)

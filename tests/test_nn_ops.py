@@ -263,6 +263,22 @@ def test_conv2d_torch_parity(xs, ws, stride, padding, bias, algorithm):
         assert_close(db, bt.grad.numpy(), 5e-4, 1e-4, "db")
 
 
+def test_conv2d_shifted_in_image_chunks_matches_torch():
+    """Images big enough that the shifted algorithm splits the batch into chunks
+    (2 + 1 images forward, 1 + 1 + 1 backward)."""
+    torch = torch_or_skip()
+    x, w, b = f32(rnd(3, 32, 200, 200)), f32(rnd(16, 32, 3, 3) * 0.1), f32(rnd(16))
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    yt = torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+    dy = f32(rnd(*yt.shape))
+    yt.backward(torch.tensor(dy))
+    assert_close(ops.conv2d_forward(x, w, b, 1, 1, algorithm="shifted"), yt.detach().numpy(), 1e-4, 1e-4)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, 1, 1, algorithm="shifted")
+    assert_close(dx, xt.grad.numpy(), 1e-4, 1e-4, "dx")
+    assert_close(dw, wt.grad.numpy(), 2e-2, 1e-4, "dw")  # sums over 120000 products
+    assert_close(db, bt.grad.numpy(), 2e-2, 1e-4, "db")
+
+
 # ---- sigmoid, inverse sigmoid, softmax --------------------------------------------
 
 def test_sigmoid():

@@ -30,4 +30,10 @@ static inline void sgemm_rm(int trans_a, int trans_b, int M, int N, int K, float
                        C, ldc);
 }
 
+/* OpenBLAS's pthreads pool and OpenMP's must not both spin on the cores: a
+ * kernel that runs single-threaded sgemms on OpenMP threads brackets its
+ * parallel region with these (counted, so concurrent callers stay correct). */
+void blas_single_thread_begin(void);
+void blas_single_thread_end(void);
+
 #endif

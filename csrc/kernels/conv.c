@@ -40,7 +40,7 @@ int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const floa
     const long P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     if (db) {
         /* db[co] += sum_{n,p} dy[n,co,p]      (inverts y += b) */
-#pragma omp parallel for schedule(static) if ((long)s->N * ys > 32768)
+#pragma omp parallel for schedule(static) if ((long)s->N * ys > CONV_PAR_MIN)
         for (int co = 0; co < s->Cout; co++) {
             double t = 0.0;
             for (int n = 0; n < s->N; n++) t += dx_sum(dy + n * ys + (long)co * P, P);

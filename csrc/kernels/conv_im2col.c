@@ -33,7 +33,7 @@ static void im2col(float *col, const float *x, const struct conv2d_shape *s)
 {
     const int K = s->Cin * s->kh * s->kw, Wo = s->Wo, Ho = s->Ho;
     const long P = (long)Ho * Wo;
-#pragma omp parallel for schedule(static) if ((long)K * P > 32768)
+#pragma omp parallel for schedule(static) if ((long)K * P > CONV_PAR_MIN)
     for (int k = 0; k < K; k++) {
         int ci = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw, lo, hi;
         valid_range(Wo, s->W, s->sw, s->pw, j, &lo, &hi);
@@ -69,7 +69,7 @@ static void col2im_accumulate(float *dx, const float *dcol, const struct conv2d_
 {
     const int Wo = s->Wo, Ho = s->Ho;
     const long P = (long)Ho * Wo;
-#pragma omp parallel for schedule(static) if ((long)s->Cin * s->kh * s->kw * P > 32768)
+#pragma omp parallel for schedule(static) if ((long)s->Cin * s->kh * s->kw * P > CONV_PAR_MIN)
     for (int ci = 0; ci < s->Cin; ci++) {
         float *xc = dx + (long)ci * s->H * s->W;
         for (int i = 0; i < s->kh; i++)
@@ -105,7 +105,7 @@ int conv2d_forward_im2col(float *y, const float *x, const float *w, const float 
     for (int n = 0; n < s->N; n++) {
         float *yn = y + n * ys;
         if (b) {
-#pragma omp parallel for schedule(static) if (ys > 32768)
+#pragma omp parallel for schedule(static) if (ys > CONV_PAR_MIN)
             for (int co = 0; co < s->Cout; co++)
                 for (int p = 0; p < P; p++) yn[(long)co * P + p] = b[co];
         }

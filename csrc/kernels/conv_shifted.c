@@ -3,14 +3,16 @@
  *
  * The zero-padded image (Hp = H + 2ph, Wp = W + 2pw) is split into sh*sw
  * phase planes, xq[a][b][ci][r][c] = xpad[ci][r*sh + a][c*sw + b], of
- * Hq = ceil(Hp/sh) rows of Wq = ceil(Wp/sw) (plus one spare row per channel).
+ * Hq = ceil(Hp/sh) rows of Wq = ceil(Wp/sw) (plus one spare row), the images
+ * of a chunk side by side: xq[a][b][ci][img][r][c].
  * Tap (i, j) = (qi*sh + a, qj*sw + b) then reads phase (a, b) shifted by
  * (qi, qj), a plain row-major [Cin, Ho*Wq] matrix with row stride CS:
  *
  *   yq[co, oh*Wq + ow] = sum_{taps} sum_ci w[co,ci,i,j] xq[a][b][ci][oh+qi][ow+qj]
  *
- * Columns ow >= Wo of yq wrap into the next row: they are garbage and are
- * cropped (forward) or fed zeros (backward).  Each product is [Cout, Cin] @
+ * with one column per (img, oh, ow).  Columns ow >= Wo wrap into the next row
+ * and rows oh >= Ho into the next image: they are garbage and are cropped
+ * (forward) or fed zeros (backward).  Each product is [Cout, Cin] @
  * [Cin, Ho*Wq] and reads cache-resident planes: faster than im2col's
  * K = Cin*kh*kw product over a matrix kh*kw times the image.
  * One scratch allocation per call; fills run in parallel over planes. */
@@ -23,21 +25,47 @@
 #include "status.h"
 
 struct phases {
-    int Hq, Wq, T, nph; /* phase rows/cols, taps kh*kw, phases sh*sw */
-    long CS, PB, Q;     /* channel stride (Hq+1)*Wq, phase block Cin*CS, Ho*Wq */
+    int Hq, Wq, T, nph, nb; /* phase rows/cols, taps kh*kw, phases sh*sw, images per chunk */
+    long IS, CS, PB;        /* image block (Hq+1)*Wq, channel stride nb*IS, phase block Cin*CS */
 };
 
-static struct phases phases_of(const struct conv2d_shape *s)
+/* Images per chunk: as many as keep the chunk's scratch under ~16 MB. */
+#ifndef SHIFTED_SCRATCH_FLOATS
+#define SHIFTED_SCRATCH_FLOATS (1L << 22)
+#endif
+/* The per-tap products run over column tiles whose output block (rows x
+ * columns) stays under ~256 KB, so the nine accumulations into it hit L2. */
+#ifndef SHIFTED_TILE_FLOATS
+#define SHIFTED_TILE_FLOATS (1L << 16)
+#endif
+
+static long tile_columns(int rows, long Q)
+{
+    long tw = SHIFTED_TILE_FLOATS / rows;
+    tw = tw < 256 ? 256 : tw - tw % 64;
+    return tw < Q ? tw : Q;
+}
+
+static struct phases phases_of(const struct conv2d_shape *s, int backward)
 {
     struct phases g;
     g.Hq = (s->H + 2 * s->ph + s->sh - 1) / s->sh;
     g.Wq = (s->W + 2 * s->pw + s->sw - 1) / s->sw;
     g.T = s->kh * s->kw;
     g.nph = s->sh * s->sw;
-    g.CS = (long)(g.Hq + 1) * g.Wq;
+    g.IS = (long)(g.Hq + 1) * g.Wq;
+    long per_image = ((backward ? 2L : 1L) * g.nph * s->Cin + s->Cout) * g.IS;
+    long nb = SHIFTED_SCRATCH_FLOATS / per_image;
+    g.nb = nb < 1 ? 1 : (nb > s->N ? s->N : (int)nb);
+    g.CS = g.nb * g.IS;
     g.PB = (long)s->Cin * g.CS;
-    g.Q = (long)s->Ho * g.Wq;
     return g;
+}
+
+/* Columns of the products for a chunk of `cnt` images: the last image's rows stop at Ho. */
+static long chunk_columns(const struct conv2d_shape *s, const struct phases *g, int cnt)
+{
+    return (long)(cnt - 1) * g->IS + (long)s->Ho * g->Wq;
 }
 
 /* Offset in xq of tap t = (i, j): phase (i % sh, j % sw), shifted by (i / sh, j / sw). */
@@ -47,16 +75,17 @@ static long tap_offset(const struct conv2d_shape *s, const struct phases *g, int
     return (long)((i % s->sh) * s->sw + j % s->sw) * g->PB + (long)(i / s->sh) * g->Wq + j / s->sw;
 }
 
-/* xq[a][b][ci][r][c] = x[ci][r*sh + a - ph][c*sw + b - pw]  (0 outside the image) */
-static void fill_phases(float *xq, const float *x, const struct conv2d_shape *s,
+/* xq[a][b][ci][img][r][c] = x[img][ci][r*sh + a - ph][c*sw + b - pw]  (0 outside the image) */
+static void fill_phases(float *xq, const float *x, int cnt, const struct conv2d_shape *s,
                         const struct phases *g)
 {
-#pragma omp parallel for schedule(static) if (g->nph * g->PB > 32768)
-    for (long pc = 0; pc < (long)g->nph * s->Cin; pc++) {
-        int ph_i = (int)(pc / s->Cin), ci = (int)(pc % s->Cin);
+    const long planes = (long)g->nph * s->Cin * cnt;
+#pragma omp parallel for schedule(static) if (planes * g->IS > CONV_PAR_MIN)
+    for (long q = 0; q < planes; q++) {
+        int img = (int)(q % cnt), ci = (int)(q / cnt % s->Cin), ph_i = (int)(q / cnt / s->Cin);
         int a = ph_i / s->sw, b = ph_i % s->sw;
-        float *dst = xq + ph_i * g->PB + (long)ci * g->CS;
-        const float *src = x + (long)ci * s->H * s->W;
+        float *dst = xq + ph_i * g->PB + (long)ci * g->CS + (long)img * g->IS;
+        const float *src = x + ((long)img * s->Cin + ci) * s->H * s->W;
         for (int r = 0; r <= g->Hq; r++) {
             float *row = dst + (long)r * g->Wq;
             int ir = r * s->sh + a - s->ph;
@@ -81,21 +110,25 @@ static void fill_phases(float *xq, const float *x, const struct conv2d_shape *s,
     }
 }
 
-/* Inverts fill_phases:  dx[ci][r][c] += dxq[(r+ph) % sh][(c+pw) % sw][ci][(r+ph)/sh][(c+pw)/sw] */
-static void unfill_phases_accumulate(float *dx, const float *dxq, const struct conv2d_shape *s,
-                                     const struct phases *g)
+/* Inverts fill_phases:
+ *   dx[img][ci][r][c] += dxq[(r+ph) % sh][(c+pw) % sw][ci][img][(r+ph)/sh][(c+pw)/sw] */
+static void unfill_phases_accumulate(float *dx, const float *dxq, int cnt,
+                                     const struct conv2d_shape *s, const struct phases *g)
 {
-#pragma omp parallel for schedule(static) if (g->nph * g->PB > 32768)
-    for (int ci = 0; ci < s->Cin; ci++)
+    const long planes = (long)s->Cin * cnt;
+#pragma omp parallel for schedule(static) if (planes * s->H * s->W > CONV_PAR_MIN)
+    for (long q = 0; q < planes; q++) {
+        int img = (int)(q / s->Cin), ci = (int)(q % s->Cin);
+        const float *base = dxq + (long)ci * g->CS + (long)img * g->IS;
         for (int r = 0; r < s->H; r++) {
             int pr = r + s->ph, a = pr % s->sh, qr = pr / s->sh;
-            float *out = dx + ((long)ci * s->H + r) * s->W;
+            float *out = dx + (q * s->H + r) * s->W;
             for (int c = 0; c < s->W; c++) {
                 int pc = c + s->pw, b = pc % s->sw;
-                out[c] += dxq[(long)(a * s->sw + b) * g->PB + (long)ci * g->CS +
-                              (long)qr * g->Wq + pc / s->sw];
+                out[c] += base[(long)(a * s->sw + b) * g->PB + (long)qr * g->Wq + pc / s->sw];
             }
         }
+    }
 }
 
 /* wt[t][co][ci] = w[co][ci][t]: one [Cout, Cin] matrix per tap. */
@@ -111,27 +144,33 @@ int conv2d_forward_shifted(float *y, const float *x, const float *w, const float
                            const struct conv2d_shape *s)
 {
     if (s->N == 0) return DAMEX_OK;
-    const struct phases g = phases_of(s);
+    const struct phases g = phases_of(s, 0);
     const long xs = (long)s->Cin * s->H * s->W, P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     const long wsz = (long)g.T * s->Cout * s->Cin;
-    float *xq = malloc(sizeof(float) * ((size_t)g.nph * g.PB + (size_t)s->Cout * g.Q + wsz));
+    float *xq = malloc(sizeof(float) * ((size_t)g.nph * g.PB + (size_t)s->Cout * g.CS + wsz));
     if (!xq) return DAMEX_ENOMEM;
-    float *yq = xq + (size_t)g.nph * g.PB, *wt = yq + (size_t)s->Cout * g.Q;
+    float *yq = xq + (size_t)g.nph * g.PB, *wt = yq + (size_t)s->Cout * g.CS;
     repack_taps(wt, w, s, g.T);
-    for (int n = 0; n < s->N; n++) {
-        fill_phases(xq, x + n * xs, s, &g);
-        for (int t = 0; t < g.T; t++)
-            /* yq[Cout, Q] (+)= w[:,:,i,j] @ xq shifted by tap t */
-            sgemm_rm(0, 0, s->Cout, (int)g.Q, s->Cin, 1.0f, wt + (long)t * s->Cout * s->Cin,
-                     s->Cin, xq + tap_offset(s, &g, t), (int)g.CS, t ? 1.0f : 0.0f, yq, (int)g.Q);
-        float *yn = y + n * ys;
-#pragma omp parallel for schedule(static) if (ys > 32768)
-        for (int co = 0; co < s->Cout; co++) {
+    for (int n0 = 0; n0 < s->N; n0 += g.nb) {
+        const int cnt = s->N - n0 < g.nb ? s->N - n0 : g.nb;
+        const long Q = chunk_columns(s, &g, cnt);
+        fill_phases(xq, x + n0 * xs, cnt, s, &g);
+        const long tw = tile_columns(s->Cout, Q);
+        for (long c0 = 0; c0 < Q; c0 += tw)
+            for (int t = 0; t < g.T; t++)
+                /* yq[Cout, Q] (+)= w[:,:,i,j] @ xq shifted by tap t, columns c0 .. c0+tw */
+                sgemm_rm(0, 0, s->Cout, (int)(Q - c0 < tw ? Q - c0 : tw), s->Cin, 1.0f,
+                         wt + (long)t * s->Cout * s->Cin, s->Cin, xq + tap_offset(s, &g, t) + c0,
+                         (int)g.CS, t ? 1.0f : 0.0f, yq + c0, (int)g.CS);
+        const long rows = (long)cnt * s->Cout;
+#pragma omp parallel for schedule(static) if (rows * P > CONV_PAR_MIN)
+        for (long q = 0; q < rows; q++) {
+            int img = (int)(q / s->Cout), co = (int)(q % s->Cout);
             float bias = b ? b[co] : 0.0f;
+            float *dst = y + (n0 + img) * ys + (long)co * P;
             for (int oh = 0; oh < s->Ho; oh++) {
-                const float *src = yq + (long)co * g.Q + (long)oh * g.Wq;
-                float *dst = yn + (long)co * P + (long)oh * s->Wo;
-                for (int ow = 0; ow < s->Wo; ow++) dst[ow] = src[ow] + bias;
+                const float *src = yq + (long)co * g.CS + (long)img * g.IS + (long)oh * g.Wq;
+                for (int ow = 0; ow < s->Wo; ow++) dst[(long)oh * s->Wo + ow] = src[ow] + bias;
             }
         }
     }
@@ -143,43 +182,53 @@ int conv2d_backward_shifted(float *dx, float *dw, const float *dy, const float *
                             const float *w, const struct conv2d_shape *s)
 {
     if (s->N == 0) return DAMEX_OK;
-    const struct phases g = phases_of(s);
+    const struct phases g = phases_of(s, 1);
     const long xs = (long)s->Cin * s->H * s->W, P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     const long wsz = (long)g.T * s->Cout * s->Cin;
     /* xq (dw) | dxq (dx) | dyq | wt | dwt */
-    size_t total = (size_t)2 * g.nph * g.PB + (size_t)s->Cout * g.Q + 2 * (size_t)wsz;
+    size_t total = (size_t)2 * g.nph * g.PB + (size_t)s->Cout * g.CS + 2 * (size_t)wsz;
     float *xq = malloc(sizeof(float) * total);
     if (!xq) return DAMEX_ENOMEM;
     float *dxq = xq + (size_t)g.nph * g.PB, *dyq = dxq + (size_t)g.nph * g.PB;
-    float *wt = dyq + (size_t)s->Cout * g.Q, *dwt = wt + wsz;
+    float *wt = dyq + (size_t)s->Cout * g.CS, *dwt = wt + wsz;
     repack_taps(wt, w, s, g.T);
     memset(dwt, 0, sizeof(float) * wsz);
-    for (int n = 0; n < s->N; n++) {
-        const float *dyn = dy + n * ys;
-        /* dyq[co, oh*Wq + ow] = dy[co, oh, ow], 0 in the wrapped columns ow >= Wo */
-#pragma omp parallel for schedule(static) if (ys > 32768)
-        for (int co = 0; co < s->Cout; co++)
+    for (int n0 = 0; n0 < s->N; n0 += g.nb) {
+        const int cnt = s->N - n0 < g.nb ? s->N - n0 : g.nb;
+        const long Q = chunk_columns(s, &g, cnt);
+        /* dyq[co][img][oh*Wq + ow] = dy[img][co][oh][ow]; 0 in the wrapped columns
+         * ow >= Wo and the rows oh >= Ho, so they add nothing below */
+        const long rows = (long)cnt * s->Cout;
+#pragma omp parallel for schedule(static) if (rows * g.IS > CONV_PAR_MIN)
+        for (long q = 0; q < rows; q++) {
+            int img = (int)(q / s->Cout), co = (int)(q % s->Cout);
+            float *dst = dyq + (long)co * g.CS + (long)img * g.IS;
+            const float *src = dy + (n0 + img) * ys + (long)co * P;
             for (int oh = 0; oh < s->Ho; oh++) {
-                float *dst = dyq + (long)co * g.Q + (long)oh * g.Wq;
-                memcpy(dst, dyn + (long)co * P + (long)oh * s->Wo, sizeof(float) * s->Wo);
-                memset(dst + s->Wo, 0, sizeof(float) * (g.Wq - s->Wo));
+                memcpy(dst + (long)oh * g.Wq, src + (long)oh * s->Wo, sizeof(float) * s->Wo);
+                memset(dst + (long)oh * g.Wq + s->Wo, 0, sizeof(float) * (g.Wq - s->Wo));
             }
+            memset(dst + (long)s->Ho * g.Wq, 0, sizeof(float) * (g.IS - (long)s->Ho * g.Wq));
+        }
         if (dw) {
-            fill_phases(xq, x + n * xs, s, &g);
+            fill_phases(xq, x + n0 * xs, cnt, s, &g);
             for (int t = 0; t < g.T; t++)
                 /* dw[:,:,i,j] += dyq[Cout, Q] @ (xq shifted by tap t)^T   (inverts yq += w_t @ xq_t) */
-                sgemm_rm(0, 1, s->Cout, s->Cin, (int)g.Q, 1.0f, dyq, (int)g.Q,
+                sgemm_rm(0, 1, s->Cout, s->Cin, (int)Q, 1.0f, dyq, (int)g.CS,
                          xq + tap_offset(s, &g, t), (int)g.CS, 1.0f,
                          dwt + (long)t * s->Cout * s->Cin, s->Cin);
         }
         if (dx) {
             memset(dxq, 0, sizeof(float) * (size_t)g.nph * g.PB);
-            for (int t = 0; t < g.T; t++)
-                /* dxq shifted by tap t += w_t^T @ dyq        (inverts yq += w_t @ xq_t);
-                 * channels of dxq never overlap: CS leaves a spare row for the shift */
-                sgemm_rm(1, 0, s->Cin, (int)g.Q, s->Cout, 1.0f, wt + (long)t * s->Cout * s->Cin,
-                         s->Cin, dyq, (int)g.Q, 1.0f, dxq + tap_offset(s, &g, t), (int)g.CS);
-            unfill_phases_accumulate(dx + n * xs, dxq, s, &g);
+            const long tw = tile_columns(s->Cin, Q);
+            for (long c0 = 0; c0 < Q; c0 += tw)
+                for (int t = 0; t < g.T; t++)
+                    /* dxq shifted by tap t += w_t^T @ dyq    (inverts yq += w_t @ xq_t);
+                     * rows of dxq never overlap: each image block has a spare row for the shift */
+                    sgemm_rm(1, 0, s->Cin, (int)(Q - c0 < tw ? Q - c0 : tw), s->Cout, 1.0f,
+                             wt + (long)t * s->Cout * s->Cin, s->Cin, dyq + c0, (int)g.CS, 1.0f,
+                             dxq + tap_offset(s, &g, t) + c0, (int)g.CS);
+            unfill_phases_accumulate(dx + n0 * xs, dxq, cnt, s, &g);
         }
     }
     if (dw)

@@ -58,9 +58,8 @@ class SetCriterion:
         src = boxes.reshape(B * Q, 4)[flat]
         tgt = np.concatenate(gt_boxes).astype(np.float32)
         loss_bbox = F.l1_loss(src, Tensor(tgt), reduction="sum") / num_boxes
-        giou = F.generalized_box_iou(F.box_cxcywh_to_xyxy(src), F.box_cxcywh_to_xyxy(Tensor(tgt)))
-        m = np.arange(flat.size)
-        loss_giou = (1.0 - giou[m, m]).sum() / num_boxes
+        giou = F.generalized_box_iou_paired(F.box_cxcywh_to_xyxy(src), F.box_cxcywh_to_xyxy(Tensor(tgt)))
+        loss_giou = (1.0 - giou).sum() / num_boxes
         return {"ce": loss_ce, "bbox": loss_bbox, "giou": loss_giou}
 
     def _matched(self, out, targets, num_boxes):
