@@ -20,13 +20,32 @@ NumPy boolean arrays (they carry no gradient).
 """
 import contextlib
 import threading
+import time
 
 import numpy as np
 
 __all__ = ["Tensor", "Node", "tensor", "no_grad", "enable_grad", "is_grad_enabled",
-           "set_grad_enabled", "cat", "stack", "where", "zeros", "ones", "as_tensor"]
+           "set_grad_enabled", "cat", "stack", "where", "zeros", "ones", "as_tensor",
+           "set_backward_hook"]
 
 _state = threading.local()
+
+# Profiling: when set, ``backward_from`` calls ``_backward_hook(node, seconds)`` after
+# each node's backward closure (wall time of the closure only; not the tape's own
+# accumulation).  None (the default) costs one ``is None`` test per node.
+_backward_hook = None
+
+
+def set_backward_hook(hook):
+    """Install ``hook(node, seconds)`` called after every node's backward; None removes it.
+
+    For profiling (``bench/bench_train.py``): ``node.name`` is the op (``linear``,
+    ``ms_deform_attn``, ``moe`` ...) and the node object can be mapped back to the
+    module that recorded it.  Returns the previous hook.
+    """
+    global _backward_hook
+    old, _backward_hook = _backward_hook, hook
+    return old
 
 
 def is_grad_enabled():
@@ -479,7 +498,12 @@ def backward_from(pairs, retain_graph=False):
                                "pass retain_graph=True to the first backward")
         out_grads = [np.zeros(s, np.float32) if g is None else g
                      for g, s in zip(out_grads, node.out_shapes)]
-        in_grads = node.backward(out_grads)
+        if _backward_hook is None:
+            in_grads = node.backward(out_grads)
+        else:
+            t0 = time.perf_counter()
+            in_grads = node.backward(out_grads)
+            _backward_hook(node, time.perf_counter() - t0)
         if not retain_graph:
             node.backward = None
         for p, g in zip(node.parents, in_grads):
