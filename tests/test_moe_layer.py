@@ -10,6 +10,9 @@ from damex import ops
 from helpers import assert_close, torch_or_skip, unchanged
 
 
+WEIGHTS = {"damex": 0.1, "importance": 0.5, "load": 0.5}
+
+
 def make_layer(**kw):
     args = dict(d_model=8, d_hidden=16, num_experts=4, k=1, capacity_factor=None, bpr=True,
                 loss="damex", dataset_to_expert=[0, 1, 2, 2, 3], seed=3)
@@ -27,14 +30,14 @@ def test_noise_only_in_training_and_replayable():
     a, b = make_layer(seed=7), make_layer(seed=7)
     ya, yb = a.forward(x, dataset_ids=ids), b.forward(x, dataset_ids=ids)
     np.testing.assert_array_equal(ya, yb)  # same seed, same bits
-    noise = a._noise
+    noise = a.routing["noise"]
     assert noise is not None and noise.shape == (24, 4)
     assert abs(noise.std() - a.sigma) < 0.1  # sigma = gate_noise / E
     c = make_layer(seed=7)
     np.testing.assert_array_equal(c.forward(x, dataset_ids=ids, noise=noise), ya)  # replay
     a.eval()
     a.forward(x)
-    assert a._noise is None and a.aux_loss == 0.0
+    assert a.routing["noise"] is None and a.aux_loss == 0.0
 
 
 def test_statistics_on_a_mixed_batch_with_many_to_one_map():
@@ -45,7 +48,7 @@ def test_statistics_on_a_mixed_batch_with_many_to_one_map():
     m = s["dataset_expert"]
     assert m.shape == (5, 4) and m.sum() == 40
     np.testing.assert_array_equal(m.sum(1), np.bincount(ids, minlength=5))
-    top1 = layer._state.router.expert_index[:, 0]
+    top1 = layer.routing["expert_index"][:, 0]
     mapping = np.array([0, 1, 2, 2, 3])
     assert s["accuracy"] == pytest.approx((top1 == mapping[ids]).mean())
     assert s["drop_fraction"] == 0.0  # dropless
@@ -103,8 +106,8 @@ def test_layer_and_routing_loss_match_torch(mode, k):
     dx = layer.backward(dy)
     check()
     target = np.array([0, 1, 2, 2, 3])[ids]
-    xt, t, yt, aux = _torch_layer_loss(torch, layer.params, x, layer._noise, target, mode, k,
-                                       layer.sigma, layer.weights)
+    xt, t, yt, aux = _torch_layer_loss(torch, layer.params, x, layer.routing["noise"], target, mode, k,
+                                       layer.sigma, WEIGHTS)
     ((yt * torch.tensor(dy, dtype=torch.float64)).sum() + aux).backward()
     assert_close(y, yt.detach().numpy(), atol=1e-5, rtol=1e-4, name="y")
     assert layer.aux_loss == pytest.approx(float(aux.detach()), rel=1e-4, abs=1e-6)

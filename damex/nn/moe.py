@@ -123,7 +123,9 @@ class MoE(Module):
             mapping = np.arange(int(ids.max()) + 1 if ids.size else 1, dtype=np.int64) % self.num_experts
         return _ops.dataset_to_expert(ids, mapping, self.num_experts)
 
-    def forward(self, x, dataset_ids=None, expert_target=None, mask=None):
+    def forward(self, x, dataset_ids=None, expert_target=None, mask=None, noise=None):
+        """Route and run the experts (see the class docstring); ``noise [T, E]`` replaces
+        the gate noise the module would draw, to replay a step exactly."""
         x = as_tensor(x)
         lead, D = x.shape[:-1], x.shape[-1]
         if D != self.d_model:
@@ -138,8 +140,11 @@ class MoE(Module):
         m = None
         if mask is not None:
             m = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, bool), lead).reshape(-1))
-        noise = None
-        if self.training and self.gate_noise > 0:
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.shape != (T, E):
+                raise ValueError(f"MoE: noise must have shape ({T}, {E}), got {noise.shape}")
+        elif self.training and self.gate_noise > 0:
             noise = self.rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
         opts = self.loss_options
         losses = []
