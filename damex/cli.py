@@ -62,17 +62,20 @@ def _cmd_eval(args):
 
         dc = trainer.cfg.data
         tf = default_transforms(False, dc.min_size, dc.max_size, 0.0, dc.normalize)
-        names = list(trainer.label_space.dataset_names) if hasattr(trainer.label_space, "dataset_names") else []
-        sets = []
-        for name, ann, img in map(_parse_dataset, args.dataset):
-            sets.append(CocoDetection(name, ann, img, transforms=tf,
-                                      dataset_id=names.index(name) if name in names else len(sets)))
-        mixture = MixtureDataset(sets, label_space=trainer.label_space)
+        sets = [CocoDetection(name, ann, img, transforms=tf)
+                for name, ann, img in map(_parse_dataset, args.dataset)]
+        mixture = MixtureDataset(sets, label_space=trainer.label_space.project(sets))
+        # routing accuracy needs h(d): known for datasets named as in training
+        trained = list(trainer.label_space.dataset_names)
+        mapping = trainer.model.cfg.dataset_to_expert
+        assignment = ([mapping[trained.index(ds.name)] for ds in sets]
+                      if all(ds.name in trained for ds in sets) else None)
     else:
         from .data.config import build_mixture
         mixture = build_mixture(trainer.cfg.data, "val", label_space=trainer.label_space)
+        assignment = trainer.model.cfg.dataset_to_expert
     results, predictions = evaluate_model(trainer.model, mixture, batch_size=args.batch_size,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, assignment=assignment)
     print(format_table(results))
     if results["routing"]["accuracy"] is not None:
         print(f"routing accuracy without dataset labels: {results['routing']['accuracy']:.3f}")

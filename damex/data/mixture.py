@@ -97,6 +97,29 @@ class LabelSpace:
             mask[d, list(m)] = True
         return mask
 
+    def project(self, datasets):
+        """This joint label space as seen by other datasets (a model's classes for data
+        it was not trained on): categories match joint classes by name.
+
+        Raises ValueError naming the dataset and category when a category is not a
+        joint class.
+        """
+        index = {_norm_name(n): j for j, n in enumerate(self.names)}
+        out = LabelSpace([], [])
+        out.names = list(self.names)
+        for ds in datasets:
+            l2j = {}
+            for c in ds.categories:
+                key = _norm_name(c["name"])
+                if key not in index:
+                    raise ValueError(f"dataset {ds.name!r}: category {c['name']!r} (id {c['id']}) is "
+                                     f"not one of the model's classes {self.names}")
+                l2j[c["id"]] = index[key]
+            out.dataset_names.append(ds.name)
+            out.local_to_joint.append(l2j)
+            out.joint_to_local.append({j: cid for cid, j in l2j.items()})
+        return out
+
     def to_dict(self):
         return {"names": list(self.names), "datasets": {
             name: {str(cid): j for cid, j in m.items()}

@@ -72,7 +72,13 @@ def load_run_config(path):
     """Read and check a run configuration file.  Data paths resolve against the
     file's folder (as in :func:`~damex.data.config.load_data_config`); ``out_dir``
     against the working directory."""
-    data_cfg = load_data_config(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return run_config_from_dict(data, source=os.fspath(path), data_cfg=data_cfg)
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data_cfg = load_data_config(path) if isinstance(data, dict) and "data" in data else None
+    return run_config_from_dict(data, source=path, data_cfg=data_cfg)

@@ -50,17 +50,30 @@ def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
     return predictions, records
 
 
-def evaluate_model(model, mixture, *, batch_size=8, num_select=100, progress=True):
-    """COCO AP per dataset plus routing analysis, in the ``damex eval --json`` shape."""
+def evaluate_model(model, mixture, *, batch_size=8, num_select=100, progress=True,
+                   assignment="model"):
+    """COCO AP per dataset plus routing analysis, in the ``damex eval --json`` shape.
+
+    ``assignment`` is h (dataset of the mixture -> expert) for the routing accuracy:
+    by default the model's map (the mixture is the training mixture); None when the
+    datasets are new to the model (the accuracy is then not defined and reported as None).
+    """
     predictions, records = predict(model, mixture, batch_size=batch_size, num_select=num_select,
                                    progress=progress)
     results = evaluate_detections(mixture, predictions)
     cfg = model.cfg
     routing = {"accuracy": None, "layers": []}
+    if assignment == "model":
+        assignment = cfg.dataset_to_expert
     if records:
-        stats = analyse_routing(records, len(mixture.datasets), cfg.num_experts,
-                                assignment=np.asarray(cfg.dataset_to_expert))
+        h = np.zeros(len(mixture.datasets), np.int64) if assignment is None else np.asarray(assignment)
+        stats = analyse_routing(records, len(mixture.datasets), cfg.num_experts, assignment=h)
         routing["layers"] = [{"name": name, **s} for name, s in stats.items()]
-        routing["accuracy"] = float(np.mean([s["accuracy"] for s in stats.values()]))
+        if assignment is None:
+            for layer in routing["layers"]:
+                layer["accuracy"] = None
+                layer["per_dataset_accuracy"] = None
+        else:
+            routing["accuracy"] = float(np.mean([s["accuracy"] for s in stats.values()]))
     results["routing"] = routing
     return results, predictions

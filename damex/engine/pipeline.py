@@ -26,8 +26,8 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
     names = [ds.name for ds in mixture.datasets]
     for layer in results["routing"]["layers"]:
         p = os.path.join(out_dir, f"routing_{layer['name']}.png")
-        plot_routing_heatmap(layer["matrix"], names, p,
-                             title=f"{layer['name']}: routing accuracy {layer['accuracy']:.2f}")
+        acc = "" if layer["accuracy"] is None else f": routing accuracy {layer['accuracy']:.2f}"
+        plot_routing_heatmap(layer["matrix"], names, p, title=f"{layer['name']}{acc}")
         paths.append(p)
     p = os.path.join(out_dir, "training_curves.png")
     plot_training_curves(trainer.history, p)
