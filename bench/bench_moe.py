@@ -307,11 +307,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--shape", choices=[s["name"] for s in SHAPES], action="append",
+                    help="run only this shape (repeatable)")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="statistic over the repeats (min resists a busy machine)")
     args = ap.parse_args()
     STAT = np.median if args.stat == "median" else np.min
-    shapes = [dict(s) for s in SHAPES]
+    shapes = [dict(s) for s in SHAPES if not args.shape or s["name"] in args.shape]
     repeats = args.repeats or (3 if args.quick else 5)
     if args.quick:
         for s in shapes:

@@ -4,9 +4,10 @@ damex (C) against PyTorch on the same inputs, side by side.
     python bench/bench_msda.py           # DINO-like shapes
     python bench/bench_msda.py --quick   # fewer repetitions
 
-PyTorch is timed at 1 and 2 threads (torch.set_num_threads) and the faster is
-reported; damex runs with its default threads.  Times are the median of the
-repetitions, in milliseconds; ratio = torch / damex (> 1: damex is faster).
+Both sides are timed at 1 and 2 threads (torch.set_num_threads,
+damex._C.set_num_threads), the four configurations interleaved round by round;
+each side's faster configuration is reported.  Times are medians in
+milliseconds; ratio = torch / damex (> 1: damex is faster).
 """
 import argparse
 import os
@@ -21,34 +22,37 @@ from damex import ops  # noqa: E402
 from damex._lib import _C  # noqa: E402
 
 
-def timeit(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
+def compare(torch, name, ours, theirs, reps):
+    """Time damex (`ours`) and torch (`theirs`) at 1 and 2 threads each, the four
+    configurations interleaved round by round (the machine's load drifts); print the
+    median of the faster configuration of each side and the ratio."""
+    torch_before, damex_before = torch.get_num_threads(), _C.get_num_threads()[1]
+    configs = [("damex", t, ours) for t in (1, 2)] + [("torch", t, theirs) for t in (1, 2)]
+
+    def run(side, threads, fn):
+        if side == "damex":
+            _C.set_num_threads(threads)
+        else:
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        return time.perf_counter() - t0
 
-
-def torch_best(torch, fn, reps):
-    """Median time of fn at 1 and 2 torch threads; the faster and its thread count."""
-    before = torch.get_num_threads()
-    best = None
-    for t in (1, 2):
-        torch.set_num_threads(t)
-        ms = timeit(fn, reps)
-        if best is None or ms < best[0]:
-            best = (ms, t)
-    torch.set_num_threads(before)
-    return best
-
-
-def line(name, ours, theirs):
-    ms_t, threads = theirs
-    print(f"{name:<44s} damex {ours:9.2f} ms   torch {ms_t:9.2f} ms ({threads}T)   "
-          f"ratio {ms_t / ours:6.2f}x", flush=True)
+    try:
+        for c in configs:  # warm up
+            run(*c)
+        times = {c[:2]: [] for c in configs}
+        for _ in range(reps):
+            for c in configs:
+                times[c[:2]].append(run(*c))
+    finally:
+        torch.set_num_threads(torch_before)
+        _C.set_num_threads(damex_before)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    d = min((med[("damex", t)], t) for t in (1, 2))
+    p = min((med[("torch", t)], t) for t in (1, 2))
+    print(f"{name:<44s} damex {d[0]:9.2f} ms ({d[1]}T)   torch {p[0]:9.2f} ms ({p[1]}T)   "
+          f"ratio {p[0] / d[0]:6.2f}x", flush=True)
 
 
 # ---- MSDA ---------------------------------------------------------------
@@ -101,8 +105,8 @@ def bench_msda(torch, name, N, M, D, levels, Lq, P, reps):
 
     tag = f"{name} N={N} M={M} D={D} Lq={Lq} S={S} L={L} P={P}"
     print(tag)
-    line("  msda forward", timeit(ours_fwd, reps), torch_best(torch, torch_fwd, reps))
-    line("  msda forward+backward", timeit(ours_fwd_bwd, reps), torch_best(torch, torch_fwd_bwd, reps))
+    compare(torch, "  msda forward", ours_fwd, torch_fwd, reps)
+    compare(torch, "  msda forward+backward", ours_fwd_bwd, torch_fwd_bwd, reps)
 
 
 # ---- attention ----------------------------------------------------------
@@ -153,11 +157,9 @@ def bench_attention(torch, N, L, C, H, reps):
             torch.nn.functional.scaled_dot_product_attention(*th, attn_mask=~tm)
 
     print(f"Attention N={N} L={L} C={C} H={H}, denoising mask")
-    line("  attention forward", timeit(ours_fwd, reps), torch_best(torch, torch_fwd, reps))
-    line("  attention forward+backward", timeit(ours_fwd_bwd, reps),
-         torch_best(torch, torch_fwd_bwd, reps))
-    line("  attention forward vs SDPA (no attn map)", timeit(ours_fwd, reps),
-         torch_best(torch, torch_sdpa, reps))
+    compare(torch, "  attention forward", ours_fwd, torch_fwd, reps)
+    compare(torch, "  attention forward+backward", ours_fwd_bwd, torch_fwd_bwd, reps)
+    compare(torch, "  attention forward vs SDPA (no attn map)", ours_fwd, torch_sdpa, reps)
 
 
 def main():

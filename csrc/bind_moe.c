@@ -119,15 +119,15 @@ static PyObject *py_expert_ffn_forward(PyObject *self, PyObject *args)
                                                        E, D, F, N, act));
 }
 
-/* expert_ffn_backward(dxe, dw1, db1, dw2, db2, dye, xe, h, a, w1, w2, expert_count,
- *                     E, D, F, N, act) */
+/* expert_ffn_backward(dxe, dw1, db1, dw2, db2, dh, dye, xe, h, a, w1, w2, expert_count,
+ *                     E, D, F, N, act); dh[N,F] is scratch */
 static PyObject *py_expert_ffn_backward(PyObject *self, PyObject *args)
 {
-    PyObject *odxe, *odw1, *odb1, *odw2, *odb2, *odye, *oxe, *oh, *oa, *ow1, *ow2, *oec;
+    PyObject *odxe, *odw1, *odb1, *odw2, *odb2, *odh, *odye, *oxe, *oh, *oa, *ow1, *ow2, *oec;
     Py_ssize_t e_, d_, f_, n_;
     int act;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOnnnni", &odxe, &odw1, &odb1, &odw2, &odb2, &odye,
-                          &oxe, &oh, &oa, &ow1, &ow2, &oec, &e_, &d_, &f_, &n_, &act))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOnnnni", &odxe, &odw1, &odb1, &odw2, &odb2, &odh,
+                          &odye, &oxe, &oh, &oa, &ow1, &ow2, &oec, &e_, &d_, &f_, &n_, &act))
         return NULL;
     DIM(E, e_);
     DIM(D, d_);
@@ -138,6 +138,7 @@ static PyObject *py_expert_ffn_backward(PyObject *self, PyObject *args)
     F32_OUT(db1, odb1, (npy_intp)E * F);
     F32_OUT(dw2, odw2, (npy_intp)E * F * D);
     F32_OUT(db2, odb2, (npy_intp)E * D);
+    F32_OUT(dh, odh, (npy_intp)N * F);
     F32_IN(dye, odye, (npy_intp)N * D);
     F32_IN(xe, oxe, (npy_intp)N * D);
     F32_IN(h, oh, (npy_intp)N * F);
@@ -145,7 +146,7 @@ static PyObject *py_expert_ffn_backward(PyObject *self, PyObject *args)
     F32_IN(w1, ow1, (npy_intp)E * D * F);
     F32_IN(w2, ow2, (npy_intp)E * F * D);
     I64_IN(expert_count, oec, E);
-    DAMEX_RUN("expert_ffn_backward", expert_ffn_backward(dxe, dw1, db1, dw2, db2, dye, xe, h, a,
+    DAMEX_RUN("expert_ffn_backward", expert_ffn_backward(dxe, dw1, db1, dw2, db2, dh, dye, xe, h, a,
                                                          w1, w2, expert_count, E, D, F, N, act));
 }
 

@@ -558,3 +558,25 @@ def test_memory_flat_over_many_calls():
         step()
     grown = _rss_kb() - before
     assert grown < 2048, f"resident memory grew by {grown} kB over 10,000 calls"
+
+
+def test_reused_work_buffers_never_clobber_live_state():
+    """Large work buffers are reused across calls only once nothing refers to
+    them: a state kept alive across later calls still gives its own gradients."""
+    rng, x, wr, w = layer_inputs(27, 2048, 16, 512, 4)  # h is 2048 x 512: 4 MiB, pooled
+    args = f32s(x, wr, *w)
+    dy = rng.normal(size=(2048, 16)).astype(np.float32)
+    y1, s1 = ops.moe_forward(*args, k=1)
+    g1 = ops.moe_backward(dy, s1)
+    h1 = s1.expert.h.copy()
+    x2 = args[0] * 0.5
+    y2, s2 = ops.moe_forward(x2, *args[1:], k=1)  # s1 still alive: must not share buffers
+    assert not np.shares_memory(s1.expert.h, s2.expert.h)
+    assert not np.shares_memory(s1.expert.a, s2.expert.a)
+    np.testing.assert_array_equal(s1.expert.h, h1)
+    g1_again = ops.moe_backward(dy, s1)
+    for name in g1:
+        np.testing.assert_array_equal(g1_again[name], g1[name], err_msg=name)
+    del s2, y2
+    y3, s3 = ops.moe_forward(*args, k=1)  # s2's buffers are free again: results identical
+    np.testing.assert_array_equal(y3, y1)

@@ -264,8 +264,8 @@ def test_conv2d_torch_parity(xs, ws, stride, padding, bias, algorithm):
 
 
 def test_conv2d_shifted_in_image_chunks_matches_torch():
-    """Images big enough that the shifted algorithm splits the batch into chunks
-    (2 + 1 images forward, 1 + 1 + 1 backward)."""
+    """A batch the shifted algorithm runs in several image chunks (one image per
+    chunk by default; build with -DSHIFTED_SCRATCH_FLOATS=4194304 for 2 + 1)."""
     torch = torch_or_skip()
     x, w, b = f32(rnd(3, 32, 200, 200)), f32(rnd(16, 32, 3, 3) * 0.1), f32(rnd(16))
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))

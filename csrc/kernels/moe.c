@@ -10,7 +10,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -319,20 +318,6 @@ static void blas_single_end(void)
  * thread (a parallel region costs more than it saves, worst on a busy machine). */
 #define FFN_PAR_MIN (1L << 21)
 
-/* A large scratch buffer on transparent huge pages where the kernel allows it
- * (as NumPy does for its arrays): fresh 4 KiB pages cost a fault each. */
-static float *alloc_scratch(size_t n)
-{
-    size_t bytes = n * sizeof(float) + 1;
-    void *p = NULL;
-    if (bytes < ((size_t)1 << 22)) return malloc(bytes);
-    if (posix_memalign(&p, (size_t)1 << 21, bytes) != 0) return NULL;
-#ifdef MADV_HUGEPAGE
-    madvise(p, bytes & ~(((size_t)1 << 21) - 1), MADV_HUGEPAGE);
-#endif
-    return p;
-}
-
 typedef struct {
     int e;    /* expert */
     long r0;  /* first packed row */
@@ -413,7 +398,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
 }
 
 /* inverts "h = xe @ w1[e] + b1[e]; a = act(h); ye = a @ w2[e] + b2[e]" */
-int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *db2,
+int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *db2, float *dh,
                         const float *dye, const float *xe, const float *h, const float *a,
                         const float *w1, const float *w2, const int64_t *expert_count, int E,
                         int D, int F, long N, int act)
@@ -426,14 +411,11 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
     if (nblk < 0) return DAMEX_ENOMEM;
     long ncol = (F + BLOCK_COLS - 1) / BLOCK_COLS;
     long ntask = (long)E * 2 * ncol; /* (expert, dw1 or dw2, column block of F) */
-    /* dh[N,F]; per-block column sums of dh (F) and dye (D), reduced in block
-     * order afterwards so the bias gradients do not depend on scheduling. */
-    float *dh = alloc_scratch((size_t)N * F);
+    /* per-block column sums of dh (F) and dye (D), reduced in block order
+     * afterwards so the bias gradients do not depend on scheduling */
     float *part = malloc((size_t)nblk * (F + D) * sizeof(float));
     long *row0 = malloc((size_t)E * sizeof(long));
-    if (!dh || !part || !row0) {
-        free(dh);
-        free(part);
+    if (!part || !row0) {
         free(row0);
         free(blk);
         return DAMEX_ENOMEM;
@@ -490,7 +472,6 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
         add_row(db1 + (long)blk[i].e * F, part + i * (F + D), F);
         add_row(db2 + (long)blk[i].e * D, part + i * (F + D) + F, D);
     }
-    free(dh);
     free(part);
     free(row0);
     free(blk);
