@@ -184,3 +184,26 @@ def run_cfg_with_map(trainer, mapping):
     cfg = trainer.cfg
     import dataclasses
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dataset_to_expert=mapping))
+
+
+@pytest.mark.parametrize("routing", ["dense", "moe", "damex"])
+def test_routing_modes_train_a_step(tmp_path, routing):
+    """One config switch gives the dense DINO, the plain MoE (balance loss) or DAMEX."""
+    cfg = run_cfg(tmp_path)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routing=routing))
+    tr = Trainer(cfg)
+    moes = [m for m in tr.model.modules() if type(m).__name__ == "MoE"]
+    rec = tr.train_step()
+    assert np.isfinite(rec["loss"])
+    if routing == "dense":
+        assert not moes and "loss_routing" not in rec
+        return
+    assert len(moes) == 2 and "loss_routing" in rec
+    losses = moes[0].routing["losses"]
+    if routing == "moe":
+        assert set(losses) == {"importance", "load"}
+    else:
+        assert set(losses) == {"damex"}
+    # the routing loss reaches the router weights
+    assert all(np.abs(m.w_router.grad).sum() > 0 for m in moes)

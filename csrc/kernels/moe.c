@@ -273,7 +273,7 @@ static void add_row(float *restrict acc, const float *restrict v, int n)
 
 /* ---- expert FFN ------------------------------------------------------------ */
 
-/* Threads.  Two pools spinning on the same cores (OpenBLAS's pthreads and
+/* Threads (blas_single_thread_begin/end in blas.h).  Two pools spinning on the same cores (OpenBLAS's pthreads and
  * OpenMP's) slow each other down badly when an OpenMP pass sits between two
  * threaded GEMMs, and OpenBLAS's pthreads server must not be entered from an
  * OpenMP loop.  So the expert FFN runs on the OpenMP pool only: OpenBLAS is
@@ -282,33 +282,6 @@ static void add_row(float *restrict acc, const float *restrict v, int n)
  * OpenMP threads take tasks (a block of rows of one expert, or a column block
  * of one expert's weight gradient) with dynamic scheduling, each task one
  * single-threaded sgemm plus its fused elementwise work on data still in cache. */
-#ifdef _OPENMP
-#include <pthread.h>
-static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
-static int blas_users = 0, blas_saved = 1;
-#endif
-
-static void blas_single_begin(void)
-{
-#ifdef _OPENMP
-    pthread_mutex_lock(&blas_mutex);
-    if (blas_users++ == 0) {
-        blas_saved = DAMEX_OPENBLAS(get_num_threads)();
-        if (blas_saved != 1) DAMEX_OPENBLAS(set_num_threads)(1);
-    }
-    pthread_mutex_unlock(&blas_mutex);
-#endif
-}
-
-static void blas_single_end(void)
-{
-#ifdef _OPENMP
-    pthread_mutex_lock(&blas_mutex);
-    if (--blas_users == 0 && blas_saved != 1) DAMEX_OPENBLAS(set_num_threads)(blas_saved);
-    pthread_mutex_unlock(&blas_mutex);
-#endif
-}
-
 /* Rows per task: big enough for sgemm to run near its peak, small enough to
  * balance the threads and keep a block of h/a in L2. */
 #define BLOCK_ROWS 256
@@ -372,7 +345,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
     long nblk = row_blocks(&blk, expert_count, E);
     if (nblk < 0) return DAMEX_ENOMEM;
     int par = nblk > 1 && (long)N * D * F >= FFN_PAR_MIN;
-    if (par) blas_single_begin();
+    if (par) blas_single_thread_begin();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (long i = 0; i < nblk; i++) {
         int e = blk[i].e, n = blk[i].n;
@@ -392,7 +365,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
         /* ye += a @ w2[e] */
         sgemm_rm(0, 0, n, D, F, 1.0f, a_b, F, w2 + (long)e * F * D, D, 1.0f, y_b, D);
     }
-    if (par) blas_single_end();
+    if (par) blas_single_thread_end();
     free(blk);
     return DAMEX_OK;
 }
@@ -426,7 +399,7 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
         off += (long)expert_count[e];
     }
     int par = (long)N * D * F >= FFN_PAR_MIN;
-    if (par) blas_single_begin();
+    if (par) blas_single_thread_begin();
 #pragma omp parallel if (par)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -467,7 +440,7 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
                          dw2 + ((long)e * F + c0) * D, D);
         }
     }
-    if (par) blas_single_end();
+    if (par) blas_single_thread_end();
     for (long i = 0; i < nblk; i++) {
         add_row(db1 + (long)blk[i].e * F, part + i * (F + D), F);
         add_row(db2 + (long)blk[i].e * D, part + i * (F + D) + F, D);

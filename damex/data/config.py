@@ -117,16 +117,23 @@ def data_config_from_dict(data, source="<dict>"):
     return cfg
 
 
-def load_data_config(path, section="data"):
-    """Read a JSON config file; use its ``section`` key if present, else the whole object."""
+def read_json_config(path):
+    """The parsed JSON of a config file; ConfigError naming the file when it is missing
+    or malformed."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def load_data_config(path, section="data"):
+    """Read a JSON config file; use its ``section`` key if present, else the whole object."""
+    path = os.fspath(path)
+    data = read_json_config(path)
     if isinstance(data, dict) and section and section in data:
         data = data[section]
     cfg = data_config_from_dict(data, source=path)

@@ -5,12 +5,12 @@ field to override; ``data`` is :class:`~damex.data.config.DataConfig`; ``train``
 :class:`TrainConfig`.  Unknown keys are errors naming the key and the file.
 """
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import List
 
-from ..data.config import ConfigError, DataConfig, _build, data_config_from_dict, load_data_config
+from ..data.config import (ConfigError, DataConfig, _build, data_config_from_dict, load_data_config,
+                           read_json_config)
 from ..models.dino import DINOConfig, preset
 
 TOP_LEVEL = ("model", "data", "train")
@@ -73,12 +73,6 @@ def load_run_config(path):
     file's folder (as in :func:`~damex.data.config.load_data_config`); ``out_dir``
     against the working directory."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data = read_json_config(path)
     data_cfg = load_data_config(path) if isinstance(data, dict) and "data" in data else None
     return run_config_from_dict(data, source=path, data_cfg=data_cfg)

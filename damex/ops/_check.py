@@ -52,16 +52,21 @@ def i64(x, name, shape=None, ndim=None):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def mask_u8(mask, name, n):
-    """A padding mask (True = keep) of n tokens as a uint8 array, or None."""
+def bool_u8(mask, name, shape):
+    """A boolean array of ``shape`` as C-contiguous uint8 (what the kernels read), or None."""
     if mask is None:
         return None
     a = np.asarray(mask)
     if a.dtype != np.bool_:
         raise TypeError(f"{name}: expected a boolean array, got dtype {a.dtype}")
-    if a.shape != (n,):
-        raise ValueError(f"{name}: expected shape ({n},), got {a.shape}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
     return np.ascontiguousarray(a, dtype=np.uint8)
+
+
+def mask_u8(mask, name, n):
+    """A padding mask (True = keep) of n tokens as a uint8 array, or None."""
+    return bool_u8(mask, name, (n,))
 
 
 def int_arg(v, name, lo=None, hi=None):

@@ -10,18 +10,7 @@ every key is blocked gives output 0 and attention 0 (PyTorch gives NaN there).
 import numpy as np
 
 from .._lib import _C
-from ._check import f32, int_arg
-
-
-def _mask(m, name, shape):
-    if m is None:
-        return None
-    a = np.asarray(m)
-    if a.dtype != np.bool_:
-        raise TypeError(f"{name}: expected a boolean array (True = blocked), got dtype {a.dtype}")
-    if a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.uint8)
+from ._check import bool_u8, f32, int_arg
 
 
 def _qkv(q, k, v, num_heads):
@@ -58,8 +47,8 @@ def attention_forward(q, k, v, num_heads, attn_mask=None, key_padding_mask=None)
     q, k, v, H = _qkv(q, k, v, num_heads)
     N, Lq, C = q.shape
     Lk = k.shape[1]
-    am = _mask(attn_mask, "attn_mask", (Lq, Lk))
-    kpm = _mask(key_padding_mask, "key_padding_mask", (N, Lk))
+    am = bool_u8(attn_mask, "attn_mask", (Lq, Lk))
+    kpm = bool_u8(key_padding_mask, "key_padding_mask", (N, Lk))
     out = np.empty((N, Lq, C), np.float32)
     attn = np.empty((N, H, Lq, Lk), np.float32)
     _C.attention_forward(out, attn, q, k, v, am, kpm, N, Lq, Lk, C, H)
