@@ -326,8 +326,16 @@ def main(argv=None):
     print(f"\n15-minute budget at {med:.3f} s/step: {budget / med:.0f} steps = {budget / med * B:.0f} images "
           f"(about {budget / med * B / sum(trainer.train_set.sizes):.1f} epochs of the "
           f"{sum(trainer.train_set.sizes)}-image mixture); the shipped config asks for "
-          f"{2000} steps x 4 images")
+          f"{shipped_steps()} steps x 4 images")
     print(f"\n{load()}")
+
+
+def shipped_steps():
+    """Training steps of the shipped tiny config (damex/configs/tiny_damex.json)."""
+    import json
+    from damex.engine.pipeline import default_config_path
+    with open(default_config_path(), encoding="utf-8") as f:
+        return json.load(f)["train"]["steps"]
 
 
 if __name__ == "__main__":
