@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from .. import ops
 from ..moe_layer import MoELayer
+from ..optim import AdamW
 
 
 def make_domains(num_datasets, d_model, seed=0):
@@ -36,23 +36,8 @@ def sample_tokens(domains, tokens_per_dataset, rng):
             np.concatenate(ids).astype(np.int64))
 
 
-class _AdamW:
-    """AdamW over a dict of arrays (ops.adamw_step per parameter)."""
-
-    def __init__(self, params, lr):
-        self.params, self.lr, self.step_count = params, lr, 0
-        self.m = {n: np.zeros_like(p) for n, p in params.items()}
-        self.v = {n: np.zeros_like(p) for n, p in params.items()}
-
-    def step(self, grads):
-        self.step_count += 1
-        for n, p in self.params.items():
-            ops.adamw_step(p, grads[n], self.m[n], self.v[n], self.step_count, self.lr,
-                           weight_decay=0.0)
-
-
 def run_demo(*, mode="damex", steps=300, batch=512, num_datasets=4, num_experts=4, d_model=32,
-             d_hidden=64, lr=3e-3, seed=0, log_every=50, out=print):
+             d_hidden=64, lr=3e-3, seed=0, log_every=50, out=None):
     """Train one MoE layer on a generated mixture; return the final statistics.
 
     Returns
@@ -62,6 +47,8 @@ def run_demo(*, mode="damex", steps=300, batch=512, num_datasets=4, num_experts=
     """
     from tqdm import tqdm
 
+    out = out or tqdm.write   # log lines above the progress bar
+
     domains = make_domains(num_datasets, d_model, seed)
     rng = np.random.default_rng(seed + 1)
     x, y, ids = sample_tokens(domains, 2048, rng)
@@ -70,7 +57,7 @@ def run_demo(*, mode="damex", steps=300, batch=512, num_datasets=4, num_experts=
     layer = MoELayer(d_model, d_hidden, num_experts, k=1, capacity_factor=1.25, bpr=True,
                      loss="damex" if mode == "damex" else "balance", damex_weight=0.1,
                      dataset_to_expert=mapping, seed=seed)
-    opt = _AdamW(layer.params, lr)
+    opt = AdamW(layer.module.parameters(), lr=lr, weight_decay=0.0)
     history = []
     t0 = time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc=f"demo [{mode}]", leave=False):
@@ -80,7 +67,7 @@ def run_demo(*, mode="damex", steps=300, batch=512, num_datasets=4, num_experts=
         mse = float((diff ** 2).mean())
         layer.zero_grad()
         layer.backward(2.0 * diff / diff.size)
-        opt.step(layer.grads)
+        opt.step()
         history.append((mse, layer.aux_loss))
         if log_every and step % log_every == 0:
             out(f"step {step:4d}  mse {mse:.4f}  routing loss {layer.aux_loss:.4f}")
