@@ -9,7 +9,7 @@ import pytest
 
 from damex import ops
 from damex._lib import _C
-from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
 
 NORMS = (False, True, "before_drop", "after_drop")
 NORM_NAME = {False: "none", True: "before_drop", "before_drop": "before_drop",
@@ -480,11 +480,6 @@ def test_noncontiguous_and_float64_inputs_are_accepted_and_unchanged():
     check2()
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def test_memory_flat_over_many_calls():
     rng = np.random.default_rng(7)
     x, w, nz, m = rand_case(rng, 32, 8, 4, noise=True, mask=True)
@@ -502,9 +497,4 @@ def test_memory_flat_over_many_calls():
         except ValueError:
             pass
 
-    for _ in range(200):
-        step()
-    before = rss_bytes()
-    for _ in range(10_000):
-        step()
-    assert rss_bytes() - before < 5 * 2 ** 20
+    assert_memory_flat(step)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from damex import _C, ops
-from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
 
 ERFC = np.vectorize(math.erfc)
 
@@ -549,23 +549,14 @@ def test_noncontiguous_float64_accepted_and_inputs_unchanged(name):
     check()
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def test_memory_flat_over_many_calls():
     g, noise, target = make(T=1024, E=8, seed=19)
     mask = np.arange(1024) % 9 != 0
     fns = list(cases(noise, target).values())
 
-    def run(n):
-        for _ in range(n):
-            for f, b, _ in fns:
-                f(g, mask)
-                b(g, mask, 1.0)
-    run(200)
-    before = _rss_bytes()
-    run(10_000 // len(fns))  # 10,000 forward and 10,000 backward calls in all
-    grown = _rss_bytes() - before
-    assert grown < 4 << 20, f"RSS grew by {grown / 2**20:.1f} MiB"
+    def every_loss():
+        for f, b, _ in fns:
+            f(g, mask)
+            b(g, mask, 1.0)
+    # 10,000 forward and 10,000 backward calls in all
+    assert_memory_flat(every_loss, calls=10_000 // len(fns))
