@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from damex import ops
-from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
 
 ERF = np.vectorize(math.erf, otypes=[np.float64])
 ACTS = ("gelu_tanh", "gelu", "relu")
@@ -537,11 +537,6 @@ def test_moe_inputs_not_modified():
     check2()
 
 
-def _rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
-
-
 def test_memory_flat_over_many_calls():
     rng, x, wr, w = layer_inputs(26, 5, 4, 6, 3)
     args = f32s(x, wr, *w)
@@ -551,13 +546,7 @@ def test_memory_flat_over_many_calls():
         y, state = ops.moe_forward(*args, k=2, capacity_factor=1.0, bpr=True)
         ops.moe_backward(dy, state)
 
-    for _ in range(500):
-        step()
-    before = _rss_kb()
-    for _ in range(10_000):
-        step()
-    grown = _rss_kb() - before
-    assert grown < 2048, f"resident memory grew by {grown} kB over 10,000 calls"
+    assert_memory_flat(step, rss_slack=2 << 20)
 
 
 def test_reused_work_buffers_never_clobber_live_state():
