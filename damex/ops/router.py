@@ -11,12 +11,12 @@ does not fit is dropped: slot -1, combine weight 0.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
 from .._lib import _C
-from ._check import check_shape, f32, float_arg, int_arg, mask_u8
+from ._check import f32, float_arg, int_arg, mask_u8
 
 NORMALIZE = (False, True, "before_drop", "after_drop")
 _NORM_CODE = {"none": 0, "before_drop": 1, "after_drop": 2}
