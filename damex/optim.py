@@ -94,9 +94,7 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def step(self):
-        step_fn = getattr(_ops, "adamw_step", None)
-        if step_fn is None:
-            raise NotImplementedError("damex.ops.adamw_step is not available in this build")
+        step_fn = _ops.adamw_step
         for g, p in self._params():
             if p.grad is None:
                 continue
@@ -147,14 +145,11 @@ class MultiStepLR(_Scheduler):
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         self.milestones, self.gamma = sorted(int(m) for m in milestones), float(gamma)
-        ops_sched = getattr(_ops, "StepLR", None)   # damex.ops.StepLR: the same closed form
-        self._closed_form = ops_sched(1.0, self.milestones, self.gamma).lr if ops_sched else None
+        self._closed_form = _ops.StepLR(1.0, self.milestones, self.gamma)   # the same closed form
         super().__init__(optimizer)
 
     def factor(self, epoch):
-        if self._closed_form is not None:
-            return self._closed_form(epoch)
-        return self.gamma ** sum(m <= epoch for m in self.milestones)
+        return self._closed_form.lr(epoch)
 
 
 class StepLR(_Scheduler):

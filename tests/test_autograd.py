@@ -6,16 +6,11 @@ import pytest
 
 import damex.autograd as ag
 import damex.functional as F
-from damex import ops
 from damex.autograd import Tensor
 from helpers import assert_close, torch_or_skip
 
 torch = torch_or_skip()
 
-
-def needs(*names):
-    missing = [n for n in names if not hasattr(ops, n)]
-    return pytest.mark.skipif(bool(missing), reason=f"damex.ops lacks {missing} (kernel family not merged)")
 
 
 def check_op(shapes, damex_fn, torch_fn, *, low=-2.0, high=2.0, atol=1e-5, rtol=1e-4, seed=0,
@@ -234,20 +229,18 @@ def test_float32_everywhere():
 
 
 # ================================================================ functional ops
-# (each against the PyTorch formula; skipped while its kernel family is not merged)
+# (each against the PyTorch formula)
 
 def tf():
     return torch.nn.functional
 
 
-@needs("linear_forward")
 @pytest.mark.parametrize("shape,bias", [((5, 4), True), ((2, 3, 4), False)])
 def test_linear(shape, bias):
     shapes = [shape, (6, 4)] + ([(6,)] if bias else [])
     check_op(shapes, lambda *a: F.linear(*a), lambda *a: tf().linear(*a))
 
 
-@needs("layer_norm_forward")
 @pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
 def test_layer_norm(shape):
     C = shape[-1]
@@ -255,7 +248,6 @@ def test_layer_norm(shape):
              lambda x, w, b: tf().layer_norm(x, (C,), w, b), atol=1e-4)
 
 
-@needs("group_norm_forward")
 @pytest.mark.parametrize("shape,groups", [((2, 4, 3, 5), 2), ((1, 6, 4, 4), 3)])
 def test_group_norm(shape, groups):
     C = shape[1]
@@ -263,7 +255,6 @@ def test_group_norm(shape, groups):
              lambda x, w, b: tf().group_norm(x, groups, w, b), atol=1e-4)
 
 
-@needs("frozen_batch_norm_forward")
 def test_frozen_batch_norm():
     rng = np.random.default_rng(0)
     w, b, rm = (rng.standard_normal(3).astype(np.float32) for _ in range(3))
@@ -276,7 +267,6 @@ def test_frozen_batch_norm():
     check_op([(2, 3, 4, 5)], lambda x: F.frozen_batch_norm(x, w, b, rm, rv), ref)
 
 
-@needs("conv2d_forward")
 @pytest.mark.parametrize("xs,ws,stride,padding,bias", [((2, 3, 7, 6), (4, 3, 3, 3), 1, 1, True),
                                                         ((1, 2, 8, 8), (3, 2, 1, 1), 2, 0, False),
                                                         ((1, 2, 9, 7), (2, 2, 3, 3), 2, 1, True)])
@@ -293,7 +283,6 @@ def test_activations(kind):
     check_op([(4, 7)], d, t)
 
 
-@needs("sigmoid_forward", "inverse_sigmoid_forward")
 def test_sigmoid_and_inverse_sigmoid():
     check_op([(3, 5)], F.sigmoid, torch.sigmoid, low=-4, high=4)
 
@@ -305,13 +294,11 @@ def test_sigmoid_and_inverse_sigmoid():
     check_op([(4, 4)], F.inverse_sigmoid, inv, low=0.05, high=0.95)
 
 
-@needs("softmax_forward")
 @pytest.mark.parametrize("dim", [-1, 0, 1])
 def test_softmax(dim):
     check_op([(3, 4, 5)], lambda x: F.softmax(x, dim), lambda x: torch.softmax(x, dim), low=-3, high=3)
 
 
-@needs("dropout_forward")
 def test_dropout_matches_mask_and_seed():
     x = Tensor(np.random.default_rng(0).standard_normal((50, 40)).astype(np.float32), requires_grad=True)
     y = F.dropout(x, 0.3, seed=11)
@@ -324,7 +311,6 @@ def test_dropout_matches_mask_and_seed():
     assert F.dropout(x, 0.3, training=False) is x
 
 
-@needs("embedding_forward")
 def test_embedding():
     ids = np.array([[0, 3, 3], [1, 0, 4]], np.int64)
     check_op([(5, 6)], lambda w: F.embedding(ids, w), lambda w: tf().embedding(torch.tensor(ids), w))
@@ -346,7 +332,6 @@ def torch_attention(q, k, v, H, attn_mask=None, key_padding_mask=None):
     return (a @ vh).transpose(1, 2).reshape(N, Lq, C), a
 
 
-@needs("attention_forward")
 @pytest.mark.parametrize("masks", [False, True])
 def test_attention(masks):
     N, Lq, Lk, C, H = 2, 5, 6, 8, 2
@@ -384,7 +369,6 @@ def torch_ms_deform_attn(value, shapes, locations, weights):
     return out.transpose(1, 2)
 
 
-@needs("ms_deform_attn_forward")
 @pytest.mark.parametrize("shapes", [[(4, 5)], [(6, 4), (3, 2)]])
 def test_ms_deform_attn(shapes):
     shapes = np.array(shapes, np.int64)
@@ -429,7 +413,6 @@ def random_cxcywh(rng, n):
     return np.concatenate([rng.uniform(0.2, 0.8, (n, 2)), rng.uniform(0.05, 0.4, (n, 2))], 1).astype(np.float32)
 
 
-@needs("box_cxcywh_to_xyxy_forward", "generalized_box_iou_forward")
 def test_boxes_and_giou():
     rng = np.random.default_rng(0)
     a, b = random_cxcywh(rng, 5), random_cxcywh(rng, 4)
@@ -439,7 +422,6 @@ def test_boxes_and_giou():
              lambda x, y: t_giou(t_cxcywh_to_xyxy(x), t_cxcywh_to_xyxy(y)), inputs=[a, b], atol=1e-4)
 
 
-@needs("generalized_box_iou_paired_forward")
 def test_paired_giou_is_the_diagonal():
     rng = np.random.default_rng(1)
     a, b = random_cxcywh(rng, 6), random_cxcywh(rng, 6)
@@ -456,7 +438,6 @@ def t_focal(x, t, alpha=0.25, gamma=2.0):
     return (alpha * t + (1 - alpha) * (1 - t)) * loss
 
 
-@needs("sigmoid_focal_loss_forward", "l1_loss_forward")
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_focal_and_l1(reduction):
     rng = np.random.default_rng(0)
@@ -521,7 +502,6 @@ MOE_CASES = [
 ]
 
 
-@needs("moe_forward", "damex_loss_forward")
 @pytest.mark.parametrize("case", MOE_CASES)
 def test_moe_op_and_routing_loss_gradients(case):
     """y and aux loss from one node: d(sum y*up + aux)/d(params) equals torch's,
@@ -558,7 +538,6 @@ def test_moe_op_and_routing_loss_gradients(case):
         assert_close(a.grad, b.grad.numpy(), 1e-4, 1e-3, f"d{name}")
 
 
-@needs("moe_forward", "damex_loss_forward")
 def test_moe_aux_loss_alone_reaches_router():
     """Only the routing loss is used: dy = 0 goes in, the router still gets its gradient."""
     rng = np.random.default_rng(1)
@@ -576,7 +555,6 @@ def test_moe_aux_loss_alone_reaches_router():
     assert not ws[1].grad.any()
 
 
-@needs("damex_loss_forward")
 def test_routing_loss_node():
     rng = np.random.default_rng(2)
     target = rng.integers(0, 4, 7)
@@ -592,7 +570,6 @@ def test_torch_style_methods():
     assert x.size() == (2, 3) and x.size(1) == 3 and x.numel() == 6 and x.dim() == 2
 
 
-@needs("moe_forward", "importance_loss_forward")
 def test_moe_importance_on_noisy_probs_gets_the_layers_noise():
     rng = np.random.default_rng(3)
     T, D, E = 10, 4, 3

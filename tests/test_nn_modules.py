@@ -9,10 +9,6 @@ from damex.autograd import Tensor
 from helpers import torch_or_skip
 
 
-def needs(*names):
-    missing = [n for n in names if not hasattr(ops, n)]
-    return pytest.mark.skipif(bool(missing), reason=f"damex.ops lacks {missing} (kernel family not merged)")
-
 
 class Net(nn.Module):
     def __init__(self):
@@ -170,7 +166,6 @@ def test_train_eval_flags_and_zero_grad():
     assert all(p.grad is None for p in net.parameters())
 
 
-@needs("dropout_forward")
 def test_dropout_train_eval():
     d = nn.Dropout(0.5, seed=1)
     x = Tensor(np.ones((64, 64), np.float32), requires_grad=True)
@@ -186,7 +181,6 @@ def test_dropout_train_eval():
     np.testing.assert_array_equal(d2(x).data, d3(x).data)    # same seed, same bits
 
 
-@needs("moe_forward", "damex_loss_forward", "importance_loss_forward", "load_loss_forward")
 def test_moe_gate_noise_only_in_training():
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((2, 5, 8)).astype(np.float32), requires_grad=True)
@@ -209,7 +203,6 @@ def test_moe_gate_noise_only_in_training():
     np.testing.assert_array_equal(m2.routing["noise"], noise)   # same seed, same noise
 
 
-@needs("moe_forward", "damex_loss_forward")
 def test_moe_dataset_ids_per_image_and_per_token():
     rng = np.random.default_rng(1)
     x = Tensor(rng.standard_normal((3, 4, 8)).astype(np.float32))
@@ -226,7 +219,6 @@ def test_moe_dataset_ids_per_image_and_per_token():
         m(x, dataset_ids=np.array([0, 1]))
 
 
-@needs("attention_forward", "linear_forward")
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_multihead_attention_matches_torch(batch_first):
     torch = torch_or_skip()
@@ -261,7 +253,6 @@ def test_multihead_attention_matches_torch(batch_first):
     assert none is None
 
 
-@needs("adamw_step")
 def test_adamw_matches_torch_and_state_round_trip(tmp_path):
     torch = torch_or_skip()
     from damex.optim import AdamW
@@ -313,7 +304,6 @@ def test_step_lr_schedules_match_torch():
             ts.step()
 
 
-@needs("clip_grad_norm")
 def test_clip_grad_norm_matches_torch():
     torch = torch_or_skip()
     rng = np.random.default_rng(0)
@@ -338,7 +328,6 @@ def test_assigning_a_buffer_updates_it():
     assert lin.extra == 5 and "extra" not in lin.state_dict()
 
 
-@needs("moe_forward", "switch_loss_forward", "z_loss_forward", "importance_loss_forward")
 def test_moe_extra_losses_and_options():
     rng = np.random.default_rng(4)
     x = Tensor(rng.standard_normal((6, 8)).astype(np.float32))

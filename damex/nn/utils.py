@@ -13,10 +13,7 @@ def clip_grad_norm_(parameters, max_norm):
     params = [p for p in ([parameters] if hasattr(parameters, "grad") else parameters) if p.grad is not None]
     if not params:
         return 0.0
-    clip = getattr(_ops, "clip_grad_norm", None)
-    if clip is None:
-        raise NotImplementedError("damex.ops.clip_grad_norm is not available in this build")
-    total, scale = clip([p.grad for p in params], float(max_norm))
+    total, scale = _ops.clip_grad_norm([p.grad for p in params], float(max_norm))
     if scale < 1.0:
         for p in params:
             p.grad = p.grad * np.float32(scale)
