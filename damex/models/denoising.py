@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import ops
+
+INV_SIG_EPS = 1e-3  # DINO's inverse_sigmoid clamp
+
 
 @dataclass
 class DenoisingQueries:
@@ -34,11 +38,6 @@ class DenoisingQueries:
     def split(self, x):
         """Split an array whose axis 1 holds [denoising | matching] queries."""
         return x[:, :self.pad_size], x[:, self.pad_size:]
-
-
-def _inverse_sigmoid(x, eps=1e-3):
-    x = np.clip(x, 0.0, 1.0)
-    return np.log(np.maximum(x, eps) / np.maximum(1.0 - x, eps))
 
 
 def make_attn_mask(pad_size, num_groups, num_queries):
@@ -105,7 +104,7 @@ def prepare_cdn(targets, *, num_classes, num_queries, rng, dn_number=100, label_
                     xyxy = np.clip(xyxy + part * sign * half * box_noise_scale, 0.0, 1.0)
                     box = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
                 labels[b, base:base + nb] = lab
-                box_logits[b, base:base + nb] = _inverse_sigmoid(box)
+                box_logits[b, base:base + nb] = ops.inverse_sigmoid_forward(box, eps=INV_SIG_EPS)
                 if not sign_neg:
                     q_pos.append(base + np.arange(nb))
                     q_gt.append(np.arange(nb))

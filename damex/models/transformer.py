@@ -8,11 +8,11 @@ queries (denoising + matching), ``d`` model width, ``L`` feature levels.
 import numpy as np
 
 from .. import functional as F
-from .. import nn
+from .. import nn, ops
 from ..autograd import Tensor
+from .denoising import INV_SIG_EPS
 from .position_encoding import sine_box_encoding
 
-INV_SIG_EPS = 1e-3  # DINO's inverse_sigmoid clamp
 
 
 def drop_path(x, p, training, rng):
@@ -146,7 +146,7 @@ def encoder_proposals(padding_mask, shapes, valid_ratios):
     usable = ((p > 0.01) & (p < 0.99)).all(-1)
     if padding_mask is not None:
         usable &= ~padding_mask
-    logits = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+    logits = ops.inverse_sigmoid_forward(p, eps=INV_SIG_EPS)
     return np.where(usable[..., None], logits, 0.0).astype(np.float32), usable
 
 
