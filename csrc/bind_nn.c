@@ -198,7 +198,7 @@ static int conv_shape_from(PyObject *sizes, struct conv2d_shape *s)
     if (!PyArg_ParseTuple(sizes, "nnnnnnnnnnn|i", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
                           &v[7], &v[8], &v[9], &v[10], &algorithm))
         return -1;
-    if (algorithm < CONV2D_AUTO || algorithm > CONV2D_SHIFTED) {
+    if (algorithm < CONV2D_AUTO || algorithm > CONV2D_WINOGRAD) {
         PyErr_Format(PyExc_ValueError, "conv2d: unknown algorithm %d", algorithm);
         return -1;
     }

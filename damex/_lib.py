@@ -21,7 +21,7 @@ after a threaded GEMM ran at full speed again (fwd+bwd 100 ms against 130 ms).
 import os
 
 # variable -> damex's value, set only while the libraries load
-_LOAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "20"}
+_LOAD_ENV = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "20"}
 _set = [name for name in _LOAD_ENV if name not in os.environ]
 for _name in _set:
     os.environ[_name] = _LOAD_ENV[_name]

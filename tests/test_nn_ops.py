@@ -214,8 +214,15 @@ CONV_SMALL = [  # (x shape, w shape, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("algorithm", ["im2col", "shifted"])
-@pytest.mark.parametrize("xs,ws,stride,padding", CONV_SMALL)
+def with_algorithms(cases, algorithms):
+    """(case..., algorithm) for every case and algorithm that takes it:
+    "winograd" takes 3x3 kernels at stride 1 only (its refusal is tested below)."""
+    return [(*c, a) for a in algorithms for c in cases
+            if a != "winograd" or (c[1][2:] == (3, 3) and c[2] in (1, (1, 1)))]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,algorithm",
+                         with_algorithms(CONV_SMALL, ["im2col", "shifted", "direct", "winograd"]))
 def test_conv2d_central_differences(xs, ws, stride, padding, algorithm):
     x, w, b = rnd(*xs), rnd(*ws), rnd(ws[0])
     st = stride if isinstance(stride, tuple) else (stride, stride)
@@ -238,11 +245,14 @@ CONV_TORCH = [
     ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, True),
     ((2, 24, 15, 10), (7, 24, 3, 5), (2, 3), (2, 1), True),  # rectangular everything
     ((1, 16, 4, 4), (8, 16, 5, 5), 3, 2, True),     # stride 3, kernel larger than input
+    ((2, 12, 13, 11), (10, 12, 3, 3), 1, 1, True),  # odd output: half Winograd tiles
+    ((1, 9, 7, 6), (17, 9, 3, 3), 1, (0, 2), False),  # Cout not a multiple of 8
+    ((3, 8, 50, 3), (8, 8, 3, 3), 1, (2, 1), True),   # more than 48 tiles, tall
 ]
 
 
-@pytest.mark.parametrize("algorithm", ["auto", "im2col", "shifted"])
-@pytest.mark.parametrize("xs,ws,stride,padding,bias", CONV_TORCH)
+@pytest.mark.parametrize("xs,ws,stride,padding,bias,algorithm", with_algorithms(
+    CONV_TORCH, ["auto", "im2col", "shifted", "direct", "winograd"]))
 def test_conv2d_torch_parity(xs, ws, stride, padding, bias, algorithm):
     torch = torch_or_skip()
     x, w = f32(rnd(*xs)), f32(rnd(*ws) * 0.2)
@@ -441,6 +451,8 @@ def test_bad_input_raises_clear_errors():
         ops.conv2d_backward(np.zeros((1, 2, 5, 5), np.float32), x4, w)
     with pytest.raises(ValueError, match="algorithm"):
         ops.conv2d_forward(x4, w, algorithm="fft")
+    with pytest.raises(ValueError, match="winograd.*3x3 kernel at stride 1"):
+        ops.conv2d_forward(x4, f32(rnd(2, x4.shape[1], 3, 3)), stride=2, algorithm="winograd")
     with pytest.raises(ValueError, match="p"):
         ops.dropout_forward(x4, 1.5, seed=0)
     with pytest.raises(ValueError, match="seed"):

@@ -1,6 +1,8 @@
 /* conv2d: shape checks, the choice of algorithm, and the bias gradient. */
 #include "conv_impl.h"
 
+#include <stdlib.h>
+
 #include "reduce.h"
 #include "status.h"
 
@@ -18,25 +20,69 @@ int conv2d_shape_init(struct conv2d_shape *s)
     return DAMEX_OK;
 }
 
-static int use_shifted(const struct conv2d_shape *s)
+/* The algorithm a call runs (never AUTO). */
+static int algorithm_of(const struct conv2d_shape *s, int forward)
 {
-    if (s->algorithm == CONV2D_SHIFTED) return 1;
-    if (s->algorithm == CONV2D_IM2COL) return 0;
-    return s->Cin >= CONV2D_SHIFTED_MIN_CIN && !conv2d_is_pointwise(s);
+    int a = s->algorithm;
+    if ((a == CONV2D_DIRECT || a == CONV2D_WINOGRAD) && !forward) return CONV2D_SHIFTED;
+    if (a != CONV2D_AUTO) return a;
+    if (conv2d_is_pointwise(s)) return CONV2D_IM2COL;
+    if (forward && conv2d_direct_preferred())
+        return conv2d_winograd_applies(s) && s->Cin >= CONV2D_WINOGRAD_MIN_CIN ? CONV2D_WINOGRAD
+                                                                              : CONV2D_DIRECT;
+    return s->Cin >= CONV2D_SHIFTED_MIN_CIN ? CONV2D_SHIFTED : CONV2D_IM2COL;
+}
+
+/* For stride 1, x's gradient is itself a convolution: dy padded by (kh-1-ph,
+ * kw-1-pw) against the flipped, transposed filter,
+ *   dx[n,ci,h,v] = sum_{co,i,j} w[co,ci,kh-1-i,kw-1-j] * dy[n,co,h-(kh-1-ph)+i,v-(kw-1-pw)+j],
+ * so it runs on the fast forward algorithms (Winograd for 3x3) instead of
+ * per-tap products with K = Cout.  Used by AUTO where those are preferred. */
+static int dx_by_forward_applies(const struct conv2d_shape *s)
+{
+    return s->algorithm == CONV2D_AUTO && s->sh == 1 && s->sw == 1 && s->ph <= s->kh - 1 &&
+           s->pw <= s->kw - 1 && !conv2d_is_pointwise(s) && conv2d_direct_preferred();
+}
+
+static int dx_by_forward(float *dx, const float *dy, const float *w, const struct conv2d_shape *s)
+{
+    struct conv2d_shape t = {s->N, s->Cout, s->Ho, s->Wo, s->Cin, s->kh, s->kw, 1, 1,
+                             s->kh - 1 - s->ph, s->kw - 1 - s->pw, 0, 0, CONV2D_AUTO};
+    if (conv2d_shape_init(&t) != DAMEX_OK || t.Ho != s->H || t.Wo != s->W) return DAMEX_EINVAL;
+    const long T = (long)s->kh * s->kw, nx = (long)s->N * s->Cin * s->H * s->W;
+    float *wt = malloc(sizeof(float) * (size_t)(T * s->Cin * s->Cout + nx));
+    if (!wt) return DAMEX_ENOMEM;
+    float *g = wt + T * s->Cin * s->Cout;
+    /* wt[ci][co][tap] = w[co][ci][T-1-tap] */
+    for (long ci = 0; ci < s->Cin; ci++)
+        for (long co = 0; co < s->Cout; co++)
+            for (long k = 0; k < T; k++)
+                wt[(ci * s->Cout + co) * T + k] = w[(co * s->Cin + ci) * T + T - 1 - k];
+    int status = conv2d_forward(g, dy, wt, NULL, &t);
+    if (status == DAMEX_OK) {
+#pragma omp parallel for schedule(static) if (nx > CONV_PAR_MIN)
+        for (long i = 0; i < nx; i++) dx[i] += g[i];
+    }
+    free(wt);
+    return status;
 }
 
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,
                    const struct conv2d_shape *s)
 {
-    if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_SHIFTED) return DAMEX_EINVAL;
-    return use_shifted(s) ? conv2d_forward_shifted(y, x, w, b, s)
-                          : conv2d_forward_im2col(y, x, w, b, s);
+    if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_WINOGRAD) return DAMEX_EINVAL;
+    switch (algorithm_of(s, 1)) {
+    case CONV2D_WINOGRAD: return conv2d_forward_winograd(y, x, w, b, s);
+    case CONV2D_DIRECT: return conv2d_forward_direct(y, x, w, b, s);
+    case CONV2D_SHIFTED: return conv2d_forward_shifted(y, x, w, b, s);
+    default: return conv2d_forward_im2col(y, x, w, b, s);
+    }
 }
 
 int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                     const float *w, const struct conv2d_shape *s)
 {
-    if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_SHIFTED) return DAMEX_EINVAL;
+    if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_WINOGRAD) return DAMEX_EINVAL;
     const long P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     if (db) {
         /* db[co] += sum_{n,p} dy[n,co,p]      (inverts y += b) */
@@ -48,6 +94,11 @@ int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const floa
         }
     }
     if (!dx && !dw) return DAMEX_OK;
-    return use_shifted(s) ? conv2d_backward_shifted(dx, dw, dy, x, w, s)
-                          : conv2d_backward_im2col(dx, dw, dy, x, w, s);
+    if (dx && dx_by_forward_applies(s)) {
+        int status = dx_by_forward(dx, dy, w, s);
+        if (status != DAMEX_OK || !dw) return status;
+        dx = NULL;
+    }
+    return algorithm_of(s, 0) == CONV2D_SHIFTED ? conv2d_backward_shifted(dx, dw, dy, x, w, s)
+                                                : conv2d_backward_im2col(dx, dw, dy, x, w, s);
 }

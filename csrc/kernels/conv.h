@@ -11,9 +11,19 @@ struct conv2d_shape {
     int algorithm;      /* CONV2D_AUTO, CONV2D_IM2COL, CONV2D_SHIFTED */
 };
 
-/* AUTO: SHIFTED when Cin >= CONV2D_SHIFTED_MIN_CIN (and not a 1x1 stride-1 unpadded
- * conv, which multiplies x directly), else IM2COL. */
-enum conv2d_algorithm { CONV2D_AUTO = 0, CONV2D_IM2COL = 1, CONV2D_SHIFTED = 2 };
+/* AUTO: a 1x1 stride-1 unpadded conv multiplies x directly (IM2COL without a copy).
+ * Other forwards, where the CPU has AVX-512: WINOGRAD for 3x3 at stride 1 with
+ * Cin >= CONV2D_WINOGRAD_MIN_CIN, else DIRECT.  Otherwise, and for every
+ * backward: SHIFTED when Cin >= CONV2D_SHIFTED_MIN_CIN, else IM2COL.
+ * DIRECT and WINOGRAD are forward algorithms: their backward is SHIFTED's. */
+enum conv2d_algorithm {
+    CONV2D_AUTO = 0,
+    CONV2D_IM2COL = 1,
+    CONV2D_SHIFTED = 2,
+    CONV2D_DIRECT = 3,
+    CONV2D_WINOGRAD = 4
+};
+#define CONV2D_WINOGRAD_MIN_CIN 8
 #define CONV2D_SHIFTED_MIN_CIN 16
 
 /* Checks the sizes and sets Ho = (H + 2 ph - kh) / sh + 1 (and Wo); returns
@@ -23,7 +33,9 @@ int conv2d_shape_init(struct conv2d_shape *s);
 /* y[n,co,oh,ow] = b[co] + sum_{ci,i,j} w[co,ci,i,j] * x[n,ci,oh*sh-ph+i,ow*sw-pw+j]
  * (x is 0 outside the image; b may be NULL).
  * IM2COL, per image:  y[n] = w[Cout,K] @ col[K,P],  K = Cin*kh*kw, P = Ho*Wo.
- * SHIFTED, per image: y[n] = sum over taps (i,j) of w[:,:,i,j] @ (x[n] shifted by (i,j)). */
+ * SHIFTED, per image: y[n] = sum over taps (i,j) of w[:,:,i,j] @ (x[n] shifted by (i,j)).
+ * DIRECT: the same sum by a register-blocked kernel of damex's own (conv_direct.c).
+ * WINOGRAD (3x3, stride 1 only, else DAMEX_EINVAL): F(2x2, 3x3) tiles (conv_winograd.c). */
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,
                    const struct conv2d_shape *s);
 

@@ -1,12 +1,10 @@
 /* conv2d as a sum of shifted matrix products, one sgemm per kernel tap, with
  * no im2col matrix (the algorithm for Cin >= CONV2D_SHIFTED_MIN_CIN).
  *
- * The zero-padded image (Hp = H + 2ph, Wp = W + 2pw) is split into sh*sw
- * phase planes, xq[a][b][ci][r][c] = xpad[ci][r*sh + a][c*sw + b], of
- * Hq = ceil(Hp/sh) rows of Wq = ceil(Wp/sw) (plus one spare row), the images
- * of a chunk side by side: xq[a][b][ci][img][r][c].
- * Tap (i, j) = (qi*sh + a, qj*sw + b) then reads phase (a, b) shifted by
- * (qi, qj), a plain row-major [Cin, Ho*Wq] matrix with row stride CS:
+ * The zero-padded image is split into sh*sw phase planes (conv_impl.h,
+ * conv_phases.c), the images of a chunk side by side.  Tap (i, j) =
+ * (qi*sh + a, qj*sw + b) then reads phase (a, b) shifted by (qi, qj), a
+ * plain row-major [Cin, Ho*Wq] matrix with row stride CS:
  *
  *   yq[co, oh*Wq + ow] = sum_{taps} sum_ci w[co,ci,i,j] xq[a][b][ci][oh+qi][ow+qj]
  *
@@ -23,11 +21,6 @@
 
 #include "blas.h"
 #include "status.h"
-
-struct phases {
-    int Hq, Wq, T, nph, nb; /* phase rows/cols, taps kh*kw, phases sh*sw, images per chunk */
-    long IS, CS, PB;        /* image block (Hq+1)*Wq, channel stride nb*IS, phase block Cin*CS */
-};
 
 /* Images per chunk: as many as keep the chunk's scratch under this many
  * floats; column tiles of the per-tap products: output blocks (rows x columns)
@@ -50,89 +43,13 @@ static long tile_columns(int rows, long Q)
     return tw < Q ? tw : Q;
 }
 
-static struct phases phases_of(const struct conv2d_shape *s, int backward)
+/* Images per chunk: as many as keep the chunk's scratch under SHIFTED_SCRATCH_FLOATS. */
+static int images_per_chunk(const struct conv2d_shape *s, int backward)
 {
-    struct phases g;
-    g.Hq = (s->H + 2 * s->ph + s->sh - 1) / s->sh;
-    g.Wq = (s->W + 2 * s->pw + s->sw - 1) / s->sw;
-    g.T = s->kh * s->kw;
-    g.nph = s->sh * s->sw;
-    g.IS = (long)(g.Hq + 1) * g.Wq;
+    const struct phases g = phases_of(s, 1);
     long per_image = ((backward ? 2L : 1L) * g.nph * s->Cin + s->Cout) * g.IS;
     long nb = SHIFTED_SCRATCH_FLOATS / per_image;
-    g.nb = nb < 1 ? 1 : (nb > s->N ? s->N : (int)nb);
-    g.CS = g.nb * g.IS;
-    g.PB = (long)s->Cin * g.CS;
-    return g;
-}
-
-/* Columns of the products for a chunk of `cnt` images: the last image's rows stop at Ho. */
-static long chunk_columns(const struct conv2d_shape *s, const struct phases *g, int cnt)
-{
-    return (long)(cnt - 1) * g->IS + (long)s->Ho * g->Wq;
-}
-
-/* Offset in xq of tap t = (i, j): phase (i % sh, j % sw), shifted by (i / sh, j / sw). */
-static long tap_offset(const struct conv2d_shape *s, const struct phases *g, int t)
-{
-    int i = t / s->kw, j = t % s->kw;
-    return (long)((i % s->sh) * s->sw + j % s->sw) * g->PB + (long)(i / s->sh) * g->Wq + j / s->sw;
-}
-
-/* xq[a][b][ci][img][r][c] = x[img][ci][r*sh + a - ph][c*sw + b - pw]  (0 outside the image) */
-static void fill_phases(float *xq, const float *x, int cnt, const struct conv2d_shape *s,
-                        const struct phases *g)
-{
-    const long planes = (long)g->nph * s->Cin * cnt;
-#pragma omp parallel for schedule(static) if (planes * g->IS > CONV_PAR_MIN)
-    for (long q = 0; q < planes; q++) {
-        int img = (int)(q % cnt), ci = (int)(q / cnt % s->Cin), ph_i = (int)(q / cnt / s->Cin);
-        int a = ph_i / s->sw, b = ph_i % s->sw;
-        float *dst = xq + ph_i * g->PB + (long)ci * g->CS + (long)img * g->IS;
-        const float *src = x + ((long)img * s->Cin + ci) * s->H * s->W;
-        for (int r = 0; r <= g->Hq; r++) {
-            float *row = dst + (long)r * g->Wq;
-            int ir = r * s->sh + a - s->ph;
-            if (ir < 0 || ir >= s->H) {
-                memset(row, 0, sizeof(float) * g->Wq);
-                continue;
-            }
-            const float *in = src + (long)ir * s->W;
-            if (s->sw == 1) { /* zeros | the image row | zeros */
-                int lo = s->pw < g->Wq ? s->pw : g->Wq;
-                int hi = s->pw + s->W < g->Wq ? s->pw + s->W : g->Wq;
-                memset(row, 0, sizeof(float) * lo);
-                memcpy(row + lo, in, sizeof(float) * (hi - lo));
-                memset(row + hi, 0, sizeof(float) * (g->Wq - hi));
-                continue;
-            }
-            for (int c = 0; c < g->Wq; c++) {
-                int ic = c * s->sw + b - s->pw;
-                row[c] = ic >= 0 && ic < s->W ? in[ic] : 0.0f;
-            }
-        }
-    }
-}
-
-/* Inverts fill_phases:
- *   dx[img][ci][r][c] += dxq[(r+ph) % sh][(c+pw) % sw][ci][img][(r+ph)/sh][(c+pw)/sw] */
-static void unfill_phases_accumulate(float *dx, const float *dxq, int cnt,
-                                     const struct conv2d_shape *s, const struct phases *g)
-{
-    const long planes = (long)s->Cin * cnt;
-#pragma omp parallel for schedule(static) if (planes * s->H * s->W > CONV_PAR_MIN)
-    for (long q = 0; q < planes; q++) {
-        int img = (int)(q / s->Cin), ci = (int)(q % s->Cin);
-        const float *base = dxq + (long)ci * g->CS + (long)img * g->IS;
-        for (int r = 0; r < s->H; r++) {
-            int pr = r + s->ph, a = pr % s->sh, qr = pr / s->sh;
-            float *out = dx + (q * s->H + r) * s->W;
-            for (int c = 0; c < s->W; c++) {
-                int pc = c + s->pw, b = pc % s->sw;
-                out[c] += base[(long)(a * s->sw + b) * g->PB + (long)qr * g->Wq + pc / s->sw];
-            }
-        }
-    }
+    return nb < 1 ? 1 : (nb > s->N ? s->N : (int)nb);
 }
 
 /* wt[t][co][ci] = w[co][ci][t]: one [Cout, Cin] matrix per tap. */
@@ -148,7 +65,7 @@ int conv2d_forward_shifted(float *y, const float *x, const float *w, const float
                            const struct conv2d_shape *s)
 {
     if (s->N == 0) return DAMEX_OK;
-    const struct phases g = phases_of(s, 0);
+    const struct phases g = phases_of(s, images_per_chunk(s, 0));
     const long xs = (long)s->Cin * s->H * s->W, P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     const long wsz = (long)g.T * s->Cout * s->Cin;
     float *xq = malloc(sizeof(float) * ((size_t)g.nph * g.PB + (size_t)s->Cout * g.CS + wsz));
@@ -186,7 +103,7 @@ int conv2d_backward_shifted(float *dx, float *dw, const float *dy, const float *
                             const float *w, const struct conv2d_shape *s)
 {
     if (s->N == 0) return DAMEX_OK;
-    const struct phases g = phases_of(s, 1);
+    const struct phases g = phases_of(s, images_per_chunk(s, 1));
     const long xs = (long)s->Cin * s->H * s->W, P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
     const long wsz = (long)g.T * s->Cout * s->Cin;
     /* xq (dw) | dxq (dx) | dyq | wt | dwt */

@@ -1,0 +1,144 @@
+/* conv2d forward by a register-blocked direct kernel over the phase planes
+ * (conv_impl.h): no im2col matrix, no BLAS.
+ *
+ * For one image, with yq[co, c] the product of conv_shifted.c (c = oh*Wq + ow):
+ *
+ *   yq[co, c] = b[co] + sum_{t, ci} w[co, ci, t] * xq[tap_offset(t) + ci*CS + c]
+ *
+ * A block of CB = 8 output channels by COLS = 48 consecutive columns is held
+ * in 24 vector accumulators while the kernel walks every (tap, ci): per step,
+ * three vector loads of one shifted plane row and eight weight broadcasts
+ * feed 24 multiply-adds, so the loop is bound by the FMA units rather than by
+ * memory, and no packed copy of the input is made per tap (OpenBLAS packs
+ * the shifted matrix again for every tap).  The columns past Ho*Wq and the
+ * wrapped columns ow >= Wo are garbage and are cropped; channels are padded
+ * to a multiple of CB with zero weights.
+ *
+ * Threads: one parallel region per call; the weight packing and the phase
+ * planes of all images, then the (image, column block, channel block) tasks
+ * are shared out with static schedules over disjoint outputs (no atomics;
+ * results do not depend on the thread count).  Two synchronisation points a
+ * call: idle OpenMP threads sleep (see damex/_lib.py), so each one costs a
+ * wake-up. */
+#include "conv_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "status.h"
+
+#define CB CONV_BLOCK_ROWS
+#define COLS CONV_BLOCK_COLS
+#define VB (COLS / 16)  /* vectors of 16 columns per block */
+/* Multiply-adds from which a call forks threads (about 0.1 ms of one core). */
+#define DIRECT_PAR_MIN (1L << 22)
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned */
+#define BCAST(v) ((vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v})
+
+/* (conv_impl.h) Here k = (tap, ci) and koff[k] = tap_offset(tap) + ci*CS: one
+ * flat loop however few the channels, 3 for an RGB stem. */
+DIRECT_CLONES
+void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *restrict wb,
+                         const long *restrict koff, int K, const float *restrict bias)
+{
+    vf acc[CB][VB];
+    for (int r = 0; r < CB; r++)
+        for (int v = 0; v < VB; v++) acc[r][v] = BCAST(bias[r]);
+    for (int k = 0; k < K; k++) {
+        const float *xr = xb + koff[k];
+        vf x0 = *(const vfu *)xr, x1 = *(const vfu *)(xr + 16), x2 = *(const vfu *)(xr + 32);
+        const float *wr = wb + (long)k * CB;
+        for (int r = 0; r < CB; r++) {
+            vf wv = BCAST(wr[r]);
+            acc[r][0] += wv * x0;
+            acc[r][1] += wv * x1;
+            acc[r][2] += wv * x2;
+        }
+    }
+    for (int r = 0; r < CB; r++)
+        for (int v = 0; v < VB; v++) *(vfu *)(yb + r * COLS + 16 * v) = acc[r][v];
+}
+
+/* Copies the valid part of a block (columns c0 .. c0+COLS of yq, channels
+ * co0 .. co0+rows) into y[Cout, Ho, Wo]: column c is (oh, ow) = (c / Wq, c % Wq),
+ * kept when ow < Wo and oh < Ho. */
+static void store_block(float *y, const float *blk, int rows, int co0, long c0,
+                        const struct conv2d_shape *s, const struct phases *g)
+{
+    const long P = (long)s->Ho * s->Wo, Q = (long)s->Ho * g->Wq;
+    const long cend = c0 + COLS < Q ? c0 + COLS : Q;
+    for (long c = c0; c < cend;) {
+        long oh = c / g->Wq, ow = c - oh * g->Wq, row_end = oh * g->Wq + s->Wo;
+        if (ow < s->Wo) {
+            long e = cend < row_end ? cend : row_end;
+            for (int r = 0; r < rows; r++)
+                memcpy(y + (long)(co0 + r) * P + oh * s->Wo + ow, blk + r * COLS + (c - c0),
+                       sizeof(float) * (size_t)(e - c));
+        }
+        c = (oh + 1) * g->Wq;
+    }
+}
+
+int conv2d_direct_preferred(void)
+{
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+int conv2d_forward_direct(float *y, const float *x, const float *w, const float *b,
+                          const struct conv2d_shape *s)
+{
+    if (s->N == 0) return DAMEX_OK;
+    /* all images' planes at once (xq[phase][ci][img][r][c]), so that a call
+     * has two synchronisation points however many images it has */
+    const struct phases g = phases_of(s, s->N);
+    const int T = g.T, Cin = s->Cin, Cout = s->Cout, K = T * Cin, ncb = (Cout + CB - 1) / CB;
+    const long Q = chunk_columns(s, &g, 1), nqb = (Q + COLS - 1) / COLS;
+    const long ys = (long)Cout * s->Ho * s->Wo;
+    /* the last column block of the last plane reads up to COLS - 1 floats past
+     * the planes (see conv_impl.h): a zeroed tail */
+    const long xq_n = (long)g.nph * g.PB + COLS + 16, wp_n = (long)ncb * K * CB;
+    float *xq = malloc(sizeof(float) * (size_t)(xq_n + wp_n + (long)ncb * CB) +
+                       sizeof(long) * (size_t)K);
+    if (!xq) return DAMEX_ENOMEM;
+    float *wp = xq + xq_n, *bp = wp + wp_n;
+    long *koff = (long *)(bp + (long)ncb * CB);
+    memset(xq + g.nph * g.PB, 0, sizeof(float) * (size_t)(xq_n - g.nph * g.PB));
+    for (long co = 0; co < (long)ncb * CB; co++) bp[co] = co < Cout && b ? b[co] : 0.0f;
+    for (int t = 0; t < T; t++)
+        for (int ci = 0; ci < Cin; ci++) koff[t * Cin + ci] = tap_offset(s, &g, t) + ci * g.CS;
+    const long planes = (long)g.nph * Cin * s->N, tasks = (long)s->N * nqb * ncb;
+#pragma omp parallel if ((long)s->N * ncb * CB * Q * K > DIRECT_PAR_MIN)
+    {
+        /* wp[cb][t][ci][r] = w[cb*CB + r][ci][t] (0 for padded channels) */
+#pragma omp for schedule(static) nowait
+        for (long cb = 0; cb < ncb; cb++)
+            for (int r = 0; r < CB; r++) {
+                long co = cb * CB + r;
+                for (int ci = 0; ci < Cin; ci++)
+                    for (int t = 0; t < T; t++)
+                        wp[((cb * T + t) * Cin + ci) * CB + r] =
+                            co < Cout ? w[(co * Cin + ci) * T + t] : 0.0f;
+            }
+#pragma omp for schedule(static)
+        for (long q = 0; q < planes; q++) fill_phase_plane(xq, x, s->N, s, &g, q);
+        /* (img, column block) outer, channel blocks inner: a thread's run of
+         * tasks reuses the same planes */
+        float blk[CB * COLS];
+#pragma omp for schedule(static)
+        for (long k = 0; k < tasks; k++) {
+            int cb = (int)(k % ncb), n = (int)(k / ncb / nqb);
+            long c0 = k / ncb % nqb * COLS;
+            conv_block_8x48(blk, xq + n * g.IS + c0, wp + (long)cb * K * CB, koff, K, bp + cb * CB);
+            int rows = Cout - cb * CB < CB ? Cout - cb * CB : CB;
+            store_block(y + n * ys, blk, rows, cb * CB, c0, s, &g);
+        }
+    }
+    free(xq);
+    return DAMEX_OK;
+}
