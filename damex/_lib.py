@@ -4,12 +4,15 @@ scipy_openblas32 is imported first: importing it loads libscipy_openblas into
 the process, so the extension finds its BLAS even where the rpath does not
 point at it.
 
-damex's OpenMP threads sleep when idle instead of spinning: unless the user set
-``OMP_WAIT_POLICY``, it is PASSIVE while the extension (and with it the
-OpenMP runtime it links) is loaded, then the environment is put back, so other
-libraries that load their own OpenMP runtime later (PyTorch bundles one) keep
-their defaults.  On a 2-core machine, idle OpenMP threads spinning against
-OpenBLAS's pools made a tiny-model training step 7x slower (1.03 s against 0.14 s).
+damex's OpenMP threads spin only briefly when idle: unless the user set
+``GOMP_SPINCOUNT``, it is 10000 (a fraction of a millisecond) while the
+extension (and with it the OpenMP runtime it links) is loaded, then the
+environment is put back, so other libraries that load their own OpenMP
+runtime later (PyTorch bundles one) keep their defaults.  GCC's default spin
+(300000, several ms) on a 2-core machine made idle OpenMP threads fight
+OpenBLAS's pools (a tiny-model training step 7x slower, 1.03 s against
+0.14 s); sleeping at once instead (OMP_WAIT_POLICY=PASSIVE) cost a wake-up
+of ~50 us at every synchronisation point (a small conv twice as slow).
 
 The same holds the other way: after a threaded GEMM, OpenBLAS's threads spin
 for 2^28 cycles (about 0.1 s) before they sleep, taking a core from the
@@ -23,6 +26,8 @@ import os
 # variable -> damex's value, set only while the libraries load
 _LOAD_ENV = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "20"}
 _set = [name for name in _LOAD_ENV if name not in os.environ]
+if "OMP_WAIT_POLICY" in os.environ and "GOMP_SPINCOUNT" in _set:  # the user's policy rules
+    _set.remove("GOMP_SPINCOUNT")
 for _name in _set:
     os.environ[_name] = _LOAD_ENV[_name]
 try:
