@@ -248,6 +248,9 @@ CONV_TORCH = [
     ((2, 12, 13, 11), (10, 12, 3, 3), 1, 1, True),  # odd output: half Winograd tiles
     ((1, 9, 7, 6), (17, 9, 3, 3), 1, (0, 2), False),  # Cout not a multiple of 8
     ((3, 8, 50, 3), (8, 8, 3, 3), 1, (2, 1), True),   # more than 48 tiles, tall
+    ((1, 8, 3, 4), (4, 8, 2, 2), 1, 2, True),          # padding beyond the kernel
+    ((2, 9, 21, 17), (12, 9, 3, 3), 2, 1, True),       # strided, odd sizes, Cin >= 8
+    ((1, 10, 16, 16), (9, 10, 7, 7), 2, 3, False),     # strided 7x7
 ]
 
 

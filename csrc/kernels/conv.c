@@ -1,7 +1,7 @@
 /* conv2d: shape checks, the choice of algorithm, and the bias gradient. */
 #include "conv_impl.h"
 
-#include <stdlib.h>
+#include <stddef.h>
 
 #include "reduce.h"
 #include "status.h"
@@ -33,38 +33,11 @@ static int algorithm_of(const struct conv2d_shape *s, int forward)
     return s->Cin >= CONV2D_SHIFTED_MIN_CIN ? CONV2D_SHIFTED : CONV2D_IM2COL;
 }
 
-/* For stride 1, x's gradient is itself a convolution: dy padded by (kh-1-ph,
- * kw-1-pw) against the flipped, transposed filter,
- *   dx[n,ci,h,v] = sum_{co,i,j} w[co,ci,kh-1-i,kw-1-j] * dy[n,co,h-(kh-1-ph)+i,v-(kw-1-pw)+j],
- * so it runs on the fast forward algorithms (Winograd for 3x3) instead of
- * per-tap products with K = Cout.  Used by AUTO where those are preferred. */
-static int dx_by_forward_applies(const struct conv2d_shape *s)
+/* AUTO's backward where the CPU has AVX-512: dw by damex's own kernel
+ * (conv_dw.c), dx as forward convolutions (conv_dx.c) when Cin >= 8. */
+static int direct_backward(const struct conv2d_shape *s)
 {
-    return s->algorithm == CONV2D_AUTO && s->sh == 1 && s->sw == 1 && s->ph <= s->kh - 1 &&
-           s->pw <= s->kw - 1 && !conv2d_is_pointwise(s) && conv2d_direct_preferred();
-}
-
-static int dx_by_forward(float *dx, const float *dy, const float *w, const struct conv2d_shape *s)
-{
-    struct conv2d_shape t = {s->N, s->Cout, s->Ho, s->Wo, s->Cin, s->kh, s->kw, 1, 1,
-                             s->kh - 1 - s->ph, s->kw - 1 - s->pw, 0, 0, CONV2D_AUTO};
-    if (conv2d_shape_init(&t) != DAMEX_OK || t.Ho != s->H || t.Wo != s->W) return DAMEX_EINVAL;
-    const long T = (long)s->kh * s->kw, nx = (long)s->N * s->Cin * s->H * s->W;
-    float *wt = malloc(sizeof(float) * (size_t)(T * s->Cin * s->Cout + nx));
-    if (!wt) return DAMEX_ENOMEM;
-    float *g = wt + T * s->Cin * s->Cout;
-    /* wt[ci][co][tap] = w[co][ci][T-1-tap] */
-    for (long ci = 0; ci < s->Cin; ci++)
-        for (long co = 0; co < s->Cout; co++)
-            for (long k = 0; k < T; k++)
-                wt[(ci * s->Cout + co) * T + k] = w[(co * s->Cin + ci) * T + T - 1 - k];
-    int status = conv2d_forward(g, dy, wt, NULL, &t);
-    if (status == DAMEX_OK) {
-#pragma omp parallel for schedule(static) if (nx > CONV_PAR_MIN)
-        for (long i = 0; i < nx; i++) dx[i] += g[i];
-    }
-    free(wt);
-    return status;
+    return s->algorithm == CONV2D_AUTO && !conv2d_is_pointwise(s) && conv2d_direct_preferred();
 }
 
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,
@@ -94,10 +67,13 @@ int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const floa
         }
     }
     if (!dx && !dw) return DAMEX_OK;
-    if (dx && dx_by_forward_applies(s)) {
-        int status = dx_by_forward(dx, dy, w, s);
-        if (status != DAMEX_OK || !dw) return status;
-        dx = NULL;
+    if (direct_backward(s)) {
+        int status = dw ? conv2d_dw_direct(dw, dy, x, s) : DAMEX_OK;
+        if (status != DAMEX_OK || !dx) return status;
+        /* dx's channels are the forward's output channels: few of them (an RGB
+         * stem) would leave most of the direct kernel's 8 rows empty */
+        if (s->Cin >= CONV2D_WINOGRAD_MIN_CIN) return conv2d_dx_by_forward(dx, dy, w, s);
+        dw = NULL;
     }
     return algorithm_of(s, 0) == CONV2D_SHIFTED ? conv2d_backward_shifted(dx, dw, dy, x, w, s)
                                                 : conv2d_backward_im2col(dx, dw, dy, x, w, s);

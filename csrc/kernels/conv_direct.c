@@ -103,11 +103,14 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     /* the last column block of the last plane reads up to COLS - 1 floats past
      * the planes (see conv_impl.h): a zeroed tail */
     const long xq_n = (long)g.nph * g.PB + COLS + 16, wp_n = (long)ncb * K * CB;
-    float *xq = malloc(sizeof(float) * (size_t)(xq_n + wp_n + (long)ncb * CB) +
-                       sizeof(long) * (size_t)K);
-    if (!xq) return DAMEX_ENOMEM;
+    float *xq = malloc(sizeof(float) * (size_t)(xq_n + wp_n + (long)ncb * CB));
+    long *koff = malloc(sizeof(long) * (size_t)K);
+    if (!xq || !koff) {
+        free(xq);
+        free(koff);
+        return DAMEX_ENOMEM;
+    }
     float *wp = xq + xq_n, *bp = wp + wp_n;
-    long *koff = (long *)(bp + (long)ncb * CB);
     memset(xq + g.nph * g.PB, 0, sizeof(float) * (size_t)(xq_n - g.nph * g.PB));
     for (long co = 0; co < (long)ncb * CB; co++) bp[co] = co < Cout && b ? b[co] : 0.0f;
     for (int t = 0; t < T; t++)
@@ -140,5 +143,6 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
         }
     }
     free(xq);
+    free(koff);
     return DAMEX_OK;
 }

@@ -38,6 +38,10 @@ void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *
 int conv2d_direct_preferred(void);
 int conv2d_forward_direct(float *y, const float *x, const float *w, const float *b,
                           const struct conv2d_shape *s);
+/* dw[Cout, Cin*kh*kw] += the weight gradient (conv_dw.c). */
+/* dx += the input gradient, computed as forward convolutions of dy (conv_dx.c). */
+int conv2d_dx_by_forward(float *dx, const float *dy, const float *w, const struct conv2d_shape *s);
+int conv2d_dw_direct(float *dw, const float *dy, const float *x, const struct conv2d_shape *s);
 /* 1 for a 3x3 stride-1 conv. */
 int conv2d_winograd_applies(const struct conv2d_shape *s);
 int conv2d_forward_winograd(float *y, const float *x, const float *w, const float *b,

@@ -193,11 +193,14 @@ int conv2d_forward_winograd(float *y, const float *x, const float *w, const floa
     const long ys = (long)Cout * s->Ho * s->Wo;
     /* the last tiles of the last plane read up to one row past it */
     const long xq_n = 2 * g.PB + g.Wq + 16, up_n = 16L * ncb * Cin * CB;
-    float *xq = malloc(sizeof(float) * (size_t)(xq_n + up_n + (long)ncb * CB) +
-                       sizeof(long) * (size_t)Cin);
-    if (!xq) return DAMEX_ENOMEM;
+    float *xq = malloc(sizeof(float) * (size_t)(xq_n + up_n + (long)ncb * CB));
+    long *koff = malloc(sizeof(long) * (size_t)Cin);
+    if (!xq || !koff) {
+        free(xq);
+        free(koff);
+        return DAMEX_ENOMEM;
+    }
     float *up = xq + xq_n, *bp = up + up_n;
-    long *koff = (long *)(bp + (long)ncb * CB);
     memset(xq + 2 * g.PB, 0, sizeof(float) * (size_t)(xq_n - 2 * g.PB));
     for (long co = 0; co < (long)ncb * CB; co++) bp[co] = co < Cout && b ? b[co] : 0.0f;
     for (int ci = 0; ci < Cin; ci++) koff[ci] = (long)ci * NT;
@@ -233,5 +236,6 @@ int conv2d_forward_winograd(float *y, const float *x, const float *w, const floa
         free(v);
     }
     free(xq);
+    free(koff);
     return status;
 }
