@@ -1,7 +1,7 @@
 /* conv2d forward by a register-blocked direct kernel over the phase planes
  * (conv_impl.h): no im2col matrix, no BLAS.
  *
- * For one image, with yq[co, c] the product of conv_shifted.c (c = oh*Wq + ow):
+ * For one image, with yq[co, c] the per-tap sum of conv_shifted.c (c = oh*Wq + ow):
  *
  *   yq[co, c] = b[co] + sum_{t, ci} w[co, ci, t] * xq[tap_offset(t) + ci*CS + c]
  *
@@ -18,8 +18,7 @@
  * planes of all images, then the (image, column block, channel block) tasks
  * are shared out with static schedules over disjoint outputs (no atomics;
  * results do not depend on the thread count).  Two synchronisation points a
- * call: idle OpenMP threads sleep (see damex/_lib.py), so each one costs a
- * wake-up. */
+ * call, each of which may cost a sleeping thread's wake-up (damex/_lib.py). */
 #include "conv_impl.h"
 
 #include <stdlib.h>
@@ -41,7 +40,7 @@ typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* un
  * flat loop however few the channels, 3 for an RGB stem. */
 DIRECT_CLONES
 void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *restrict wb,
-                         const long *restrict koff, int K, const float *restrict bias)
+                     const long *restrict koff, int K, const float *restrict bias)
 {
     vf acc[CB][VB];
     for (int r = 0; r < CB; r++)

@@ -378,7 +378,13 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
 {
     int status = check_ffn(expert_count, E, D, F, N, act);
     if (status != DAMEX_OK) return status;
-    if (N == 0) return DAMEX_OK;
+    if (N == 0) { /* no rows: zero gradients */
+        memset(dw1, 0, sizeof(float) * (size_t)E * D * F);
+        memset(dw2, 0, sizeof(float) * (size_t)E * F * D);
+        memset(db1, 0, sizeof(float) * (size_t)E * F);
+        memset(db2, 0, sizeof(float) * (size_t)E * D);
+        return DAMEX_OK;
+    }
     row_block *blk;
     long nblk = row_blocks(&blk, expert_count, E);
     if (nblk < 0) return DAMEX_ENOMEM;
@@ -420,8 +426,8 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
                 else drelu(gr, p1, hr, F);
                 add_row(p2, dy_b + (long)r * D, D);
             }
-            /* dxe += dh @ w1[e]^T */
-            sgemm_rm(0, 1, n, D, F, 1.0f, g_b, F, w1 + (long)e * D * F, F, 1.0f, dxe + r0 * D, D);
+            /* dxe = dh @ w1[e]^T */
+            sgemm_rm(0, 1, n, D, F, 1.0f, g_b, F, w1 + (long)e * D * F, F, 0.0f, dxe + r0 * D, D);
         }
         /* (implicit barrier: dh is complete) */
 #pragma omp for schedule(dynamic, 1)
@@ -431,16 +437,24 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
             int cw = F - c0 < BLOCK_COLS ? F - c0 : BLOCK_COLS;
             int n = (int)expert_count[e];
             long r0 = row0[e];
-            if (n == 0) continue;
-            if (kind == 0) /* dw1[e][:, c0:c0+cw] += xe^T @ dh[:, c0:c0+cw] */
-                sgemm_rm(1, 0, D, cw, n, 1.0f, xe + r0 * D, D, dh + r0 * F + c0, F, 1.0f,
-                         dw1 + (long)e * D * F + c0, F);
-            else /* dw2[e][c0:c0+cw, :] += a[:, c0:c0+cw]^T @ dye */
-                sgemm_rm(1, 0, cw, D, n, 1.0f, a + r0 * F + c0, F, dye + r0 * D, D, 1.0f,
-                         dw2 + ((long)e * F + c0) * D, D);
+            if (kind == 0) { /* dw1[e][:, c0:c0+cw] = xe^T @ dh[:, c0:c0+cw] */
+                float *d = dw1 + (long)e * D * F + c0;
+                if (n == 0)
+                    for (int i = 0; i < D; i++) memset(d + (long)i * F, 0, sizeof(float) * cw);
+                else
+                    sgemm_rm(1, 0, D, cw, n, 1.0f, xe + r0 * D, D, dh + r0 * F + c0, F, 0.0f, d, F);
+            } else { /* dw2[e][c0:c0+cw, :] = a[:, c0:c0+cw]^T @ dye */
+                float *d = dw2 + ((long)e * F + c0) * D;
+                if (n == 0)
+                    memset(d, 0, sizeof(float) * (size_t)cw * D);
+                else
+                    sgemm_rm(1, 0, cw, D, n, 1.0f, a + r0 * F + c0, F, dye + r0 * D, D, 0.0f, d, D);
+            }
         }
     }
     if (par) blas_single_thread_end();
+    memset(db1, 0, sizeof(float) * (size_t)E * F);
+    memset(db2, 0, sizeof(float) * (size_t)E * D);
     for (long i = 0; i < nblk; i++) {
         add_row(db1 + (long)blk[i].e * F, part + i * (F + D), F);
         add_row(db2 + (long)blk[i].e * D, part + i * (F + D) + F, D);

@@ -296,12 +296,12 @@ def expert_ffn_backward(dye, saved):
 def _expert_ffn_backward(dye, s):
     E, D, F = s.w1.shape
     N = s.xe.shape[0]
-    dxe = _pool.take((N, D), zero=True)
+    dxe = _pool.take((N, D))  # every output is overwritten (moe.h)
     dh = _pool.take((N, F))  # scratch
-    dw1 = np.zeros((E, D, F), np.float32)
-    db1 = np.zeros((E, F), np.float32)
-    dw2 = np.zeros((E, F, D), np.float32)
-    db2 = np.zeros((E, D), np.float32)
+    dw1 = np.empty((E, D, F), np.float32)
+    db1 = np.empty((E, F), np.float32)
+    dw2 = np.empty((E, F, D), np.float32)
+    db2 = np.empty((E, D), np.float32)
     _C.expert_ffn_backward(dxe, dw1, db1, dw2, db2, dh, dye, s.xe, s.h, s.a, s.w1, s.w2,
                            s.expert_count, E, D, F, N, activation_code(s.activation))
     return dxe, dw1, db1, dw2, db2
@@ -420,7 +420,7 @@ def moe_backward(dy, state, *, dlogits=None):
     dict with ``x [T,D]``, ``w_router [D,E]``, ``w1 [E,D,F]``, ``b1 [E,F]``,
     ``w2 [E,F,D]``, ``b2 [E,D]``.
     """
-    from .router import router_backward, router_logits_backward
+    from .router import router_backward
 
     if not isinstance(state, MoEState):
         raise TypeError(f"state: expected the MoEState of moe_forward, got {type(state).__name__}")
@@ -438,7 +438,8 @@ def moe_backward(dy, state, *, dlogits=None):
     dx = _dispatch_backward(dxe, r)
     dl = router_backward(dcw, result)
     if dlogits is not None:
-        dl = dl + dlogits
-    dx_router, dw_router = router_logits_backward(dl, x, state.w_router)
-    dx += dx_router
+        dl += dlogits
+    # dx += dl @ w_router^T (onto the dispatch gradient), dw_router = x^T @ dl
+    dw_router = np.zeros((D, E), np.float32)
+    _C.router_logits_backward(dx, dw_router, dl, x, state.w_router, T, D, E)
     return {"x": dx, "w_router": dw_router, "w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
