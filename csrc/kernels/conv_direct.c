@@ -6,7 +6,7 @@
  *   yq[co, c] = b[co] + sum_{t, ci} w[co, ci, t] * xq[tap_offset(t) + ci*CS + c]
  *
  * A block of CB = 8 output channels by COLS = 48 consecutive columns is held
- * in 24 vector accumulators while the kernel walks every (tap, ci): per step,
+ * in 24 vector accumulators while the kernel walks every (ci, tap): per step,
  * three vector loads of one shifted plane row and eight weight broadcasts
  * feed 24 multiply-adds, so the loop is bound by the FMA units rather than by
  * memory, and no packed copy of the input is made per tap (OpenBLAS packs
@@ -36,7 +36,7 @@ typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned */
 #define BCAST(v) ((vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v})
 
-/* (conv_impl.h) Here k = (tap, ci) and koff[k] = tap_offset(tap) + ci*CS: one
+/* (conv_impl.h) Here k = (ci, tap) and koff[k] = tap_offset(tap) + ci*CS: one
  * flat loop however few the channels, 3 for an RGB stem. */
 DIRECT_CLONES
 void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *restrict wb,
@@ -112,20 +112,20 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     float *wp = xq + xq_n, *bp = wp + wp_n;
     memset(xq + g.nph * g.PB, 0, sizeof(float) * (size_t)(xq_n - g.nph * g.PB));
     for (long co = 0; co < (long)ncb * CB; co++) bp[co] = co < Cout && b ? b[co] : 0.0f;
-    for (int t = 0; t < T; t++)
-        for (int ci = 0; ci < Cin; ci++) koff[t * Cin + ci] = tap_offset(s, &g, t) + ci * g.CS;
+    /* k = (ci, tap): the taps of one channel read neighbouring columns of the
+     * same planes, which stay in L1 from one k to the next */
+    for (int ci = 0; ci < Cin; ci++)
+        for (int t = 0; t < T; t++) koff[ci * T + t] = tap_offset(s, &g, t) + ci * g.CS;
     const long planes = (long)g.nph * Cin * s->N, tasks = (long)s->N * nqb * ncb;
 #pragma omp parallel if ((long)s->N * ncb * CB * Q * K > DIRECT_PAR_MIN)
     {
-        /* wp[cb][t][ci][r] = w[cb*CB + r][ci][t] (0 for padded channels) */
+        /* wp[cb][ci][t][r] = w[cb*CB + r][ci][t] (0 for padded channels) */
 #pragma omp for schedule(static) nowait
         for (long cb = 0; cb < ncb; cb++)
             for (int r = 0; r < CB; r++) {
                 long co = cb * CB + r;
-                for (int ci = 0; ci < Cin; ci++)
-                    for (int t = 0; t < T; t++)
-                        wp[((cb * T + t) * Cin + ci) * CB + r] =
-                            co < Cout ? w[(co * Cin + ci) * T + t] : 0.0f;
+                for (long k = 0; k < K; k++)
+                    wp[(cb * K + k) * CB + r] = co < Cout ? w[co * K + k] : 0.0f;
             }
 #pragma omp for schedule(static)
         for (long q = 0; q < planes; q++) fill_phase_plane(xq, x, s->N, s, &g, q);
