@@ -245,12 +245,14 @@ CONV_TORCH = [
     ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0, True),
     ((2, 24, 15, 10), (7, 24, 3, 5), (2, 3), (2, 1), True),  # rectangular everything
     ((1, 16, 4, 4), (8, 16, 5, 5), 3, 2, True),     # stride 3, kernel larger than input
-    ((2, 12, 13, 11), (10, 12, 3, 3), 1, 1, True),  # odd output: half Winograd tiles
-    ((1, 9, 7, 6), (17, 9, 3, 3), 1, (0, 2), False),  # Cout not a multiple of 8
     ((3, 8, 50, 3), (8, 8, 3, 3), 1, (2, 1), True),   # more than 48 tiles, tall
-    ((1, 8, 3, 4), (4, 8, 2, 2), 1, 2, True),          # padding beyond the kernel
-    ((2, 9, 21, 17), (12, 9, 3, 3), 2, 1, True),       # strided, odd sizes, Cin >= 8
-    ((1, 10, 16, 16), (9, 10, 7, 7), 2, 3, False),     # strided 7x7
+    # output planes of 512+ pixels: "auto" runs damex's own kernels (see conv.h)
+    ((2, 12, 33, 31), (10, 12, 3, 3), 1, 1, True),    # odd output: half Winograd tiles
+    ((1, 9, 27, 26), (17, 9, 3, 3), 1, (0, 2), False),  # Cout not a multiple of 8
+    ((1, 8, 30, 31), (4, 8, 2, 2), 1, 2, True),       # padding beyond the kernel
+    ((2, 9, 50, 47), (12, 9, 3, 3), 2, 1, True),      # strided, odd sizes, Cin >= 8
+    ((1, 10, 48, 48), (9, 10, 7, 7), 2, 3, False),    # strided 7x7
+    ((1, 3, 48, 50), (8, 3, 7, 7), 2, 3, True),       # RGB stem: dx by the shifted products
 ]
 
 

@@ -20,6 +20,15 @@ int conv2d_shape_init(struct conv2d_shape *s)
     return DAMEX_OK;
 }
 
+/* Where AUTO runs damex's own kernels: a CPU with AVX-512 and output planes
+ * of CONV2D_OWN_MIN_PIXELS or more.  Their blocks are 48 columns (pixels or
+ * Winograd tiles) of one image, so smaller planes leave most of a block
+ * empty: at 2x3 outputs a 3x3 conv ran 3x slower than OpenBLAS's products. */
+static int own_kernels(const struct conv2d_shape *s)
+{
+    return (long)s->Ho * s->Wo >= CONV2D_OWN_MIN_PIXELS && conv2d_direct_preferred();
+}
+
 /* The algorithm a call runs (never AUTO). */
 static int algorithm_of(const struct conv2d_shape *s, int forward)
 {
@@ -27,7 +36,7 @@ static int algorithm_of(const struct conv2d_shape *s, int forward)
     if ((a == CONV2D_DIRECT || a == CONV2D_WINOGRAD) && !forward) return CONV2D_SHIFTED;
     if (a != CONV2D_AUTO) return a;
     if (conv2d_is_pointwise(s)) return CONV2D_IM2COL;
-    if (forward && conv2d_direct_preferred())
+    if (forward && own_kernels(s))
         return conv2d_winograd_applies(s) && s->Cin >= CONV2D_WINOGRAD_MIN_CIN ? CONV2D_WINOGRAD
                                                                               : CONV2D_DIRECT;
     return s->Cin >= CONV2D_SHIFTED_MIN_CIN ? CONV2D_SHIFTED : CONV2D_IM2COL;
@@ -37,7 +46,7 @@ static int algorithm_of(const struct conv2d_shape *s, int forward)
  * (conv_dw.c), dx as forward convolutions (conv_dx.c) when Cin >= 8. */
 static int direct_backward(const struct conv2d_shape *s)
 {
-    return s->algorithm == CONV2D_AUTO && !conv2d_is_pointwise(s) && conv2d_direct_preferred();
+    return s->algorithm == CONV2D_AUTO && !conv2d_is_pointwise(s) && own_kernels(s);
 }
 
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,

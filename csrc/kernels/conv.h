@@ -12,10 +12,12 @@ struct conv2d_shape {
 };
 
 /* AUTO: a 1x1 stride-1 unpadded conv multiplies x directly (IM2COL without a copy).
- * Other forwards, where the CPU has AVX-512: WINOGRAD for 3x3 at stride 1 with
- * Cin >= CONV2D_WINOGRAD_MIN_CIN, else DIRECT.  Otherwise, and for every
- * backward: SHIFTED when Cin >= CONV2D_SHIFTED_MIN_CIN, else IM2COL.
- * DIRECT and WINOGRAD are forward algorithms: their backward is SHIFTED's. */
+ * Other convs with output planes of CONV2D_OWN_MIN_PIXELS or more, where the
+ * CPU has AVX-512, run on damex's own kernels: the forward on WINOGRAD for 3x3
+ * at stride 1 with Cin >= CONV2D_WINOGRAD_MIN_CIN, else DIRECT; the backward
+ * as conv.c says.  Otherwise SHIFTED when Cin >= CONV2D_SHIFTED_MIN_CIN, else
+ * IM2COL.  DIRECT and WINOGRAD are forward algorithms: their backward is
+ * SHIFTED's. */
 enum conv2d_algorithm {
     CONV2D_AUTO = 0,
     CONV2D_IM2COL = 1,
@@ -24,6 +26,7 @@ enum conv2d_algorithm {
     CONV2D_WINOGRAD = 4
 };
 #define CONV2D_WINOGRAD_MIN_CIN 8
+#define CONV2D_OWN_MIN_PIXELS 512
 #define CONV2D_SHIFTED_MIN_CIN 16
 
 /* Checks the sizes and sets Ho = (H + 2 ph - kh) / sh + 1 (and Wo); returns
