@@ -303,10 +303,10 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, *, algorithm="auto"):
         planes), no im2col matrix; "direct": damex's own register-blocked
         kernel over the same shifted views; "winograd": F(2x2, 3x3) tiles,
         2.25x fewer multiplications (3x3 kernels at stride 1 only).
-        "auto" takes, on a CPU with AVX-512, "winograd" for 3x3 stride-1
-        convs with Cin >= 8 and "direct" for the others, except the plain
-        1x1 conv, which multiplies x directly; elsewhere "shifted" for
-        Cin >= 16, else "im2col".  All give the same values up to float32
+        "auto" takes, on a CPU with AVX-512 and for output planes of 512
+        pixels or more, "winograd" for 3x3 stride-1 convs with Cin >= 8 and
+        "direct" for the others, except the plain 1x1 conv, which multiplies
+        x directly; elsewhere "shifted" for Cin >= 16, else "im2col".  All give the same values up to float32
         rounding.
 
     Returns
@@ -326,9 +326,10 @@ def conv2d_backward(dy, x, w, stride=1, padding=0, has_bias=True, *, algorithm="
 
     dy has the output's shape (N, Cout, Ho, Wo); dx, dw, db have the shapes of x, w, b.
     "direct" and "winograd" are forward algorithms: their backward is "shifted".
-    With "auto" on a CPU with AVX-512, dx of a stride-1 conv is computed as the
-    forward conv of dy with the flipped, transposed filter (so a 3x3 one runs
-    on Winograd tiles).
+    With "auto" on a CPU with AVX-512 and output planes of 512+ pixels, dw runs
+    on a register-blocked kernel of damex's own and dx (Cin >= 8) as forward
+    convolutions of dy with the flipped, transposed filter, one per stride
+    phase (so a 3x3 stride-1 one runs on Winograd tiles).
     """
     x, w, sizes, yshape = _conv_sizes(x, w, stride, padding, algorithm)
     dy = f32(dy, "dy", shape=yshape)
