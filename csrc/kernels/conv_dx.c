@@ -62,7 +62,7 @@ static int dx_stride1(float *dx, const float *dy, const float *w, const struct c
 struct dx_phase {
     int rho, sigma, nr, nc; /* taps n_rho x n_sigma */
     int rows;               /* output rows m: Ho + nr - 1 (columns: Wo + nc - 1) */
-    long nqb, task0;        /* column blocks per image, first task */
+    long nqb;               /* column blocks per image */
     float *wp;              /* [Cin/CB][nr*nc*Cout][CB] */
     long *koff;             /* [nr*nc*Cout] */
 };
@@ -114,7 +114,7 @@ static int dx_strided(float *dx, const float *dy, const float *w, const struct c
     const int Cout = s->Cout, ncb = (s->Cin + CB - 1) / CB, nph = s->sh * s->sw;
     struct dx_phase f[64];
     if (nph > 64) return DAMEX_EINVAL; /* strides up to 8x8 */
-    long wp_n = 0, koff_n = 0, tasks = 0;
+    long wp_n = 0, koff_n = 0, maxq = 0;
     for (int p = 0; p < nph; p++) {
         struct dx_phase *e = &f[p];
         e->rho = p / s->sw;
@@ -123,8 +123,7 @@ static int dx_strided(float *dx, const float *dy, const float *w, const struct c
         e->nc = (s->kw - e->sigma + s->sw - 1) / s->sw;
         e->rows = s->Ho + e->nr - 1;
         e->nqb = e->nr > 0 && e->nc > 0 ? ((long)e->rows * g.Wq + COLS - 1) / COLS : 0;
-        e->task0 = tasks;
-        tasks += (long)s->N * e->nqb * ncb;
+        maxq = e->nqb > maxq ? e->nqb : maxq;
         wp_n += (long)ncb * e->nr * e->nc * Cout * CB;
         koff_n += (long)e->nr * e->nc * Cout;
     }
@@ -162,20 +161,24 @@ static int dx_strided(float *dx, const float *dy, const float *w, const struct c
         }
     }
     const long planes = (long)Cout * s->N, xs = (long)s->Cin * s->H * s->W;
+    const long tasks = (long)s->N * maxq * ncb * nph;
     const float zero[CB] = {0};
 #pragma omp parallel if (tasks > 1 && (long)s->N * s->Cin * s->H * s->W * Cout > (1L << 20))
     {
 #pragma omp for schedule(static)
         for (long q = 0; q < planes; q++) fill_phase_plane(xq, dy, s->N, &t, &g, q);
         float blk[CB * COLS];
+        /* task (img, column block, channel block, phase): the phases of a block
+         * add into the same lines of dx one after the other, while they are in
+         * cache (phase-major, each line came from memory sh*sw times) */
 #pragma omp for schedule(static)
         for (long k = 0; k < tasks; k++) {
-            int p = 0;
-            while (p + 1 < nph && k >= f[p + 1].task0) p++;
+            const int p = (int)(k % nph), cb = (int)(k / nph % ncb);
+            const long qb = k / nph / ncb % maxq;
+            const int n = (int)(k / nph / ncb / maxq);
             const struct dx_phase *e = &f[p];
-            long j = k - e->task0;
-            int cb = (int)(j % ncb), n = (int)(j / ncb / e->nqb);
-            long c0 = j / ncb % e->nqb * COLS;
+            if (qb >= e->nqb) continue;
+            const long c0 = qb * COLS;
             const int K = e->nr * e->nc * Cout;
             conv_block_8x48(blk, xq + n * g.IS + c0, e->wp + (long)cb * K * CB, e->koff, K, zero);
             int rows = s->Cin - cb * CB < CB ? s->Cin - cb * CB : CB;
