@@ -1,7 +1,8 @@
 /* conv2d weight gradient by a register-blocked dot-product kernel over the
  * phase planes (conv_impl.h), all images in one chunk:
  *
- *   dw[co, k] += sum_c dyq[co, c] * xq[koff[k] + c],   k = (ci, tap), koff[k] = tap_offset(tap) + ci*CS
+ *   dw[co, k] += sum_c dyq[co, c] * xq[koff[k] + c],
+ *   k = (ci, tap),  koff[k] = tap_offset(tap) + ci*CS,
  *
  * with dyq[co, c] = dy at column c = (img, oh, ow) and 0 in the columns that
  * are not outputs.  Each product is a [Cout, Q] @ [Q, Cin*kh*kw] reduction
@@ -22,11 +23,11 @@
 
 #include "status.h"
 
-#define RB 4     /* output channels per block */
-#define KB 6     /* (ci, tap) rows per block */
-#define GC 8     /* channel blocks per group */
-#define GK 12    /* row blocks per group */
-#define CHUNK 1024 /* columns per chunk */
+#define RB 4      /* output channels per block */
+#define KB 6      /* (ci, tap) rows per block */
+#define GC 8      /* channel blocks per group */
+#define GK 12     /* row blocks per group */
+#define CHUNK 512 /* columns per chunk: a block's 6 x rows and 4 dy rows (20 KB) stay in L1 */
 
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned */
