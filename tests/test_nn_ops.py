@@ -497,12 +497,17 @@ def test_memory_flat_over_many_small_calls():
 
     x16 = f32(rnd(1, 16, 4, 5))
     w16 = f32(rnd(2, 16, 3, 3))
+    x8, x8s2, w8 = f32(rnd(1, 8, 23, 23)), f32(rnd(1, 8, 46, 46)), f32(rnd(8, 8, 3, 3))
 
     def step():
         y = ops.conv2d_forward(x, w, b, 1, 1)
         ops.conv2d_backward(y, x, w, 1, 1)
         y = ops.conv2d_forward(x16, w16, None, 2, 1)  # the shifted algorithm
         ops.conv2d_backward(y, x16, w16, 2, 1)
+        ops.conv2d_forward(x16, w16, None, 1, 1, algorithm="winograd")
+        ops.conv2d_forward(x16, w16, None, 2, 1, algorithm="direct")
+        for xi, st in ((x8, 1), (x8s2, 2)):  # 23x23 outputs: "auto" runs damex's own kernels
+            ops.conv2d_backward(ops.conv2d_forward(xi, w8, None, st, 1), xi, w8, st, 1)
         yl, m, r = ops.layer_norm_forward(v, g, g)
         ops.layer_norm_backward(yl, v, m, r, g)
         yg, m, r = ops.group_norm_forward(x, g[:3], g[:3], 3)
