@@ -11,8 +11,10 @@
  * feed 24 multiply-adds, so the loop is bound by the FMA units rather than by
  * memory, and no packed copy of the input is made per tap (OpenBLAS packs
  * the shifted matrix again for every tap).  The columns past Ho*Wq and the
- * wrapped columns ow >= Wo are garbage and are cropped; channels are padded
- * to a multiple of CB with zero weights.
+ * wrapped columns ow >= Wo are garbage and are cropped: with AVX-512 by
+ * masked stores straight from the accumulators into y (5-8% faster than
+ * through a block buffer and row copies), else by copies; channels are
+ * padded to a multiple of CB with zero weights.
  *
  * Threads: one parallel region per call; the weight packing and the phase
  * planes of all images, then the (image, column block, channel block) tasks
@@ -80,6 +82,73 @@ static void store_block(float *y, const float *blk, int rows, int co0, long c0,
     }
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define DIRECT_X86 1
+#include <immintrin.h>
+#include <stdint.h>
+
+/* Where the outputs of one column block go in a channel plane of y: for each
+ * of its VB vectors, up to two masked stores (with Wo >= 16 a vector's columns
+ * run into at most the next row).  Column c of row m is y[c - m*(Wq - Wo)]. */
+struct store_plan {
+    long c0;            /* the block's first column: the plan's key */
+    long off[VB][2];    /* where lane 0 of the store would land */
+    __mmask16 mask[VB][2];
+};
+
+static void plan_stores(struct store_plan *sp, long c0, const struct conv2d_shape *s, long Wq)
+{
+    const long gap = Wq - s->Wo;
+    long m = c0 / Wq, q = c0 - m * Wq;
+    sp->c0 = c0;
+    for (int v = 0; v < VB; v++) {
+        const long m0 = m, cv = c0 + 16 * v;
+        sp->off[v][0] = cv - m0 * gap;
+        sp->off[v][1] = cv - (m0 + 1) * gap;
+        sp->mask[v][0] = sp->mask[v][1] = 0;
+        for (int i = 0; i < 16; i++) {
+            if (q < s->Wo && m < s->Ho) sp->mask[v][m != m0] |= (__mmask16)(1u << i);
+            if (++q == Wq) {
+                q = 0;
+                m++;
+            }
+        }
+    }
+}
+
+/* conv_block_8x48 storing its valid columns straight into y (channel planes of
+ * P floats from y) with masked stores: no block buffer and no copies. */
+__attribute__((target("avx512f")))
+static void direct_block_store(float *y, long P, int rows, const float *xb, const float *wb,
+                               const long *koff, int K, const float *bias,
+                               const struct store_plan *sp)
+{
+    __m512 a[CB][VB];
+    for (int r = 0; r < CB; r++)
+        for (int v = 0; v < VB; v++) a[r][v] = _mm512_set1_ps(bias[r]);
+    for (int k = 0; k < K; k++) {
+        const float *xr = xb + koff[k], *wr = wb + (long)k * CB;
+        __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16), x2 = _mm512_loadu_ps(xr + 32);
+        for (int r = 0; r < CB; r++) {
+            __m512 w = _mm512_set1_ps(wr[r]);
+            a[r][0] = _mm512_fmadd_ps(w, x0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(w, x1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(w, x2, a[r][2]);
+        }
+    }
+    for (int r = 0; r < CB; r++) {
+        if (r >= rows) break;
+        /* integer addresses: lane 0 of a store may lie outside y, its lane is masked off */
+        const uintptr_t base = (uintptr_t)(y + r * P);
+        for (int v = 0; v < VB; v++)
+            for (int j = 0; j < 2; j++)
+                if (sp->mask[v][j])
+                    _mm512_mask_storeu_ps((void *)(base + sizeof(float) * sp->off[v][j]),
+                                          sp->mask[v][j], a[r][v]);
+    }
+}
+#endif
+
 int conv2d_direct_preferred(void)
 {
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
@@ -98,7 +167,11 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     const struct phases g = phases_of(s, s->N);
     const int T = g.T, Cin = s->Cin, Cout = s->Cout, K = T * Cin, ncb = (Cout + CB - 1) / CB;
     const long Q = chunk_columns(s, &g, 1), nqb = (Q + COLS - 1) / COLS;
-    const long ys = (long)Cout * s->Ho * s->Wo;
+    const long P = (long)s->Ho * s->Wo, ys = (long)Cout * P;
+#ifdef DIRECT_X86
+    /* AVX-512 masked stores straight into y (rows of 16+ outputs, see plan_stores) */
+    const int masked = s->Wo >= 16 && conv2d_direct_preferred();
+#endif
     /* the last column block of the last plane reads up to COLS - 1 floats past
      * the planes (see conv_impl.h): a zeroed tail */
     const long xq_n = (long)g.nph * g.PB + COLS + 16, wp_n = (long)ncb * K * CB;
@@ -132,12 +205,23 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
         /* (img, column block) outer, channel blocks inner: a thread's run of
          * tasks reuses the same planes */
         float blk[CB * COLS];
+#ifdef DIRECT_X86
+        struct store_plan plan = {.c0 = -1};
+#endif
 #pragma omp for schedule(static)
         for (long k = 0; k < tasks; k++) {
             int cb = (int)(k % ncb), n = (int)(k / ncb / nqb);
             long c0 = k / ncb % nqb * COLS;
-            conv_block_8x48(blk, xq + n * g.IS + c0, wp + (long)cb * K * CB, koff, K, bp + cb * CB);
             int rows = Cout - cb * CB < CB ? Cout - cb * CB : CB;
+#ifdef DIRECT_X86
+            if (masked) { /* consecutive tasks share a column block, and its plan */
+                if (plan.c0 != c0) plan_stores(&plan, c0, s, g.Wq);
+                direct_block_store(y + n * ys + (long)cb * CB * P, P, rows, xq + n * g.IS + c0,
+                                   wp + (long)cb * K * CB, koff, K, bp + cb * CB, &plan);
+                continue;
+            }
+#endif
+            conv_block_8x48(blk, xq + n * g.IS + c0, wp + (long)cb * K * CB, koff, K, bp + cb * CB);
             store_block(y + n * ys, blk, rows, cb * CB, c0, s, &g);
         }
     }
