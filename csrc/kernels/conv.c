@@ -42,8 +42,12 @@ static int algorithm_of(const struct conv2d_shape *s, int forward)
     return s->Cin >= CONV2D_SHIFTED_MIN_CIN ? CONV2D_SHIFTED : CONV2D_IM2COL;
 }
 
-/* AUTO's backward where the CPU has AVX-512: dw by damex's own kernel
- * (conv_dw.c), dx as forward convolutions (conv_dx.c) when Cin >= 8. */
+/* AUTO's backward where own_kernels holds: dw by damex's own kernel
+ * (conv_dw.c), dx as forward convolutions (conv_dx.c) when Cin >= DX_MIN_CIN.
+ * Those convolutions output Cin channels: a few (an RGB stem) would leave most
+ * of the direct kernel's 8 rows empty, so dx then runs on the products. */
+#define DX_MIN_CIN 8
+
 static int direct_backward(const struct conv2d_shape *s)
 {
     return s->algorithm == CONV2D_AUTO && !conv2d_is_pointwise(s) && own_kernels(s);
@@ -79,9 +83,7 @@ int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const floa
     if (direct_backward(s)) {
         int status = dw ? conv2d_dw_direct(dw, dy, x, s) : DAMEX_OK;
         if (status != DAMEX_OK || !dx) return status;
-        /* dx's channels are the forward's output channels: few of them (an RGB
-         * stem) would leave most of the direct kernel's 8 rows empty */
-        if (s->Cin >= CONV2D_WINOGRAD_MIN_CIN) return conv2d_dx_by_forward(dx, dy, w, s);
+        if (s->Cin >= DX_MIN_CIN) return conv2d_dx_by_forward(dx, dy, w, s);
         dw = NULL;
     }
     return algorithm_of(s, 0) == CONV2D_SHIFTED ? conv2d_backward_shifted(dx, dw, dy, x, w, s)
