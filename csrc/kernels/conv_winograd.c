@@ -14,7 +14,7 @@
  * differs from the direct sum by rounding alone (errors ~1e-6 relative).
  *
  * Threads: one parallel region; weight transform and padded input planes
- * (conv_impl.h, stride 1: one phase) are shared out, then tasks of 48 tiles
+ * (conv_impl.h; split into even and odd columns) are shared out, then tasks of 48 tiles
  * of one image, each with its own transformed-input buffer [16][Cin][48]
  * running every channel block, so V is made once and used Cout/8 times. */
 #include "conv_impl.h"
