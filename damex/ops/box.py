@@ -21,9 +21,9 @@ from .._lib import _C
 from ._check import check_shape, f32, float_arg
 
 
-def _box_array(b, name):
-    """b[..., 4] as float32, finite."""
-    a = f32(b, name, finite=True)
+def _box_array(b, name, finite=True):
+    """b[..., 4] as float32 (finite unless told otherwise)."""
+    a = f32(b, name, finite=finite)
     if a.ndim == 0 or a.shape[-1] != 4:
         raise ValueError(f"{name}: expected shape (..., 4), got {a.shape}")
     return a
@@ -58,9 +58,7 @@ def box_cxcywh_to_xyxy_forward(b):
 
 def box_cxcywh_to_xyxy_backward(dout):
     """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = f32(dout, "dout")
-    if dout.ndim == 0 or dout.shape[-1] != 4:
-        raise ValueError(f"dout: expected shape (..., 4), got {dout.shape}")
+    dout = _box_array(dout, "dout", finite=False)
     db = np.zeros_like(dout)
     _C.box_cxcywh_to_xyxy_backward(db, dout)
     return db
@@ -85,9 +83,7 @@ def box_xyxy_to_cxcywh_forward(b):
 
 def box_xyxy_to_cxcywh_backward(dout):
     """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = f32(dout, "dout")
-    if dout.ndim == 0 or dout.shape[-1] != 4:
-        raise ValueError(f"dout: expected shape (..., 4), got {dout.shape}")
+    dout = _box_array(dout, "dout", finite=False)
     db = np.zeros_like(dout)
     _C.box_xyxy_to_cxcywh_backward(db, dout)
     return db
