@@ -86,7 +86,20 @@ done:
     return status;
 }
 
-static int64_t *alloc_rows(int T, int k) { return malloc(((size_t)T * k + 1) * sizeof(int64_t)); }
+/* routing_rows into a new array the caller frees; NULL, with *status set, on error. */
+static int64_t *new_routing_rows(int *status, const int64_t *expert_index, const int64_t *slot,
+                                 const int64_t *expert_count, int T, int k, int E, long N)
+{
+    *status = T < 0 || k < 1 ? DAMEX_EINVAL : DAMEX_ENOMEM;
+    int64_t *rows = *status == DAMEX_EINVAL ? NULL : malloc(((size_t)T * k + 1) * sizeof(int64_t));
+    if (!rows) return NULL;
+    *status = routing_rows(rows, expert_index, slot, expert_count, T, k, E, N);
+    if (*status != DAMEX_OK) {
+        free(rows);
+        return NULL;
+    }
+    return rows;
+}
 
 /* ---- dispatch ------------------------------------------------------------- */
 
@@ -94,19 +107,17 @@ int dispatch_forward(float *xe, const float *x, const int64_t *expert_index, con
                      const int64_t *expert_count, int T, int k, int D, int E, long N)
 {
     if (D < 0) return DAMEX_EINVAL;
-    int64_t *rows = alloc_rows(T, k);
-    if (!rows) return DAMEX_ENOMEM;
-    int status = routing_rows(rows, expert_index, slot, expert_count, T, k, E, N);
-    if (status == DAMEX_OK) {
+    int status;
+    int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
+    if (!rows) return status;
 #pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
-        for (int t = 0; t < T; t++)
-            for (int j = 0; j < k; j++) {
-                int64_t r = rows[(long)t * k + j];
-                if (r >= 0) memcpy(xe + r * D, x + (long)t * D, (size_t)D * sizeof(float));
-            }
-    }
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            int64_t r = rows[(long)t * k + j];
+            if (r >= 0) memcpy(xe + r * D, x + (long)t * D, (size_t)D * sizeof(float));
+        }
     free(rows);
-    return status;
+    return DAMEX_OK;
 }
 
 /* inverts "xe[row(t,j)] = x[t]" */
@@ -115,23 +126,21 @@ int dispatch_backward(float *dx, const float *dxe, const int64_t *expert_index,
                       int E, long N)
 {
     if (D < 0) return DAMEX_EINVAL;
-    int64_t *rows = alloc_rows(T, k);
-    if (!rows) return DAMEX_ENOMEM;
-    int status = routing_rows(rows, expert_index, slot, expert_count, T, k, E, N);
-    if (status == DAMEX_OK) {
+    int status;
+    int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
+    if (!rows) return status;
 #pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
-        for (int t = 0; t < T; t++) {
-            float *restrict d = dx + (long)t * D;
-            for (int j = 0; j < k; j++) {
-                int64_t r = rows[(long)t * k + j];
-                if (r < 0) continue;
-                const float *restrict g = dxe + r * D;
-                for (int i = 0; i < D; i++) d[i] += g[i];
-            }
+    for (int t = 0; t < T; t++) {
+        float *restrict d = dx + (long)t * D;
+        for (int j = 0; j < k; j++) {
+            int64_t r = rows[(long)t * k + j];
+            if (r < 0) continue;
+            const float *restrict g = dxe + r * D;
+            for (int i = 0; i < D; i++) d[i] += g[i];
         }
     }
     free(rows);
-    return status;
+    return DAMEX_OK;
 }
 
 /* ---- combine -------------------------------------------------------------- */
@@ -141,25 +150,23 @@ int combine_forward(float *y, const float *ye, const float *combine_weight,
                     int T, int k, int D, int E, long N)
 {
     if (D < 0) return DAMEX_EINVAL;
-    int64_t *rows = alloc_rows(T, k);
-    if (!rows) return DAMEX_ENOMEM;
-    int status = routing_rows(rows, expert_index, slot, expert_count, T, k, E, N);
-    if (status == DAMEX_OK) {
+    int status;
+    int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
+    if (!rows) return status;
 #pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
-        for (int t = 0; t < T; t++) {
-            float *restrict yt = y + (long)t * D;
-            memset(yt, 0, (size_t)D * sizeof(float));
-            for (int j = 0; j < k; j++) {
-                int64_t r = rows[(long)t * k + j];
-                if (r < 0) continue;
-                float w = combine_weight[(long)t * k + j];
-                const float *restrict src = ye + r * D;
-                for (int i = 0; i < D; i++) yt[i] += w * src[i];
-            }
+    for (int t = 0; t < T; t++) {
+        float *restrict yt = y + (long)t * D;
+        memset(yt, 0, (size_t)D * sizeof(float));
+        for (int j = 0; j < k; j++) {
+            int64_t r = rows[(long)t * k + j];
+            if (r < 0) continue;
+            float w = combine_weight[(long)t * k + j];
+            const float *restrict src = ye + r * D;
+            for (int i = 0; i < D; i++) yt[i] += w * src[i];
         }
     }
     free(rows);
-    return status;
+    return DAMEX_OK;
 }
 
 /* inverts "y[t] = sum_j w[t,j] * ye[row(t,j)]" */
@@ -169,30 +176,28 @@ int combine_backward(float *dye, float *dcombine_weight, const float *dy, const 
                      int E, long N)
 {
     if (D < 0) return DAMEX_EINVAL;
-    int64_t *rows = alloc_rows(T, k);
-    if (!rows) return DAMEX_ENOMEM;
-    int status = routing_rows(rows, expert_index, slot, expert_count, T, k, E, N);
-    if (status == DAMEX_OK) {
+    int status;
+    int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
+    if (!rows) return status;
 #pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
-        for (int t = 0; t < T; t++) {
-            const float *restrict g = dy + (long)t * D;
-            for (int j = 0; j < k; j++) {
-                int64_t r = rows[(long)t * k + j];
-                if (r < 0) continue;
-                float w = combine_weight[(long)t * k + j];
-                float *restrict d = dye + r * D;
-                const float *restrict v = ye + r * D;
-                float dot = 0.0f;
-                for (int i = 0; i < D; i++) {
-                    d[i] += w * g[i];
-                    dot += g[i] * v[i];
-                }
-                dcombine_weight[(long)t * k + j] += dot;
+    for (int t = 0; t < T; t++) {
+        const float *restrict g = dy + (long)t * D;
+        for (int j = 0; j < k; j++) {
+            int64_t r = rows[(long)t * k + j];
+            if (r < 0) continue;
+            float w = combine_weight[(long)t * k + j];
+            float *restrict d = dye + r * D;
+            const float *restrict v = ye + r * D;
+            float dot = 0.0f;
+            for (int i = 0; i < D; i++) {
+                d[i] += w * g[i];
+                dot += g[i] * v[i];
             }
+            dcombine_weight[(long)t * k + j] += dot;
         }
     }
     free(rows);
-    return status;
+    return DAMEX_OK;
 }
 
 /* ---- fused bias + activation, one row of F ------------------------------- */
