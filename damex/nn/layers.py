@@ -41,6 +41,16 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _norm_affine(module, shape, affine):
+    """A norm's weight (ones) and bias (zeros) of `shape`, or None for both."""
+    if affine:
+        module.weight = Parameter(np.ones(shape, np.float32))
+        module.bias = Parameter(np.zeros(shape, np.float32))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class LayerNorm(Module):
     """Layer norm over the last axis; weight (ones) and bias (zeros) of shape [C]."""
 
@@ -50,12 +60,7 @@ class LayerNorm(Module):
         if len(ns) != 1:
             raise ValueError(f"LayerNorm: only the last axis is supported, got normalized_shape={ns}")
         self.normalized_shape, self.eps = (int(ns[0]),), float(eps)
-        if elementwise_affine:
-            self.weight = Parameter(np.ones(ns, np.float32))
-            self.bias = Parameter(np.zeros(ns, np.float32))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _norm_affine(self, ns, elementwise_affine)
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -72,12 +77,7 @@ class GroupNorm(Module):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_channels={num_channels} is not divisible by num_groups={num_groups}")
         self.num_groups, self.num_channels, self.eps = int(num_groups), int(num_channels), float(eps)
-        if affine:
-            self.weight = Parameter(np.ones(num_channels, np.float32))
-            self.bias = Parameter(np.zeros(num_channels, np.float32))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _norm_affine(self, (num_channels,), affine)
 
     def forward(self, x):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
