@@ -18,6 +18,17 @@ def _norm(kind, channels):
     raise ValueError(f"norm: expected 'group' or 'frozen_bn', got {kind!r}")
 
 
+def _downsample(cin, cout, stride, norm):
+    """The shortcut's 1x1 conv + norm where the block changes shape, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout))
+
+
+def _residual(out, x, downsample):
+    return F.relu(out + (x if downsample is None else downsample(x)))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -28,15 +39,12 @@ class BasicBlock(nn.Module):
         self.bn1 = _norm(norm, width)
         self.conv2 = nn.Conv2d(width, cout, 3, padding=1, bias=False)
         self.bn2 = _norm(norm, cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                            _norm(norm, cout))
+        self.downsample = _downsample(cin, cout, stride, norm)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return _residual(out, x, self.downsample)
 
 
 class Bottleneck(nn.Module):
@@ -51,16 +59,13 @@ class Bottleneck(nn.Module):
         self.bn2 = _norm(norm, width)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = _norm(norm, cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                            _norm(norm, cout))
+        self.downsample = _downsample(cin, cout, stride, norm)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return _residual(out, x, self.downsample)
 
 
 class ResNet(nn.Module):
