@@ -33,9 +33,6 @@
 #define VB (COLS / 16)  /* vectors of 16 columns per block */
 /* Multiply-adds from which a call forks threads (about 0.1 ms of one core). */
 #define DIRECT_PAR_MIN (1L << 22)
-
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned */
 #define BCAST(v) ((vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v})
 
 /* (conv_impl.h) Here k = (ci, tap) and koff[k] = tap_offset(tap) + ci*CS: one
@@ -82,8 +79,7 @@ static void store_block(float *y, const float *blk, int rows, int co0, long c0,
     }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define DIRECT_X86 1
+#ifdef CONV_X86
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -151,7 +147,7 @@ static void direct_block_store(float *y, long P, int rows, const float *xb, cons
 
 int conv2d_direct_preferred(void)
 {
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#ifdef CONV_X86
     return __builtin_cpu_supports("avx512f");
 #else
     return 0;
@@ -168,7 +164,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     const int T = g.T, Cin = s->Cin, Cout = s->Cout, K = T * Cin, ncb = (Cout + CB - 1) / CB;
     const long Q = chunk_columns(s, &g, 1), nqb = (Q + COLS - 1) / COLS;
     const long P = (long)s->Ho * s->Wo, ys = (long)Cout * P;
-#ifdef DIRECT_X86
+#ifdef CONV_X86
     /* AVX-512 masked stores straight into y (rows of 16+ outputs, see plan_stores) */
     const int masked = s->Wo >= 16 && conv2d_direct_preferred();
 #endif
@@ -205,7 +201,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
         /* (img, column block) outer, channel blocks inner: a thread's run of
          * tasks reuses the same planes */
         float blk[CB * COLS];
-#ifdef DIRECT_X86
+#ifdef CONV_X86
         struct store_plan plan = {.c0 = -1};
 #endif
 #pragma omp for schedule(static)
@@ -213,7 +209,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
             int cb = (int)(k % ncb), n = (int)(k / ncb / nqb);
             long c0 = k / ncb % nqb * COLS;
             int rows = Cout - cb * CB < CB ? Cout - cb * CB : CB;
-#ifdef DIRECT_X86
+#ifdef CONV_X86
             if (masked) { /* consecutive tasks share a column block, and its plan */
                 if (plan.c0 != c0) plan_stores(&plan, c0, s, g.Wq);
                 direct_block_store(y + n * ys + (long)cb * CB * P, P, rows, xq + n * g.IS + c0,

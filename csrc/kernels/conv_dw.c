@@ -29,9 +29,6 @@
 #define GK 12     /* row blocks per group */
 #define CHUNK 512 /* columns per chunk: a block's 6 x rows and 4 dy rows (20 KB) stay in L1 */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias)); /* unaligned */
-
 /* acc[r][m] += sum_{c0 <= c < c1} dyb[r*ld + c] * xb[koff[m] + c]   (16-lane partial sums;
  * c0, c1 multiples of 16) */
 DIRECT_CLONES

@@ -26,7 +26,13 @@ int conv2d_backward_im2col(float *dx, float *dw, const float *dy, const float *x
  * 24 accumulators of 16 floats; compiled for AVX-512 and for the baseline. */
 #define CONV_BLOCK_ROWS 8
 #define CONV_BLOCK_COLS 48
+/* 16 floats (a zmm register with AVX-512), and the same for unaligned access */
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias));
+/* CONV_X86: GCC on x86, where the AVX-512 paths (clones, intrinsics, the CPU
+ * check of conv2d_direct_preferred) are compiled. */
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define CONV_X86 1
 #define DIRECT_CLONES __attribute__((target_clones("avx512f", "default")))
 #else
 #define DIRECT_CLONES
