@@ -182,16 +182,16 @@ def instrument(trainer, prof):
 def instrumented_step(trainer, prof):
     """Trainer.train_step, in its parts; returns {phase: seconds}."""
     from damex import nn
-    from damex.engine.train import reseed
+    from damex.nn.context import ForwardContext
     tc = trainer.cfg.train
     t = {}
     t0 = time.perf_counter()
     trainer.model.train()
-    reseed(trainer.model, trainer.transforms, tc.seed, trainer.step)
     b = trainer.batch(trainer.step)
+    ctx = ForwardContext(b["dataset_ids"], seed=tc.seed, step=trainer.step, root=trainer.model)
     t1 = time.perf_counter()
     prof.stack, prof.mark = ["dino other"], t1
-    outputs = trainer.model(b["images"], b["mask"], b["dataset_ids"], b["targets"])
+    outputs = trainer.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
     loss, _ = trainer.criterion(outputs, b["targets"])
     prof._charge()
     t2 = time.perf_counter()

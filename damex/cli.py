@@ -98,7 +98,8 @@ def _cmd_demo(args):
                        log_every=max(args.steps // 6, 1))
         print("dataset x expert token fractions at inference (no dataset labels given):")
         print(format_matrix(res["dataset_expert"]))
-        print(f"routing accuracy {res['accuracy']:.3f}   held-out mse {res['mse']:.4f}   "
+        print(f"routing accuracy {res['accuracy']:.3f}   purity (any expert permutation) "
+              f"{res['purity']:.3f}   held-out mse {res['mse']:.4f}   "
               f"({res['seconds']:.1f} s)\n")
     return 0
 

@@ -1,90 +1,48 @@
 """A Mixture-of-Experts layer on plain NumPy arrays, for use without the tape::
 
-    layer = damex.MoELayer(256, 1024, num_experts=8, loss="damex",
+    layer = damex.MoELayer(256, d_hidden=1024, num_experts=8, loss="damex",
                            dataset_to_expert=[0, 1, 2, 2], seed=0)
     y = layer.forward(x, dataset_ids=ids)        # x [T, D], ids [T]
     total = task_loss(y) + layer.aux_loss
     dx = layer.backward(dy)                       # fills layer.grads
     layer.routing_stats()["dataset_expert"]       # [datasets, E] token counts
 
-It is a thin shell around :class:`damex.nn.MoE` (the same layer as a module of
-the tape): parameters are the module's arrays, forward and backward run the
-module's tape node, so both share one implementation of routing and losses.
+It is a thin NumPy adapter over :class:`damex.nn.MoE` (the same layer as a module of
+the tape), with the same argument names, order and defaults: parameters are the
+module's arrays, forward and backward run the module's tape node, so both share one
+implementation of routing and losses.
 """
 import numpy as np
 
 from . import nn
+from . import routing as _routing
 from .autograd import Tensor, backward_from, enable_grad
-from .ops._check import choice, float_arg, i64, int_arg
-
-LOSS_MODES = ("damex", "balance", "damex+balance", "none")
+from .ops._check import i64
 
 
 class MoELayer:
-    """Mixture-of-Experts FFN with top-k routing (SPEC section 2).
+    """Mixture-of-Experts FFN with top-k routing (SPEC section 2) on NumPy arrays.
 
-    Parameters
-    ----------
-    d_model, d_hidden : int
-        Token width D and expert hidden width F.
-    num_experts : int
-        E.
-    k : int
-        Experts per token (1 in DAMEX).
-    capacity_factor : float or None
-        ``C = ceil(cf * k * T / E)`` slots per expert; None is dropless.
-    bpr : bool
-        Batch-prioritised routing (fill slots in decreasing top-1 probability).
-    normalize : bool or {"before_drop", "after_drop"}
-        Renormalise combine weights over the selected k (GShard); False as V-MoE/DAMEX.
-    gate_noise : float
-        Training-time gate noise, sigma = gate_noise / E (0 disables).
-    activation : {"gelu_tanh", "gelu", "relu"}
-    loss : {"damex", "balance", "damex+balance", "none"}
-        Which routing loss :attr:`aux_loss` holds; ``damex`` needs ``dataset_ids`` in training.
-    damex_weight : float
-        Weight of the DAMEX loss (the reference setting is 0.1, applied here).
-    importance_weight, load_weight : float
-        Weights of the V-MoE balance terms (defaults 0.5/0.5 as V-MoE and Tutel;
-        the DAMEX seed's ``L_imp + L_load / 2`` is 1.0/0.5).
-    switch_weight, z_weight : float
-        Optional Switch/GShard load loss and ST-MoE router z-loss, added in any mode.
-    dataset_to_expert : sequence of int, optional
-        The map h: dataset id -> expert (many-to-one allowed).
-    seed : int or numpy.random.Generator
-        Seeds the initialisation and the gate noise.
+    Takes exactly the arguments of :class:`damex.nn.MoE` (``d_model``, then keyword-only
+    ``d_hidden``, ``num_experts``, ``k``, ``capacity_factor`` (1.25),
+    ``eval_capacity_factor`` (None = dropless in eval mode), ``bpr``, ``normalize``,
+    ``gate_noise``, ``activation``, ``loss``, ``damex_weight`` (0.1), ``importance_weight``,
+    ``load_weight``, ``switch_weight``, ``z_weight``, ``loss_options``,
+    ``dataset_to_expert``, ``seed``); see there.  ``seed`` (int or Generator) also seeds
+    the initialisation.  The DAMEX loss needs ``dataset_to_expert``.
     """
 
-    def __init__(self, d_model, d_hidden, num_experts, *, k=1, capacity_factor=1.25, bpr=True,
-                 normalize=False, gate_noise=1.0, activation="gelu_tanh", loss="damex",
-                 damex_weight=0.1, importance_weight=0.5, load_weight=0.5, switch_weight=0.0,
-                 z_weight=0.0, dataset_to_expert=None, seed=0):
-        D = int_arg(d_model, "d_model", lo=1)
-        F = int_arg(d_hidden, "d_hidden", lo=1)
-        E = int_arg(num_experts, "num_experts", lo=1)
-        int_arg(k, "k", lo=1, hi=E)
-        if capacity_factor is not None:
-            capacity_factor = float_arg(capacity_factor, "capacity_factor", positive=True)
-        choice(activation, "activation", ("gelu_tanh", "gelu", "relu"))
-        choice(loss, "loss", LOSS_MODES)
-        weights = {name: float_arg(v, name, nonneg=True) for name, v in (
-            ("damex_weight", damex_weight), ("importance_weight", importance_weight),
-            ("load_weight", load_weight), ("switch_weight", switch_weight), ("z_weight", z_weight))}
-        if dataset_to_expert is not None:
-            dataset_to_expert = np.asarray(dataset_to_expert, dtype=np.int64).copy()
-            if dataset_to_expert.ndim != 1 or ((dataset_to_expert < 0) | (dataset_to_expert >= E)).any():
-                raise ValueError(f"dataset_to_expert: expected expert ids in [0, {E}), "
-                                 f"got {dataset_to_expert.tolist()}")
-        elif "damex" in loss:
+    def __init__(self, d_model, **kwargs):
+        if "damex" in kwargs.get("loss", "damex") and kwargs.get("dataset_to_expert") is None:
             raise ValueError("dataset_to_expert: required when loss uses the DAMEX loss")
+        seed = kwargs.get("seed", 0)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.module = nn.MoE(D, E, F, k=k, capacity_factor=capacity_factor, bpr=bpr,
-                             normalize=normalize, gate_noise=float_arg(gate_noise, "gate_noise", nonneg=True),
-                             activation=activation, loss=loss, dataset_to_expert=dataset_to_expert,
-                             seed=rng, **weights)
+        kwargs["seed"] = rng
+        self.module = nn.MoE(d_model, **kwargs)
         self.module.reset_parameters(rng)
-        self.loss = loss
-        self._y = self._x = self._ids = None
+        self.loss = self.module.loss
+        self._y = self._x = self._ids = self._aux = None
+        self.routing = None
         self.aux_loss = 0.0
 
     # -- parameters ---------------------------------------------------------
@@ -109,11 +67,6 @@ class MoELayer:
     @property
     def training(self):
         return self.module.training
-
-    @property
-    def routing(self):
-        """The module's routing record of the last forward (indices, counts, noise, losses)."""
-        return self.module.routing
 
     def zero_grad(self):
         self.module.zero_grad()
@@ -154,16 +107,16 @@ class MoELayer:
             raise ValueError("dataset_ids: required in training mode when loss uses the DAMEX loss")
         self._x = Tensor(x, requires_grad=True)
         with enable_grad():
-            self._y = self.module(self._x, dataset_ids=dataset_ids if self.training else None,
-                                  mask=mask, noise=noise)
+            self._y, self._aux, self.routing = self.module(
+                self._x, dataset_ids=dataset_ids if self.training else None, mask=mask, noise=noise)
         self._ids, self._mask = dataset_ids, mask
-        self.aux_loss = float(self.module.aux_loss.data)
+        self.aux_loss = float(self._aux.data)
         return self._y.data
 
     @property
     def loss_terms(self):
         """Unweighted value of every routing loss of the last forward, by name."""
-        return dict(self.module.routing["losses"])
+        return dict(self.routing["losses"])
 
     def backward(self, dy, aux_grad=1.0):
         """Backward of the last forward: accumulates into :attr:`grads`, returns dx [T, D].
@@ -176,7 +129,7 @@ class MoELayer:
         dy = np.asarray(dy, np.float32)
         if dy.shape != self._y.shape:
             raise ValueError(f"dy: expected shape {self._y.shape}, got {dy.shape}")
-        backward_from([(self._y, dy), (self.module.aux_loss, np.float32(aux_grad))])
+        backward_from([(self._y, dy), (self._aux, np.float32(aux_grad))])
         self._y = None
         return self._x.grad
 
@@ -190,24 +143,23 @@ class MoELayer:
         dict with
           ``dataset_expert`` [num_datasets, E] int64: tokens of each dataset whose
           top-1 expert is e (only with dataset ids); ``accuracy``: share of tokens
-          routed (top-1) to h(dataset) (only with a map); ``drop_fraction``: share of
+          routed (top-1) to h(dataset) (only with a map); ``dropped_fraction``: share of
           the valid token-choices dropped for capacity; ``expert_load`` [E]:
           share of kept token-slots each expert took.
         """
-        r = self.module.routing
+        r = self.routing
         if r is None:
             raise RuntimeError("routing_stats: call forward first")
         counts = np.asarray(r["expert_count"])
-        out = {"drop_fraction": float(r["dropped_fraction"]),
+        out = {"dropped_fraction": float(r["dropped_fraction"]),
                "expert_load": counts / max(int(counts.sum()), 1)}
         if self._ids is not None:
             valid = np.ones(len(self._ids), bool) if self._mask is None else np.asarray(self._mask, bool)
             ids, top1 = self._ids[valid], np.asarray(r["expert_index"])[valid, 0]
             mapping = self.module.dataset_to_expert
             n = num_datasets or (len(mapping) if mapping is not None else int(ids.max(initial=-1)) + 1)
-            m = np.zeros((n, self.module.num_experts), np.int64)
-            np.add.at(m, (ids, top1), 1)
-            out["dataset_expert"] = m
+            out["dataset_expert"] = _routing.routing_counts(ids, top1, n, self.module.num_experts)
+            out["purity"] = _routing.routing_purity(out["dataset_expert"])
             if mapping is not None and ids.size:
-                out["accuracy"] = float((top1 == mapping[ids]).mean())
+                out["accuracy"] = _routing.routing_accuracy(ids, top1, mapping)[0]
         return out

@@ -28,8 +28,8 @@ class Net(nn.Module):
         self.attn = nn.MultiheadAttention(C, H)
         self.msda = nn.MSDeformAttn(C, n_levels=2, n_heads=H, n_points=2)
         self.norm = nn.LayerNorm(C)
-        self.moe = nn.MoE(C, E, FH, k=2, capacity_factor=None, gate_noise=1.0, activation="gelu",
-                          loss="damex", dataset_to_expert=[1, 3], seed=5)
+        self.moe = nn.MoE(C, num_experts=E, d_hidden=FH, k=2, capacity_factor=None, gate_noise=1.0, activation="gelu",
+                          loss="damex", damex_weight=1.0, dataset_to_expert=[1, 3], seed=5)
         self.head = nn.Linear(C, 4)
 
     def forward(self, x, ref, kpm, dataset_ids):
@@ -41,8 +41,8 @@ class Net(nn.Module):
         tokens = tokens + a.transpose(0, 1)
         tokens = tokens + self.msda(tokens, ref, tokens, SHAPES, STARTS, kpm)
         tokens = self.norm(tokens)
-        tokens = tokens + self.moe(tokens, dataset_ids=dataset_ids, mask=~kpm)
-        return self.head(tokens)
+        y, self.aux, self.routing = self.moe(tokens, dataset_ids=dataset_ids, mask=~kpm)
+        return self.head(tokens + y)
 
 
 def torch_msda_core(value, shapes, locations, weights):
@@ -161,12 +161,12 @@ def test_composed_network_matches_torch():
 
     out = net(x, ref, kpm, dataset_ids)
     task = ((out - target) ** 2 * valid).mean()
-    loss = task + net.moe.aux_loss * 0.1
+    loss = task + net.aux * 0.1
     loss.backward()
 
     tnet = TorchNet()
     tnet.load_state_dict({k: torch.tensor(v) for k, v in net.state_dict().items()}, strict=True)
-    r = net.moe.routing
+    r = net.routing
     tout, taux = tnet(torch.tensor(x), torch.tensor(ref), kpm, r["noise"], r["expert_index"], r["expert_target"])
     ttask = ((tout - torch.tensor(target)) ** 2 * torch.tensor(valid)).mean()
     tloss = ttask + taux * 0.1
@@ -174,7 +174,7 @@ def test_composed_network_matches_torch():
 
     print(f"loss damex {float(loss):.7f} torch {tloss.item():.7f}")
     assert_close(out.data, tout.detach().numpy(), 1e-5, 1e-4, "network output")
-    assert_close(net.moe.aux_loss.data, taux.detach().numpy(), 1e-6, 1e-5, "aux loss")
+    assert_close(net.aux.data, taux.detach().numpy(), 1e-6, 1e-5, "aux loss")
     assert_close(loss.data, tloss.detach().numpy(), 1e-6, 1e-5, "loss")
     tgrads = {n: p.grad for n, p in tnet.named_parameters()}
     ours = dict(net.named_parameters())
@@ -202,13 +202,14 @@ def test_adamw_overfits_a_fixed_batch():
             super().__init__()
             self.inp = nn.Linear(D, 32)
             self.norm = nn.LayerNorm(32)
-            self.moe = nn.MoE(32, 4, 64, k=1, capacity_factor=None, gate_noise=0.0, loss="damex")
+            self.moe = nn.MoE(32, num_experts=4, d_hidden=64, k=1, capacity_factor=None, gate_noise=0.0, loss="damex",
+                            damex_weight=1.0)
             self.out = nn.MLP(32, 32, 4, 2)
 
         def forward(self, x, ids):
             h = F.gelu(self.inp(x))
-            h = h + self.moe(self.norm(h), dataset_ids=ids)
-            return self.out(h)
+            y, self.aux, _ = self.moe(self.norm(h), dataset_ids=ids)
+            return self.out(h + y)
 
     model = Small()
     opt = AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -217,7 +218,7 @@ def test_adamw_overfits_a_fixed_batch():
         pred = model(x, ids)
         loss = ((pred - y) ** 2).mean()
         opt.zero_grad()
-        (loss + 0.01 * model.moe.aux_loss).backward()
+        (loss + 0.01 * model.aux).backward()
         nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         losses.append(float(loss))

@@ -39,10 +39,11 @@ def _capture_moe_inputs(model):
         if type(m).__name__ == "MoE":
             orig = m.forward
 
-            def wrapped(x, dataset_ids=None, expert_target=None, mask=None, _orig=orig, _name=name):
+            def wrapped(x, ctx=None, dataset_ids=None, expert_target=None, mask=None, _orig=orig,
+                        _name=name):
                 calls.append((_name, np.array(x.data, copy=True),
                               None if dataset_ids is None else np.array(dataset_ids)))
-                return _orig(x, dataset_ids=dataset_ids, expert_target=expert_target, mask=mask)
+                return _orig(x, ctx, dataset_ids=dataset_ids, expert_target=expert_target, mask=mask)
             object.__setattr__(m, "forward", wrapped)
     return calls
 
@@ -88,7 +89,7 @@ def test_dataset_ids_reach_the_right_tokens(trainer, batch):
             Q = x1.shape[0]
             np.testing.assert_allclose(xb[k * Q:(k + 1) * Q], x1, rtol=1e-4, atol=1e-4)
     routing = out["routing"]
-    assert len(routing.aux_losses) == 2 and all(float(a.data) > 0 for a in routing.aux_losses)
+    assert len(routing.losses) == 2 and all(float(a.data) > 0 for _, a in routing.losses)
 
 
 def test_tiny_model_overfits_one_mixed_batch(tmp_path):
@@ -194,13 +195,15 @@ def test_routing_modes_train_a_step(tmp_path, routing):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routing=routing))
     tr = Trainer(cfg)
     moes = [m for m in tr.model.modules() if type(m).__name__ == "MoE"]
+    seen, crit = {}, tr.criterion
+    tr.criterion = lambda outputs, targets: (seen.setdefault("ctx", outputs["routing"]), crit(outputs, targets))[1]
     rec = tr.train_step()
     assert np.isfinite(rec["loss"])
     if routing == "dense":
         assert not moes and "loss_routing" not in rec
         return
     assert len(moes) == 2 and "loss_routing" in rec
-    losses = moes[0].routing["losses"]
+    losses = seen["ctx"].records[0][1]["losses"]
     if routing == "moe":
         assert set(losses) == {"importance", "load"}
     else:

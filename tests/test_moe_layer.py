@@ -17,7 +17,7 @@ def make_layer(**kw):
     args = dict(d_model=8, d_hidden=16, num_experts=4, k=1, capacity_factor=None, bpr=True,
                 loss="damex", dataset_to_expert=[0, 1, 2, 2, 3], seed=3)
     args.update(kw)
-    return damex.MoELayer(args.pop("d_model"), args.pop("d_hidden"), args.pop("num_experts"), **args)
+    return damex.MoELayer(args.pop("d_model"), **args)
 
 
 def mixed_batch(T=24, D=8, n_datasets=5, seed=0):
@@ -51,7 +51,7 @@ def test_statistics_on_a_mixed_batch_with_many_to_one_map():
     top1 = layer.routing["expert_index"][:, 0]
     mapping = np.array([0, 1, 2, 2, 3])
     assert s["accuracy"] == pytest.approx((top1 == mapping[ids]).mean())
-    assert s["drop_fraction"] == 0.0  # dropless
+    assert s["dropped_fraction"] == 0.0  # dropless
     assert_close(s["expert_load"].sum(), 1.0)
 
 

@@ -18,7 +18,7 @@ class Net(nn.Module):
         self.bn = nn.FrozenBatchNorm2d(8)
         self.attn = nn.MultiheadAttention(8, 2)
         self.msda = nn.MSDeformAttn(8, n_levels=2, n_heads=2, n_points=2)
-        self.moe = nn.MoE(8, 4, 16)
+        self.moe = nn.MoE(8, num_experts=4, d_hidden=16)
         self.mlp = nn.MLP(8, 16, 4, 3)
         self.blocks = nn.ModuleList([nn.LayerNorm(8), nn.Linear(8, 8, bias=False)])
         self.seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.1))
@@ -184,37 +184,36 @@ def test_dropout_train_eval():
 def test_moe_gate_noise_only_in_training():
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((2, 5, 8)).astype(np.float32), requires_grad=True)
-    m = nn.MoE(8, 4, 16, gate_noise=1.0, loss="balance", seed=3)
-    y = m(x)
+    m = nn.MoE(8, num_experts=4, d_hidden=16, gate_noise=1.0, loss="balance", seed=3)
+    y, _, r = m(x)
     assert y.shape == (2, 5, 8)
-    noise = m.routing["noise"]
+    noise = r["noise"]
     assert noise.shape == (10, 4)
     assert 0.05 < noise.std() < 0.6            # sigma = 1/E = 0.25
-    assert set(m.routing["losses"]) == {"importance", "load"}
+    assert set(r["losses"]) == {"importance", "load"}
     m.eval()
-    y1, y2 = m(x), m(x)
-    assert m.routing["noise"] is None
+    (y1, _, r1), (y2, _, r2) = m(x), m(x)
+    assert r1["noise"] is None
     np.testing.assert_array_equal(y1.data, y2.data)
-    assert set(m.routing["losses"]) == {"importance"}
-    m2 = nn.MoE(8, 4, 16, gate_noise=1.0, loss="balance", seed=3)
+    assert set(r2["losses"]) == {"importance"}
+    m2 = nn.MoE(8, num_experts=4, d_hidden=16, gate_noise=1.0, loss="balance", seed=3)
     m2.load_state_dict(m.state_dict())
     m2.train()
-    m2(x)
-    np.testing.assert_array_equal(m2.routing["noise"], noise)   # same seed, same noise
+    np.testing.assert_array_equal(m2(x).routing["noise"], noise)   # same seed, same noise
 
 
 def test_moe_dataset_ids_per_image_and_per_token():
     rng = np.random.default_rng(1)
     x = Tensor(rng.standard_normal((3, 4, 8)).astype(np.float32))
-    m = nn.MoE(8, 4, 16, loss="damex", dataset_to_expert=[2, 0, 1], gate_noise=0.0)
-    m(x, dataset_ids=np.array([0, 1, 2]))
-    np.testing.assert_array_equal(m.routing["expert_target"], np.repeat([2, 0, 1], 4))
+    m = nn.MoE(8, num_experts=4, d_hidden=16, loss="damex", dataset_to_expert=[2, 0, 1], gate_noise=0.0)
+    r = m(x, dataset_ids=np.array([0, 1, 2])).routing
+    np.testing.assert_array_equal(r["expert_target"], np.repeat([2, 0, 1], 4))
     per_token = np.repeat(np.array([[0], [1], [2]]), 4, axis=1)
-    m(x, dataset_ids=per_token)
-    np.testing.assert_array_equal(m.routing["expert_target"], np.repeat([2, 0, 1], 4))
-    assert "damex" in m.routing["losses"] and m.aux_loss.shape == ()
-    m(x)
-    assert m.routing["losses"] == {} and float(m.aux_loss) == 0.0
+    _, aux, r = m(x, dataset_ids=per_token)
+    np.testing.assert_array_equal(r["expert_target"], np.repeat([2, 0, 1], 4))
+    assert "damex" in r["losses"] and aux.shape == ()
+    _, aux, r = m(x)
+    assert r["losses"] == {} and float(aux) == 0.0
     with pytest.raises(ValueError, match="dataset_ids"):
         m(x, dataset_ids=np.array([0, 1]))
 
@@ -331,15 +330,15 @@ def test_assigning_a_buffer_updates_it():
 def test_moe_extra_losses_and_options():
     rng = np.random.default_rng(4)
     x = Tensor(rng.standard_normal((6, 8)).astype(np.float32))
-    m = nn.MoE(8, 4, 16, k=2, loss="balance", gate_noise=0.0, switch_weight=0.3, z_weight=0.01,
+    m = nn.MoE(8, num_experts=4, d_hidden=16, k=2, loss="balance", gate_noise=0.0, switch_weight=0.3, z_weight=0.01,
                loss_options={"importance": {"variance": "unbiased"}, "switch": {"counts": "topk"}})
-    m(x)
-    vals = m.routing["losses"]
+    _, aux, r = m(x)
+    vals = r["losses"]
     assert set(vals) == {"importance", "switch", "z"}
     logits = x.data @ m.w_router.data
     assert vals["importance"] == pytest.approx(ops.importance_loss_forward(logits, variance="unbiased"))
     assert vals["switch"] == pytest.approx(ops.switch_loss_forward(logits, k=2, counts="topk"))
     want = 0.5 * vals["importance"] + 0.3 * vals["switch"] + 0.01 * vals["z"]
-    assert float(m.aux_loss) == pytest.approx(want, rel=1e-6)
+    assert float(aux) == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="unknown losses"):
-        nn.MoE(8, 4, 16, loss_options={"bogus": {}})
+        nn.MoE(8, num_experts=4, d_hidden=16, loss_options={"bogus": {}})

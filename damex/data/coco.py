@@ -274,6 +274,10 @@ class CocoDetection:
         }
 
     def __getitem__(self, index):
+        return self.load(index)
+
+    def load(self, index, rng=None):
+        """Image ``index`` and its target, transformed (``rng`` drives random transforms)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for dataset {self.name!r} of {len(self)} images")
         index = index % len(self)
@@ -283,7 +287,7 @@ class CocoDetection:
         self._check_image(img, info, path)
         target = self.target(index)
         if self.transforms is not None:
-            img, target = self.transforms(img, target)
+            img, target = self.transforms(img, target, rng=rng)
         return img, target
 
     def __repr__(self):

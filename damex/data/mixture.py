@@ -178,6 +178,10 @@ class MixtureDataset:
         d, i = key if isinstance(key, tuple) else self.locate(int(key))
         return self.datasets[d][i]
 
+    def load(self, d, i, rng=None):
+        """Image ``i`` of dataset ``d``, transformed with ``rng`` driving random transforms."""
+        return self.datasets[d].load(i, rng=rng)
+
     def __repr__(self):
         return f"MixtureDataset({', '.join(f'{n}: {s}' for n, s in zip(self.names, self.sizes))})"
 

@@ -27,14 +27,16 @@ def _image_hw(image):
 
 
 class Compose:
-    """Apply transforms in order."""
+    """Apply transforms in order.  ``rng`` (a Generator), when given, drives every random
+    transform of this call instead of their own Generators: the trainer hands each image
+    its own stream, derived from (seed, step, image), so a step replays exactly."""
 
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, rng=rng)
         return image, target
 
     def __repr__(self):
@@ -70,10 +72,11 @@ class Resize:
         self.max_size = None if max_size is None else int(max_size)
         self.rng = _rng(seed)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         if not isinstance(image, Image.Image):
             raise TypeError("Resize expects a PIL image (put it before ToArray)")
-        size = self.sizes[int(self.rng.integers(len(self.sizes)))] if len(self.sizes) > 1 else self.sizes[0]
+        rng = self.rng if rng is None else rng
+        size = self.sizes[int(rng.integers(len(self.sizes)))] if len(self.sizes) > 1 else self.sizes[0]
         h, w = _image_hw(image)
         nh, nw = resized_hw(h, w, size, self.max_size)
         if (nh, nw) != (h, w):
@@ -93,8 +96,8 @@ class RandomHorizontalFlip:
         self.p = float(p)
         self.rng = _rng(seed)
 
-    def __call__(self, image, target):
-        if self.rng.random() >= self.p:
+    def __call__(self, image, target, rng=None):
+        if (self.rng if rng is None else rng).random() >= self.p:
             return image, target
         if isinstance(image, Image.Image):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -114,7 +117,7 @@ class RandomHorizontalFlip:
 class ToArray:
     """PIL RGB image -> float32 ``[3, H, W]`` in [0, 1]."""
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"ToArray: expected an RGB image [H, W, 3], got shape {arr.shape}")
@@ -131,7 +134,7 @@ class Normalize:
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[0] != 3:
             raise TypeError("Normalize expects a float32 [3, H, W] array (put it after ToArray)")
         return ((image - self.mean) / self.std).astype(np.float32), target

@@ -12,6 +12,7 @@ from typing import List
 from ..data.config import (ConfigError, DataConfig, _build, data_config_from_dict, load_data_config,
                            read_json_config)
 from ..models.dino import DINOConfig, preset
+from ..routing import DAMEX_WEIGHT
 
 TOP_LEVEL = ("model", "data", "train")
 
@@ -25,7 +26,7 @@ class TrainConfig:
     clip_max_norm: float = 0.1
     lr_drop: List[int] = field(default_factory=list)   # steps at which lr *= lr_gamma
     lr_gamma: float = 0.1
-    routing_weight: float = 0.1
+    routing_weight: float = DAMEX_WEIGHT
     log_every: int = 20
     checkpoint_every: int = 500
     out_dir: str = "runs/tiny"

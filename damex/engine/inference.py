@@ -22,7 +22,9 @@ def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
     Returns
     -------
     predictions : dict ``{dataset name: {image_id: {"boxes" xywh, "scores", "labels"}}}``
-    records : dict ``{layer name: (token dataset ids list, top-1 experts list)}``
+    records : dict ``{layer name: {"dataset_ids": [arrays], "experts": [arrays], "kept": int,
+        "routed": int}}``: every valid token's dataset id and top-1 expert, per batch, and
+        the layer's kept and routed token-slot counts (their ratio is the dropped fraction)
     """
     from tqdm import tqdm
 
@@ -41,10 +43,13 @@ def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
                     predictions[ds.name][t["image_id"]] = {
                         "boxes": boxes_to_xywh(det["boxes"], t["orig_size"]),
                         "scores": det["scores"], "labels": det["labels"]}
-                for name, ids, top1, valid in out["routing"].records:
-                    ids_l, ex_l = records.setdefault(name, ([], []))
-                    ids_l.append(ids[valid])
-                    ex_l.append(top1[valid])
+                for name, rec in out["routing"].records:
+                    acc = records.setdefault(name, {"dataset_ids": [], "experts": [], "kept": 0, "routed": 0})
+                    valid = rec["valid"]
+                    acc["dataset_ids"].append(rec["dataset_ids"][valid])
+                    acc["experts"].append(rec["top1"][valid])
+                    acc["kept"] += rec["kept"]
+                    acc["routed"] += rec["routed"]
                 bar.update(len(dets))
     bar.close()
     return predictions, records

@@ -1,17 +1,11 @@
-"""Routing analysis of MoE layers, and the figures of a run (numpy + matplotlib Agg).
+"""Routing analysis of a model's MoE layers over a dataset, and the figures of a run
+(numpy + matplotlib Agg).
 
-A *record* of one MoE layer is the pair ``(dataset_ids [T], experts [T] or
-[T, k])``: for every routed token, the dataset its image came from and the
-expert(s) the router chose (column 0 = top choice). From records:
-
-* :func:`routing_matrix` - ``[D, E]`` fraction of dataset d's tokens sent to
-  expert e (rows sum to 1; a top-k token counts 1/k for each of its experts);
-* :func:`routing_accuracy` - share of dataset d's tokens whose top choice is
-  ``h(d)`` (DAMEX's dataset -> expert assignment, default ``d mod E``);
-* :func:`expert_load` - share of all routed assignments per expert;
-* :func:`analyse_routing` - all three for every layer, JSON-ready.
-
-Figures: :func:`plot_routing_heatmap`, :func:`plot_training_curves`,
+The statistics themselves live in :mod:`damex.routing` (their one home) and are
+re-exported here: :func:`routing_matrix`, :func:`routing_accuracy`,
+:func:`routing_purity`, :func:`expert_load`, :func:`default_assignment`.
+:func:`analyse_routing` applies them to every layer's records gathered over many
+batches.  Figures: :func:`plot_routing_heatmap`, :func:`plot_training_curves`,
 :func:`draw_detections`, each writing a PNG.
 """
 import os
@@ -19,58 +13,22 @@ import tempfile
 
 import numpy as np
 
-
-def _check_record(dataset_ids, experts):
-    d = np.asarray(dataset_ids).reshape(-1).astype(np.int64)
-    e = np.asarray(experts).astype(np.int64)
-    if e.ndim == 1:
-        e = e[:, None]
-    if e.ndim != 2 or e.shape[0] != d.shape[0]:
-        raise ValueError(f"experts must be [T] or [T, k] with T = len(dataset_ids) = {d.shape[0]}, "
-                         f"got shape {np.shape(experts)}")
-    return d, e
-
-
-def routing_matrix(dataset_ids, experts, num_datasets, num_experts):
-    """float64 ``[D, E]``: fraction of each dataset's token assignments per expert.
-
-    A dataset without tokens has a zero row.
-    """
-    d, e = _check_record(dataset_ids, experts)
-    if d.size and (d.min() < 0 or d.max() >= num_datasets):
-        raise ValueError(f"dataset ids must lie in [0, {num_datasets}), got range [{d.min()}, {d.max()}]")
-    if e.size and (e.min() < 0 or e.max() >= num_experts):
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{e.min()}, {e.max()}]")
-    counts = np.zeros((num_datasets, num_experts), dtype=np.float64)
-    np.add.at(counts, (np.repeat(d, e.shape[1]), e.reshape(-1)), 1.0)
-    rows = counts.sum(1, keepdims=True)
-    return np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+from ..routing import (expert_load, expert_map, routing_accuracy, routing_matrix,  # noqa: F401
+                       routing_purity, summarize)
 
 
 def default_assignment(num_datasets, num_experts):
-    """DAMEX's h: dataset d -> expert ``d mod E``."""
-    return np.arange(num_datasets, dtype=np.int64) % num_experts
+    """DAMEX's default h: dataset d -> expert ``d mod E`` (see :func:`damex.routing.expert_map`)."""
+    return expert_map(None, num_experts, num_datasets)
 
 
-def routing_accuracy(dataset_ids, experts, assignment):
-    """``(overall, per_dataset [D])``: share of tokens whose top expert is ``assignment[d]``.
-
-    ``per_dataset`` is NaN for a dataset without tokens.
-    """
-    d, e = _check_record(dataset_ids, experts)
-    h = np.asarray(assignment, dtype=np.int64)
-    if d.size == 0:
-        return float("nan"), np.full(len(h), np.nan)
-    hit = e[:, 0] == h[d]
-    per = np.array([hit[d == k].mean() if np.any(d == k) else np.nan for k in range(len(h))])
-    return float(hit.mean()), per
-
-
-def expert_load(experts, num_experts):
-    """float64 ``[E]``: share of all routed assignments that went to each expert."""
-    e = np.asarray(experts, dtype=np.int64).reshape(-1)
-    counts = np.bincount(e, minlength=num_experts).astype(np.float64)[:num_experts]
-    return counts / counts.sum() if counts.sum() else counts
+def _concat(ds, ex):
+    """One layer's (dataset ids, experts), given whole or as lists of per-batch arrays."""
+    if isinstance(ds, (list, tuple)) and len(ds) and np.ndim(ds[0]) >= 1:
+        parts = [np.ravel(x) for x in ds]
+        ex = np.concatenate([np.asarray(x).reshape(len(p), -1) for x, p in zip(ex, parts)])
+        ds = np.concatenate(parts)
+    return ds, ex
 
 
 def analyse_routing(records, num_datasets, num_experts, assignment=None):
@@ -79,31 +37,33 @@ def analyse_routing(records, num_datasets, num_experts, assignment=None):
     Parameters
     ----------
     records : dict or sequence
-        ``{layer_name: (dataset_ids [T], experts [T] or [T, k])}``, or a list
-        of such pairs (named ``layer0``, ``layer1``, ...). Several pairs of one
-        layer can be given as lists to be concatenated.
+        ``{layer_name: record}`` (or a list of records, named ``layer0``, ``layer1``, ...);
+        a record is ``(dataset_ids [T], experts [T] or [T, k])``, either whole or as lists
+        of per-batch arrays, or a dict ``{"dataset_ids", "experts", "kept", "routed"}`` as
+        :func:`damex.engine.inference.predict` gathers it (then the dropped fraction is
+        reported too).
     assignment : array [D], optional
         h(d); defaults to :func:`default_assignment`.
 
     Returns
     -------
     dict
-        ``{layer: {"matrix": [[...]], "accuracy": float, "per_dataset_accuracy":
-        [...], "load": [...]}}`` with plain lists (NaN where a dataset has no tokens).
+        ``{layer: {"matrix": [[...]], "accuracy", "per_dataset_accuracy": [...], "purity",
+        "load": [...], "dropped_fraction"}}`` with plain lists (NaN where a dataset has no
+        tokens; ``dropped_fraction`` None when the records carry no slot counts).
     """
     if not isinstance(records, dict):
         records = {f"layer{i}": r for i, r in enumerate(records)}
     h = default_assignment(num_datasets, num_experts) if assignment is None else np.asarray(assignment)
     out = {}
-    for layer, (ds, ex) in records.items():
-        if isinstance(ds, (list, tuple)) and len(ds) and np.ndim(ds[0]) >= 1:  # several batches
-            parts = [np.ravel(x) for x in ds]
-            ex = np.concatenate([np.asarray(x).reshape(len(p), -1) for x, p in zip(ex, parts)])
-            ds = np.concatenate(parts)
-        m = routing_matrix(ds, ex, num_datasets, num_experts)
-        acc, per = routing_accuracy(ds, ex, h)
-        out[layer] = {"matrix": m.tolist(), "accuracy": acc, "per_dataset_accuracy": per.tolist(),
-                      "load": expert_load(ex, num_experts).tolist()}
+    for layer, rec in records.items():
+        kept = routed = None
+        if isinstance(rec, dict):
+            ds, ex, kept, routed = rec["dataset_ids"], rec["experts"], rec.get("kept"), rec.get("routed")
+        else:
+            ds, ex = rec
+        ds, ex = _concat(ds, ex)
+        out[layer] = summarize(ds, ex, num_datasets, num_experts, assignment=h, kept=kept, routed=routed)
     return out
 
 

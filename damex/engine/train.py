@@ -1,8 +1,12 @@
 """Training a DINO(-DAMEX) detector on a mixture of datasets.
 
-Every random choice of a step (which images, flips, denoising noise, gate
-noise, drop-path) is drawn from generators seeded by ``(seed, step)``, so a run
-resumed from a checkpoint continues bit-for-bit as if it had never stopped.
+Every random choice of a step is drawn from a stream derived from the run's
+seed and the step: which images (the sampler), each image's augmentation (from
+``(seed, step, image position)``), and inside the model every module's noise
+(gate noise, denoising, drop-path, dropout) from the step's
+:class:`~damex.nn.context.ForwardContext`, by module path.  Nothing is re-seeded,
+so a run resumed from a checkpoint continues bit-for-bit as if it had never
+stopped, for any module with randomness, whatever its name.
 """
 import json
 import os
@@ -15,6 +19,8 @@ from ..data.config import build_mixture
 from ..data.mixture import MixtureSampler, collate
 from ..models.criterion import SetCriterion
 from ..models.dino import DINO
+from ..nn.context import ForwardContext
+from ..routing import dropped_fraction, expert_map, routing_accuracy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig, run_config_from_dict
 
@@ -23,27 +29,26 @@ def build_model(cfg, num_classes, num_datasets):
     """The DINO model of a run, sized for the mixture's joint label space.
 
     Unless the configuration gives ``dataset_to_expert``, dataset d goes to
-    expert ``d % num_experts``.
+    expert ``d % num_experts`` (:func:`damex.routing.expert_map`).
     """
     mc = cfg.model
-    mapping = tuple(mc.dataset_to_expert) or tuple(d % mc.num_experts for d in range(num_datasets))
-    if len(mapping) != num_datasets:
-        raise ValueError(f"dataset_to_expert: expected {num_datasets} entries (one per dataset), "
-                         f"got {len(mapping)}")
-    fields = dict(mc.__dict__, num_classes=num_classes, dataset_to_expert=mapping)
+    mapping = expert_map(mc.dataset_to_expert, mc.num_experts, num_datasets)
+    fields = dict(mc.__dict__, num_classes=num_classes, dataset_to_expert=tuple(mapping.tolist()))
     return DINO(type(mc)(**fields))
 
 
-def reseed(model, transforms, seed, step):
-    """Give every random source of one step a generator seeded by (seed, step)."""
-    for i, m in enumerate(model.modules()):
-        for attr in ("rng", "_rng", "_dn_rng"):
-            if isinstance(getattr(m, attr, None), np.random.Generator):
-                object.__setattr__(m, attr, np.random.default_rng([seed, step, i]))
-    g = np.random.default_rng([seed, step, 1 << 20])
-    for t in getattr(transforms, "transforms", []):
-        if isinstance(getattr(t, "rng", None), np.random.Generator):
-            t.rng = g
+def routing_log(ctx, mapping):
+    """Per MoE layer of one forward: the dropped fraction and (with the map h) the
+    routing accuracy on the batch, as flat log keys ``dropped_fraction/LAYER`` and
+    ``routing_accuracy/LAYER``."""
+    out = {}
+    for name, rec in ctx.records:
+        out[f"dropped_fraction/{name}"] = dropped_fraction(rec["kept"], rec["routed"])
+        if mapping and rec["dataset_ids"] is not None and rec["valid"].any():
+            v = rec["valid"]
+            out[f"routing_accuracy/{name}"] = routing_accuracy(rec["dataset_ids"][v], rec["top1"][v],
+                                                               mapping)[0]
+    return out
 
 
 class Trainer:
@@ -59,7 +64,6 @@ class Trainer:
             from .. import set_num_threads
             set_num_threads(tc.threads)
         self.train_set = build_mixture(cfg.data, "train")
-        self.transforms = self.train_set.datasets[0].transforms
         self.label_space = self.train_set.label_space
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets))
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
@@ -78,14 +82,17 @@ class Trainer:
         dc = self.cfg.data
         sampler = MixtureSampler(self.train_set.sizes, dc.sampler, dc.weights,
                                  seed=self.cfg.train.seed * 1_000_003 + step, num_samples=dc.batch_size)
-        return collate([self.train_set[d, i] for d, i in sampler])
+        seed = self.cfg.train.seed
+        return collate([self.train_set.load(d, i, rng=np.random.default_rng([seed, step, 1 << 20, j]))
+                        for j, (d, i) in enumerate(sampler)])
 
     def train_step(self):
         tc = self.cfg.train
         self.model.train()
-        reseed(self.model, self.transforms, tc.seed, self.step)
         b = self.batch(self.step)
-        outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"])
+        ctx = ForwardContext(b["dataset_ids"], use_labels=True, seed=tc.seed, step=self.step,
+                             root=self.model)
+        outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
         loss, terms = self.criterion(outputs, b["targets"])
         self.optimizer.zero_grad()
         loss.backward()
@@ -95,7 +102,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         record = {"step": self.step, "loss": float(loss.data), "grad_norm": float(grad_norm),
-                  "lr": self.optimizer.param_groups[-1]["lr"], **terms}
+                  "lr": self.optimizer.param_groups[-1]["lr"], **terms,
+                  **routing_log(ctx, self.model.cfg.dataset_to_expert)}
         self.history.append(record)
         return record
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import functional as F
 from ..autograd import Tensor
+from ..routing import DAMEX_WEIGHT
 from .matcher import hungarian_match
 
 
@@ -35,7 +36,7 @@ class SetCriterion:
     """
 
     def __init__(self, num_classes, *, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, routing_weight=0.1, match_cost=None):
+                 focal_alpha=0.25, focal_gamma=2.0, routing_weight=DAMEX_WEIGHT, match_cost=None):
         self.num_classes = num_classes
         self.w = {"ce": weight_ce, "bbox": weight_bbox, "giou": weight_giou}
         self.alpha, self.gamma = focal_alpha, focal_gamma
@@ -73,29 +74,27 @@ class SetCriterion:
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             sets[f"_{i}"] = aux
         sets["_enc"] = outputs["interm_outputs"]
-        terms = {}
+        terms, weights = {}, {}      # term name -> value, and its weight
         for suffix, out in sets.items():
-            for name, value in self._matched(out, targets, num_boxes).items():
-                terms[f"loss_{name}{suffix}"] = value
+            for kind, value in self._matched(out, targets, num_boxes).items():
+                terms[f"loss_{kind}{suffix}"], weights[f"loss_{kind}{suffix}"] = value, self.w[kind]
         dn = outputs.get("dn")
         if dn is not None:
             for i, out in enumerate(outputs["dn_outputs"]):
                 sfx = "" if i == len(outputs["dn_outputs"]) - 1 else f"_{i}"
                 # as DINO: normalised by the boxes of all groups (each object has one
                 # positive query per group)
-                for name, value in self._set_losses(out["pred_logits"], out["pred_boxes"], targets,
+                for kind, value in self._set_losses(out["pred_logits"], out["pred_boxes"], targets,
                                                     dn.positive, num_boxes * dn.num_groups).items():
-                    terms[f"loss_{name}_dn{sfx}"] = value
+                    terms[f"loss_{kind}_dn{sfx}"], weights[f"loss_{kind}_dn{sfx}"] = value, self.w[kind]
+        ctx = outputs.get("routing")
+        if ctx is not None and ctx.losses:
+            routing = ctx.losses[0][1]
+            for _, a in ctx.losses[1:]:
+                routing = routing + a
+            terms["loss_routing"] = routing * (1.0 / len(ctx.losses))
+            weights["loss_routing"] = self.routing_weight
         total = None
         for key, value in terms.items():
-            w = self.w[key.split("_")[1]]
-            total = value * w if total is None else total + value * w
-        route = outputs.get("routing")
-        if route is not None and route.aux_losses:
-            routing = route.aux_losses[0]
-            for a in route.aux_losses[1:]:
-                routing = routing + a
-            routing = routing * (1.0 / len(route.aux_losses))
-            terms["loss_routing"] = routing
-            total = total + routing * self.routing_weight
+            total = value * weights[key] if total is None else total + value * weights[key]
         return total, {k: float(v.data) for k, v in terms.items()}

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import nn
+from .. import routing as _routing
+from ..nn.context import ForwardContext
 from ..autograd import Tensor, cat
 from .backbone import ResNet
 from .denoising import prepare_cdn
 from .position_encoding import sine_position_encoding
-from .routing import RoutingContext
 from .transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, encoder_proposals, make_ffn,
                           select_queries)
-
-ROUTING_MODES = ("dense", "moe", "damex")
 
 
 @dataclass
@@ -42,7 +41,8 @@ class DINOConfig:
     backbone_block: str = "basic"
     backbone_norm: str = "group"
     stem_width: int = 16
-    # routing: "dense" (no MoE), "moe" (balance loss), "damex" (DAMEX loss)
+    # routing: a mode of damex.routing.MODES: "dense" (no MoE), "moe" (balance loss),
+    # "damex" (DAMEX loss), "damex+balance"
     routing: str = "damex"
     moe_decoder_layers: tuple = (0, 2)
     moe_encoder_layers: tuple = ()
@@ -50,6 +50,7 @@ class DINOConfig:
     moe_hidden: int = 256
     moe_k: int = 1
     capacity_factor: float = 1.25
+    eval_capacity_factor: float = None     # None: dropless at evaluation and prediction
     bpr: bool = True
     gate_noise: float = 1.0
     moe_activation: str = "gelu_tanh"
@@ -86,14 +87,15 @@ def preset(name, **overrides):
 
 
 def _moe_cfg(cfg, layer_ids, i):
-    if cfg.routing == "dense" or i not in layer_ids:
+    loss = _routing.mode_loss(cfg.routing)
+    if loss is None or i not in layer_ids:
         return None
     mapping = list(cfg.dataset_to_expert) or None
-    if cfg.routing == "damex" and mapping is None:
-        raise ValueError("dataset_to_expert: required by routing='damex'")
+    if "damex" in loss and mapping is None:
+        raise ValueError(f"dataset_to_expert: required by routing={cfg.routing!r}")
     return dict(d_hidden=cfg.moe_hidden, num_experts=cfg.num_experts, k=cfg.moe_k,
-                capacity_factor=cfg.capacity_factor, bpr=cfg.bpr, gate_noise=cfg.gate_noise,
-                activation=cfg.moe_activation, loss="damex" if cfg.routing == "damex" else "balance",
+                capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                bpr=cfg.bpr, gate_noise=cfg.gate_noise, activation=cfg.moe_activation, loss=loss,
                 dataset_to_expert=mapping, drop_path=cfg.drop_path)
 
 
@@ -111,8 +113,7 @@ class DINO(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.routing not in ROUTING_MODES:
-            raise ValueError(f"routing: expected one of {ROUTING_MODES}, got {cfg.routing!r}")
+        _routing.mode_loss(cfg.routing)
         self.cfg = cfg
         d, C = cfg.d_model, cfg.num_classes
         self.backbone = ResNet(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_block,
@@ -130,8 +131,7 @@ class DINO(nn.Module):
         L = cfg.num_feature_levels
         self.encoder = Encoder([
             EncoderLayer(d, cfg.d_ffn, L, cfg.n_heads, cfg.n_points,
-                         make_ffn(d, cfg.d_ffn, f"encoder.{i}", _moe_cfg(cfg, cfg.moe_encoder_layers, i),
-                                  seed=cfg.seed + 100 + i))
+                         make_ffn(d, cfg.d_ffn, f"encoder.{i}", _moe_cfg(cfg, cfg.moe_encoder_layers, i)))
             for i in range(cfg.enc_layers)])
         prior = -math.log((1 - 0.01) / 0.01)
         class_embed = nn.Linear(d, C)
@@ -141,8 +141,7 @@ class DINO(nn.Module):
         bbox_embed.layers[-1].bias.data[:] = 0
         self.decoder = Decoder([
             DecoderLayer(d, cfg.d_ffn, L, cfg.n_heads, cfg.n_points,
-                         make_ffn(d, cfg.d_ffn, f"decoder.{i}", _moe_cfg(cfg, cfg.moe_decoder_layers, i),
-                                  seed=cfg.seed + 200 + i))
+                         make_ffn(d, cfg.d_ffn, f"decoder.{i}", _moe_cfg(cfg, cfg.moe_decoder_layers, i)))
             for i in range(cfg.dec_layers)], d, class_embed, bbox_embed)
         # two-stage heads on the encoder memory
         self.enc_output = nn.Linear(d, d)
@@ -154,7 +153,7 @@ class DINO(nn.Module):
         self.enc_bbox_embed.layers[-1].bias.data[:] = 0
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
         self.label_enc = nn.Embedding(C + 1, d)   # the extra row labels padding denoising queries
-        self._dn_rng = np.random.default_rng(cfg.seed + 7)
+        self._calls = 0   # numbers the forwards made without a context (their streams' step)
 
     # -- the parts of the forward pass ------------------------------------------
 
@@ -184,7 +183,7 @@ class DINO(nn.Module):
                           for m in masks], 1).astype(np.float32)             # [B, L, 2] (w, h)
         return cat(flat, 1), cat(pos, 1), mask_flat, shapes, starts, valid
 
-    def forward(self, images, mask, dataset_ids=None, targets=None):
+    def forward(self, images, mask, dataset_ids=None, targets=None, ctx=None):
         """Run the detector.
 
         Parameters
@@ -197,22 +196,28 @@ class DINO(nn.Module):
         targets : list of dict, optional
             Per image ``labels`` [n] (joint label space) and ``boxes`` [n, 4]
             normalised cxcywh; in training mode they give the denoising queries.
+        ctx : ForwardContext, optional
+            The per-forward context (random streams from its seed and step); by default
+            one with ``dataset_ids``, labels used in training, ``cfg.seed`` and a call count.
 
         Returns
         -------
         dict with ``pred_logits`` [B, Qm, C], ``pred_boxes`` [B, Qm, 4] (last layer),
         ``aux_outputs`` (earlier layers), ``interm_outputs`` (encoder proposals),
         ``dn_outputs`` and ``dn`` (denoising part, training only), ``routing``
-        (a RoutingContext with every MoE layer's loss and decisions).
+        (the ForwardContext, holding every MoE layer's loss and record).
         """
         cfg = self.cfg
         images = images if isinstance(images, Tensor) else Tensor(images)
         mask = np.asarray(mask, bool)
-        route = RoutingContext(dataset_ids, use_labels=self.training)
+        if ctx is None:
+            ctx = ForwardContext(dataset_ids, use_labels=self.training, seed=cfg.seed,
+                                 step=self._calls, root=self)
+            self._calls += 1
         srcs, masks = self._features(images, mask)
         src, pos, mask_flat, shapes, starts, valid = self._flatten(srcs, masks)
         pad_mask = mask_flat if mask_flat.any() else None
-        memory = self.encoder(src, pos, shapes, starts, pad_mask, valid, route)
+        memory = self.encoder(src, pos, shapes, starts, pad_mask, valid, ctx)
         props, usable = encoder_proposals(pad_mask, shapes, valid)
         ref_logits, interm_logits, interm_boxes = select_queries(
             memory, props, usable, self.enc_output, self.enc_output_norm, self.enc_class_embed,
@@ -222,7 +227,7 @@ class DINO(nn.Module):
         dn = None
         if self.training and targets is not None and cfg.dn_number > 0:
             dn = prepare_cdn(targets, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-                             rng=self._dn_rng, dn_number=cfg.dn_number,
+                             rng=ctx.rng("denoising"), dn_number=cfg.dn_number,
                              label_noise_ratio=cfg.dn_label_noise_ratio,
                              box_noise_scale=cfg.dn_box_noise_scale)
         attn_mask = None
@@ -230,13 +235,13 @@ class DINO(nn.Module):
             tgt = cat([self.label_enc(dn.labels), tgt], 1)
             ref_logits = np.concatenate([dn.box_logits, ref_logits], 1)
             attn_mask = dn.attn_mask
-        layers = self.decoder(tgt, ref_logits, memory, shapes, starts, pad_mask, valid, attn_mask, route)
+        layers = self.decoder(tgt, ref_logits, memory, shapes, starts, pad_mask, valid, attn_mask, ctx)
         p = 0 if dn is None else dn.pad_size
         outs = [(lg[:, p:], bx[:, p:]) for lg, bx in layers]
         result = {"pred_logits": outs[-1][0], "pred_boxes": outs[-1][1],
                   "aux_outputs": [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in outs[:-1]],
                   "interm_outputs": {"pred_logits": interm_logits, "pred_boxes": interm_boxes},
-                  "routing": route, "dn": dn}
+                  "routing": ctx, "dn": dn}
         if dn is not None:
             result["dn_outputs"] = [{"pred_logits": lg[:, :p], "pred_boxes": bx[:, :p]} for lg, bx in layers]
         return result

@@ -26,17 +26,17 @@ def drop_path(x, p, training, rng):
 class FFNBlock(nn.Module):
     """Dense FFN with residual and post-norm, as in DINO: ``norm(x + W2 relu(W1 x))``."""
 
-    def __init__(self, d_model, d_ffn, dropout=0.0, seed=0):
+    def __init__(self, d_model, d_ffn, dropout=0.0):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout, seed=seed) if dropout else None
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def forward(self, x, route=None, valid=None):
+    def forward(self, x, ctx=None, valid=None):
         h = self.linear2(F.relu(self.linear1(x)))
         if self.dropout is not None:
-            h = self.dropout(h)
+            h = self.dropout(h, ctx)
         return self.norm(x + h)
 
 
@@ -44,41 +44,41 @@ class MoEBlock(nn.Module):
     """An MoE FFN with pre-norm and drop-path: ``x + drop_path(moe(norm(x)))``.
 
     The ``[B, L, d]`` tokens are flattened batch-major; each token carries its
-    image's dataset id (from the :class:`~damex.models.routing.RoutingContext`)
-    to the DAMEX loss, and the routing loss and decisions are reported back.
+    image's dataset id (from the :class:`~damex.nn.context.ForwardContext`) to the
+    DAMEX loss, and the routing loss and record go back up through the context.
+    ``moe_options`` are :class:`damex.nn.MoE`'s keyword arguments.
     """
 
-    def __init__(self, d_model, name, *, d_hidden=2048, num_experts=8, k=1, capacity_factor=1.25,
-                 bpr=True, gate_noise=1.0, activation="gelu_tanh", loss="damex",
-                 dataset_to_expert=None, drop_path=0.0, seed=0):
+    def __init__(self, d_model, name, *, drop_path=0.0, **moe_options):
         super().__init__()
         self.name = name
         self.norm = nn.LayerNorm(d_model)
         # the DAMEX loss enters unweighted: the criterion weights the mean over layers
-        self.moe = nn.MoE(d_model, num_experts, d_hidden, k=k, capacity_factor=capacity_factor,
-                          bpr=bpr, gate_noise=gate_noise, activation=activation, loss=loss,
-                          damex_weight=1.0, dataset_to_expert=dataset_to_expert, seed=seed)
+        self.moe = nn.MoE(d_model, damex_weight=1.0, **moe_options)
         self.drop_path = float(drop_path)
-        self._rng = np.random.default_rng(seed + 1)
 
-    def forward(self, x, route=None, valid=None):
+    def forward(self, x, ctx=None, valid=None):
         B, L, d = x.shape
-        ids = route.token_dataset_ids(B, L) if route is not None else None
+        ids = ctx.token_dataset_ids(B, L) if ctx is not None else None
         mask = None if valid is None else np.asarray(valid, bool).reshape(B * L)
-        use = ids if (route is not None and route.use_labels) else None
-        y = self.moe(self.norm(x).reshape(B * L, d), dataset_ids=use, mask=mask)
-        if route is not None:
-            top1 = self.moe.routing["expert_index"][:, 0]
-            route.add(self.name, self.moe.aux_loss, ids, top1,
-                      np.ones(B * L, bool) if mask is None else mask)
-        return x + drop_path(y.reshape(B, L, d), self.drop_path, self.training, self._rng)
+        use = ids if (ctx is not None and ctx.use_labels) else None
+        y, aux, r = self.moe(self.norm(x).reshape(B * L, d), ctx, dataset_ids=use, mask=mask)
+        if ctx is not None:
+            ctx.add_routing(self.name, aux, {
+                "dataset_ids": ids, "top1": r["expert_index"][:, 0],
+                "valid": np.ones(B * L, bool) if mask is None else mask,
+                "kept": r["kept"], "routed": r["routed"], "losses": r["losses"]})
+        if self.training and self.drop_path > 0:
+            y = drop_path(y.reshape(B, L, d), self.drop_path, True, ctx.rng(self) if ctx is not None
+                          else np.random.default_rng(0))
+        return x + y.reshape(B, L, d)
 
 
-def make_ffn(d_model, d_ffn, name, moe_cfg, dropout=0.0, seed=0):
+def make_ffn(d_model, d_ffn, name, moe_cfg, dropout=0.0):
     """A dense FFN block, or an MoE block when ``moe_cfg`` (a dict of MoEBlock options) is given."""
     if moe_cfg is None:
-        return FFNBlock(d_model, d_ffn, dropout, seed=seed)
-    return MoEBlock(d_model, name, seed=seed, **moe_cfg)
+        return FFNBlock(d_model, d_ffn, dropout)
+    return MoEBlock(d_model, name, **moe_cfg)
 
 
 class EncoderLayer(nn.Module):
@@ -90,10 +90,10 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = ffn
 
-    def forward(self, src, pos, reference_points, shapes, starts, padding_mask, route):
+    def forward(self, src, pos, reference_points, shapes, starts, padding_mask, ctx):
         src2 = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
         src = self.norm1(src + src2)
-        return self.ffn(src, route, None if padding_mask is None else ~padding_mask)
+        return self.ffn(src, ctx, None if padding_mask is None else ~padding_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -108,13 +108,13 @@ class DecoderLayer(nn.Module):
         self.ffn = ffn
 
     def forward(self, tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask,
-                route):
+                ctx):
         q = tgt + query_pos
         tgt2, _ = self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)
         tgt = self.norm2(tgt + tgt2)
         tgt2 = self.cross_attn(tgt + query_pos, ref_input, memory, shapes, starts, memory_mask)
         tgt = self.norm1(tgt + tgt2)
-        return self.ffn(tgt, route)
+        return self.ffn(tgt, ctx)
 
 
 def encoder_reference_points(shapes, valid_ratios):
@@ -168,14 +168,14 @@ class Decoder(nn.Module):
         self.d_model = d_model
 
     def forward(self, tgt, ref_logits, memory, shapes, starts, memory_mask, valid_ratios, attn_mask,
-                route):
+                ctx):
         ref = F.sigmoid(Tensor(ref_logits))
         scale = np.concatenate([valid_ratios, valid_ratios], -1)[:, None]        # [B, 1, L, 4]
         outputs = []
         for layer in self.layers:
             ref_input = ref.data[:, :, None] * scale                             # detached
             query_pos = self.ref_point_head(Tensor(sine_box_encoding(ref_input[:, :, 0], self.d_model // 2)))
-            tgt = layer(tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask, route)
+            tgt = layer(tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask, ctx)
             h = self.norm(tgt)
             box = F.sigmoid(self.bbox_embed(h) + F.inverse_sigmoid(ref, eps=INV_SIG_EPS))
             outputs.append((self.class_embed(h), box))
@@ -188,10 +188,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, src, pos, shapes, starts, padding_mask, valid_ratios, route):
+    def forward(self, src, pos, shapes, starts, padding_mask, valid_ratios, ctx):
         ref = encoder_reference_points(shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, ref, shapes, starts, padding_mask, route)
+            src = layer(src, pos, ref, shapes, starts, padding_mask, ctx)
         return src
 
 

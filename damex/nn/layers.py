@@ -137,17 +137,20 @@ class FrozenBatchNorm2d(Module):
 
 class Dropout(Module):
     """Zeroes elements with probability ``p`` in training mode; identity in eval.
-    ``seed`` seeds the module's own Generator, so runs replay bit for bit."""
+
+    The mask is drawn from the forward context's stream of this module when one is
+    given (``forward(x, ctx)``; see :class:`~damex.nn.context.ForwardContext`), else from
+    the module's own Generator (``seed``), so runs replay bit for bit."""
 
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         if not 0 <= p < 1:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = float(p)
-        self.rng = np.random.default_rng(seed if seed is not None else init.default_generator().integers(2**63 - 1))
+        self._rng = np.random.default_rng(seed if seed is not None else init.default_generator().integers(2**63 - 1))
 
-    def forward(self, x):
-        return F.dropout(x, self.p, self.training, seed=self.rng)
+    def forward(self, x, ctx=None):
+        return F.dropout(x, self.p, self.training, seed=self._rng if ctx is None else ctx.rng(self))
 
     def extra_repr(self):
         return f"p={self.p}"

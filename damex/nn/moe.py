@@ -1,17 +1,24 @@
 """The MoE module: a router and E expert FFNs around the fused MoE op."""
 import math
+from collections import namedtuple
 
 import numpy as np
 
 from .. import functional as F
-from .. import ops as _ops
+from .. import routing as _routing
 from ..autograd import as_tensor
+from ..ops._check import choice, float_arg, int_arg
 from . import init
 from .module import Module, Parameter
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "MoEOutput"]
 
-LOSS_MODES = ("damex", "balance", "damex+balance", "none")
+MoEOutput = namedtuple("MoEOutput", ["y", "aux_loss", "routing"])
+MoEOutput.__doc__ = """What one MoE call returns: ``y`` (Tensor, the input's shape), ``aux_loss``
+(Tensor of shape (), the weighted routing loss, part of the tape) and ``routing`` (dict of
+NumPy arrays: ``expert_index``, ``combine_weight``, ``expert_count``, ``probs``,
+``capacity``, ``kept``, ``routed``, ``dropped_fraction``, ``noise``, ``expert_target``,
+``mask``, ``losses``: each unweighted loss value by name)."""
 
 
 class MoE(Module):
@@ -19,81 +26,96 @@ class MoE(Module):
 
     Parameters
     ----------
-    d_model, num_experts, hidden_dim : int
-        Token width D, experts E, expert hidden width F.
+    d_model : int
+        Token width D.
+    d_hidden, num_experts : int, keyword-only
+        Expert hidden width F and the number of experts E.
     k : int
         Experts per token (1 in DAMEX).
     capacity_factor : float or None
-        None = dropless (every token-slot kept).
+        Training-time capacity ``C = ceil(cf * k * T / E)``; None = dropless.
+    eval_capacity_factor : float or None
+        Capacity in eval mode; None (default) = dropless, so every token reaches its
+        expert whatever the batch (set it to ``capacity_factor`` to reproduce the
+        reference code, which drops at inference too).
     bpr : bool
         Batch-prioritised slot filling (by decreasing top-1 probability).
     normalize : bool or str
         Renormalise the k combine weights (see ``damex.ops.router_forward``).
     gate_noise : float
-        Training-mode router noise ``N(0, (gate_noise / E)^2)`` drawn from the module's
-        Generator (``seed``); none in eval mode or when 0.
+        Training-mode router noise ``N(0, (gate_noise / E)^2)``; none in eval mode or when 0.
+        Drawn from the forward context's stream of this module (see
+        :class:`~damex.nn.context.ForwardContext`), else from the module's own Generator.
     activation : {"gelu_tanh", "gelu", "relu"}
-    loss : {"damex", "balance", "damex+balance", "none"}
+    loss : one of ``damex.routing.LOSSES``
         ``damex``: ``damex_weight * L_damex`` (needs ``dataset_ids`` or ``expert_target``
         in forward, else contributes 0); ``balance``: ``importance_weight * L_imp +
         load_weight * L_load`` (the load loss needs gate noise, so only in training).
+    damex_weight : float
+        Default ``damex.routing.DAMEX_WEIGHT`` (0.1, the DAMEX reference setting).
+    importance_weight, load_weight : float
+        V-MoE/Tutel defaults 0.5/0.5 (the DAMEX seed's ``L_imp + L_load / 2`` is 1.0/0.5).
     switch_weight, z_weight : float
         Add the Switch/GShard loss and the ST-MoE router z-loss with these weights (0 = off).
     loss_options : dict, optional
         Per-loss options passed to ``damex.ops``, e.g. ``{"importance": {"variance":
         "unbiased"}, "switch": {"counts": "topk"}}``.
     dataset_to_expert : sequence of int, optional
-        The map h from dataset id to expert; default ``d % E``.
-    seed : int, optional
-        Seeds the gate-noise Generator.
+        The map h from dataset id to expert (``damex.routing.expert_map``); default ``d % E``.
+    seed : int or numpy.random.Generator
+        Seeds the module's own gate-noise Generator (used without a forward context).
 
     Parameters of the module: ``w_router[D, E]`` (x @ w_router = logits), ``w1[E, D, F]``,
     ``b1[E, F]``, ``w2[E, F, D]``, ``b2[E, D]``, each expert initialised like a pair of
     nn.Linear layers (uniform in +-1/sqrt(fan_in)), the router like nn.Linear without bias.
 
-    ``forward(x[..., D], dataset_ids=None, expert_target=None, mask=None)`` returns
-    ``y[..., D]`` and sets ``self.aux_loss`` (a Tensor of shape (), part of the tape) and
-    ``self.routing`` (a dict of NumPy arrays: ``expert_index``, ``combine_weight``,
-    ``expert_count``, ``probs``, ``capacity``, ``dropped_fraction``, ``noise``,
-    ``expert_target``, ``mask``, ``losses``: each unweighted loss value by name).  ``dataset_ids`` or
-    ``expert_target`` are per token (shape ``x.shape[:-1]``) or per image along the
-    leading axes (then broadcast over the trailing token axes); ``mask`` is True for real
-    tokens and False for padding.
+    ``forward(x[..., D], ctx=None, dataset_ids=None, expert_target=None, mask=None)`` returns
+    a :class:`MoEOutput` ``(y, aux_loss, routing)``.  ``dataset_ids`` or ``expert_target``
+    are per token (shape ``x.shape[:-1]``) or per image along the leading axes (then
+    broadcast over the trailing token axes); ``mask`` is True for real tokens and False
+    for padding.
     """
 
-    def __init__(self, d_model, num_experts, hidden_dim, k=1, capacity_factor=None, bpr=True,
-                 normalize=False, gate_noise=1.0, activation="gelu_tanh", loss="damex",
-                 damex_weight=1.0, importance_weight=0.5, load_weight=0.5, switch_weight=0.0,
-                 z_weight=0.0, loss_options=None, dataset_to_expert=None, seed=0):
+    def __init__(self, d_model, *, d_hidden, num_experts, k=1, capacity_factor=1.25,
+                 eval_capacity_factor=None, bpr=True, normalize=False, gate_noise=1.0,
+                 activation="gelu_tanh", loss="damex", damex_weight=_routing.DAMEX_WEIGHT,
+                 importance_weight=0.5, load_weight=0.5, switch_weight=0.0, z_weight=0.0,
+                 loss_options=None, dataset_to_expert=None, seed=0):
         super().__init__()
-        if loss not in LOSS_MODES:
-            raise ValueError(f"MoE: loss must be one of {list(LOSS_MODES)}, got {loss!r}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"MoE: k must be in [1, num_experts={num_experts}], got {k}")
-        D, E, Fh = int(d_model), int(num_experts), int(hidden_dim)
-        self.d_model, self.num_experts, self.hidden_dim, self.k = D, E, Fh, int(k)
-        self.capacity_factor, self.bpr, self.normalize = capacity_factor, bool(bpr), normalize
-        self.gate_noise, self.activation, self.loss = float(gate_noise), activation, loss
-        self.damex_weight, self.importance_weight, self.load_weight = damex_weight, importance_weight, load_weight
-        self.switch_weight, self.z_weight = switch_weight, z_weight
+        D = int_arg(d_model, "d_model", lo=1)
+        Fh = int_arg(d_hidden, "d_hidden", lo=1)
+        E = int_arg(num_experts, "num_experts", lo=1)
+        self.d_model, self.num_experts, self.d_hidden = D, E, Fh
+        self.k = int_arg(k, "k", lo=1, hi=E)
+        cf = lambda v, n: None if v is None else float_arg(v, n, positive=True)  # noqa: E731
+        self.capacity_factor = cf(capacity_factor, "capacity_factor")
+        self.eval_capacity_factor = cf(eval_capacity_factor, "eval_capacity_factor")
+        self.bpr, self.normalize = bool(bpr), normalize
+        self.gate_noise = float_arg(gate_noise, "gate_noise", nonneg=True)
+        choice(activation, "activation", ("gelu_tanh", "gelu", "relu"))
+        self.activation = activation
+        self.loss = _routing.check_loss(loss)
+        for name, v in (("damex_weight", damex_weight), ("importance_weight", importance_weight),
+                        ("load_weight", load_weight), ("switch_weight", switch_weight),
+                        ("z_weight", z_weight)):
+            setattr(self, name, float_arg(v, name, nonneg=True))
         self.loss_options = {k_: dict(v) for k_, v in (loss_options or {}).items()}
         unknown = set(self.loss_options) - set(F.ROUTING_LOSSES)
         if unknown:
             raise ValueError(f"MoE: loss_options has unknown losses {sorted(unknown)}; "
                              f"expected names from {list(F.ROUTING_LOSSES)}")
-        self.dataset_to_expert = None if dataset_to_expert is None else np.asarray(dataset_to_expert, np.int64)
-        self.rng = np.random.default_rng(seed)
+        self.dataset_to_expert = (None if dataset_to_expert is None or len(dataset_to_expert) == 0
+                                  else _routing.expert_map(dataset_to_expert, E))
+        self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self.w_router = Parameter(np.zeros((D, E), np.float32))
         self.w1 = Parameter(np.zeros((E, D, Fh), np.float32))
         self.b1 = Parameter(np.zeros((E, Fh), np.float32))
         self.w2 = Parameter(np.zeros((E, Fh, D), np.float32))
         self.b2 = Parameter(np.zeros((E, D), np.float32))
-        self.aux_loss = None
-        self.routing = None
         self.reset_parameters()
 
     def reset_parameters(self, rng=None):
-        bd, bf = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.hidden_dim)
+        bd, bf = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_hidden)
         init.uniform_(self.w_router, -bd, bd, rng)
         init.uniform_(self.w1, -bd, bd, rng)
         init.uniform_(self.b1, -bd, bd, rng)
@@ -103,6 +125,11 @@ class MoE(Module):
     @property
     def sigma(self):
         return self.gate_noise / self.num_experts
+
+    @property
+    def active_capacity_factor(self):
+        """The capacity factor of the current mode (training or eval)."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
 
     def _per_token(self, a, lead, name):
         a = np.asarray(a)
@@ -118,14 +145,27 @@ class MoE(Module):
     def expert_targets(self, dataset_ids, lead):
         """Per-token target experts h(d) of ``dataset_ids`` (flattened)."""
         ids = self._per_token(dataset_ids, lead, "dataset_ids")
-        mapping = self.dataset_to_expert
-        if mapping is None:
-            mapping = np.arange(int(ids.max()) + 1 if ids.size else 1, dtype=np.int64) % self.num_experts
-        return _ops.dataset_to_expert(ids, mapping, self.num_experts)
+        return _routing.expert_targets(ids, self.dataset_to_expert, self.num_experts)
 
-    def forward(self, x, dataset_ids=None, expert_target=None, mask=None, noise=None):
+    def _losses(self, target, noise):
+        opts = self.loss_options
+        losses = []
+        if "damex" in self.loss and target is not None:
+            losses.append(("damex", self.damex_weight, dict(opts.get("damex", {}), expert_target=target)))
+        if "balance" in self.loss:
+            losses.append(("importance", self.importance_weight, opts.get("importance", {})))
+            if noise is not None:
+                losses.append(("load", self.load_weight, dict(opts.get("load", {}), sigma=self.sigma)))
+        if self.switch_weight:
+            losses.append(("switch", self.switch_weight, opts.get("switch", {})))
+        if self.z_weight:
+            losses.append(("z", self.z_weight, opts.get("z", {})))
+        return losses
+
+    def forward(self, x, ctx=None, dataset_ids=None, expert_target=None, mask=None, noise=None):
         """Route and run the experts (see the class docstring); ``noise [T, E]`` replaces
-        the gate noise the module would draw, to replay a step exactly."""
+        the gate noise the module would draw, to replay a step exactly.  Returns a
+        :class:`MoEOutput`."""
         x = as_tensor(x)
         lead, D = x.shape[:-1], x.shape[-1]
         if D != self.d_model:
@@ -145,38 +185,26 @@ class MoE(Module):
             if noise.shape != (T, E):
                 raise ValueError(f"MoE: noise must have shape ({T}, {E}), got {noise.shape}")
         elif self.training and self.gate_noise > 0:
-            noise = self.rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
-        opts = self.loss_options
-        losses = []
-        if "damex" in self.loss and target is not None:
-            losses.append(("damex", self.damex_weight, dict(opts.get("damex", {}), expert_target=target)))
-        if "balance" in self.loss:
-            losses.append(("importance", self.importance_weight, opts.get("importance", {})))
-            if noise is not None:
-                losses.append(("load", self.load_weight, dict(opts.get("load", {}), sigma=self.sigma)))
-        if self.switch_weight:
-            losses.append(("switch", self.switch_weight, opts.get("switch", {})))
-        if self.z_weight:
-            losses.append(("z", self.z_weight, opts.get("z", {})))
+            rng = self._rng if ctx is None else ctx.rng(self)
+            noise = rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
         values = {}
         y, aux, state = F.moe(xt, self.w_router, self.w1, self.b1, self.w2, self.b2, k=self.k,
-                              noise=noise, capacity_factor=self.capacity_factor, bpr=self.bpr,
+                              noise=noise, capacity_factor=self.active_capacity_factor, bpr=self.bpr,
                               normalize=self.normalize, activation=self.activation, mask=m,
-                              losses=losses, loss_values=values)
-        self.aux_loss = aux
+                              losses=self._losses(target, noise), loss_values=values)
         r = state.router
-        valid = T if m is None else int(m.sum())
+        routed = (T if m is None else int(m.sum())) * self.k
         kept = int(np.asarray(r.expert_count).sum())
-        self.routing = {
+        routing = {
             "expert_index": r.expert_index, "combine_weight": r.combine_weight,
             "expert_count": r.expert_count, "probs": r.probs, "capacity": r.capacity,
-            "dropped_fraction": 1.0 - kept / max(valid * self.k, 1), "noise": noise,
-            "expert_target": target, "mask": m, "losses": values,
+            "kept": kept, "routed": routed, "dropped_fraction": _routing.dropped_fraction(kept, routed),
+            "noise": noise, "expert_target": target, "mask": m, "losses": values,
         }
-        return y.reshape(*lead, D)
+        return MoEOutput(y.reshape(*lead, D), aux, routing)
 
     def extra_repr(self):
-        return (f"d_model={self.d_model}, num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"k={self.k}, capacity_factor={self.capacity_factor}, bpr={self.bpr}, "
+        return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
+                f"k={self.k}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}, bpr={self.bpr}, "
                 f"gate_noise={self.gate_noise}, loss={self.loss!r}")
-
