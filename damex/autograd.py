@@ -375,18 +375,8 @@ class Tensor:
     def masked_fill(self, mask, value):
         return masked_fill(self, mask, value)
 
-    # the heavy elementwise ops live in damex.functional (C kernels)
-    def sigmoid(self):
-        from .functional import sigmoid
-        return sigmoid(self)
-
-    def softmax(self, dim=-1):
-        from .functional import softmax
-        return softmax(self, dim)
-
-    def relu(self):
-        from .functional import relu
-        return relu(self)
+    # sigmoid, softmax and relu (C kernels) are attached by damex.functional, which
+    # imports this module (never the other way round)
 
 
 # ------------------------------------------------------------------ the tape

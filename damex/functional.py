@@ -20,11 +20,6 @@ __all__ = ["linear", "layer_norm", "group_norm", "frozen_batch_norm", "conv2d", 
            "moe", "routing_loss", "manual_seed", "ROUTING_LOSSES"]
 
 
-def _op(name):
-    """The ops function ``name``."""
-    return getattr(_ops, name)
-
-
 def _data(t):
     return None if t is None else (t.data if isinstance(t, Tensor) else np.asarray(t, np.float32))
 
@@ -39,10 +34,10 @@ def linear(x, weight, bias=None):
     """``y = x @ weight.T + bias``; x[..., Din], weight[Dout, Din], bias[Dout] or None."""
     x, weight = as_tensor(x), as_tensor(weight)
     xd, wd = x.data, weight.data
-    y = _op("linear_forward")(xd, wd, _data(bias))
+    y = _ops.linear_forward(xd, wd, _data(bias))
 
     def backward(gs):
-        dx, dw, db = _op("linear_backward")(gs[0], xd, wd, has_bias=bias is not None)
+        dx, dw, db = _ops.linear_backward(gs[0], xd, wd, has_bias=bias is not None)
         return dx, dw, db
     return record(y, [x, weight, _tensor_or_none(bias)], backward, "linear")
 
@@ -57,10 +52,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     g = _data(weight) if weight is not None else np.ones(C, np.float32)
     b = _data(bias) if bias is not None else np.zeros(C, np.float32)
     xd = x.data
-    y, mu, rstd = _op("layer_norm_forward")(xd, g, b, eps=eps)
+    y, mu, rstd = _ops.layer_norm_forward(xd, g, b, eps=eps)
 
     def backward(gs):
-        return _op("layer_norm_backward")(gs[0], xd, mu, rstd, g)
+        return _ops.layer_norm_backward(gs[0], xd, mu, rstd, g)
     return record(y, [x, _tensor_or_none(weight), _tensor_or_none(bias)], backward, "layer_norm")
 
 
@@ -71,10 +66,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     g = _data(weight) if weight is not None else np.ones(C, np.float32)
     b = _data(bias) if bias is not None else np.zeros(C, np.float32)
     xd = x.data
-    y, mu, rstd = _op("group_norm_forward")(xd, g, b, num_groups, eps=eps)
+    y, mu, rstd = _ops.group_norm_forward(xd, g, b, num_groups, eps=eps)
 
     def backward(gs):
-        return _op("group_norm_backward")(gs[0], xd, mu, rstd, g, num_groups)
+        return _ops.group_norm_backward(gs[0], xd, mu, rstd, g, num_groups)
     return record(y, [x, _tensor_or_none(weight), _tensor_or_none(bias)], backward, "group_norm")
 
 
@@ -83,10 +78,10 @@ def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
     only ``x`` gets a gradient."""
     x = as_tensor(x)
     w, rv = _data(weight), _data(running_var)
-    y = _op("frozen_batch_norm_forward")(x.data, w, _data(bias), _data(running_mean), rv, eps=eps)
+    y = _ops.frozen_batch_norm_forward(x.data, w, _data(bias), _data(running_mean), rv, eps=eps)
 
     def backward(gs):
-        return (_op("frozen_batch_norm_backward")(gs[0], w, rv, eps=eps),)
+        return (_ops.frozen_batch_norm_backward(gs[0], w, rv, eps=eps),)
     return record(y, [x], backward, "frozen_batch_norm")
 
 
@@ -94,10 +89,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-D convolution, x[N, Cin, H, W], weight[Cout, Cin, kh, kw]."""
     x, weight = as_tensor(x), as_tensor(weight)
     xd, wd = x.data, weight.data
-    y = _op("conv2d_forward")(xd, wd, _data(bias), stride=stride, padding=padding)
+    y = _ops.conv2d_forward(xd, wd, _data(bias), stride=stride, padding=padding)
 
     def backward(gs):
-        return _op("conv2d_backward")(gs[0], xd, wd, stride=stride, padding=padding,
+        return _ops.conv2d_backward(gs[0], xd, wd, stride=stride, padding=padding,
                                       has_bias=bias is not None)
     return record(y, [x, weight, _tensor_or_none(bias)], backward, "conv2d")
 
@@ -125,16 +120,16 @@ def gelu(x, approximate="none"):
 
 def sigmoid(x):
     x = as_tensor(x)
-    y = _op("sigmoid_forward")(x.data)
-    return record(y, [x], lambda gs: (_op("sigmoid_backward")(gs[0], y),), "sigmoid")
+    y = _ops.sigmoid_forward(x.data)
+    return record(y, [x], lambda gs: (_ops.sigmoid_backward(gs[0], y),), "sigmoid")
 
 
 def inverse_sigmoid(x, eps=1e-5):
     """DINO's ``log(x / (1 - x))`` with x clamped to [0, 1] and both terms to >= eps."""
     x = as_tensor(x)
     xd = x.data
-    y = _op("inverse_sigmoid_forward")(xd, eps=eps)
-    return record(y, [x], lambda gs: (_op("inverse_sigmoid_backward")(gs[0], xd, eps=eps),),
+    y = _ops.inverse_sigmoid_forward(xd, eps=eps)
+    return record(y, [x], lambda gs: (_ops.inverse_sigmoid_backward(gs[0], xd, eps=eps),),
                   "inverse_sigmoid")
 
 
@@ -145,8 +140,8 @@ def softmax(x, dim=-1):
     d = dim % nd
     if d != nd - 1:
         return transpose(softmax(transpose(x, d, -1), -1), d, -1)
-    y = _op("softmax_forward")(x.data)
-    return record(y, [x], lambda gs: (_op("softmax_backward")(gs[0], y),), "softmax")
+    y = _ops.softmax_forward(x.data)
+    return record(y, [x], lambda gs: (_ops.softmax_backward(gs[0], y),), "softmax")
 
 
 _default_rng = np.random.default_rng(0)
@@ -176,8 +171,8 @@ def dropout(x, p=0.5, training=True, seed=None):
     x = as_tensor(x)
     if not training or p == 0:
         return x
-    y, keep = _op("dropout_forward")(x.data, p, _seed_from(seed))
-    return record(y, [x], lambda gs: (_op("dropout_backward")(gs[0], keep, p),), "dropout")
+    y, keep = _ops.dropout_forward(x.data, p, _seed_from(seed))
+    return record(y, [x], lambda gs: (_ops.dropout_backward(gs[0], keep, p),), "dropout")
 
 
 def embedding(ids, weight):
@@ -185,8 +180,8 @@ def embedding(ids, weight):
     weight = as_tensor(weight)
     ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
     V = weight.shape[0]
-    out = _op("embedding_forward")(weight.data, ids)
-    return record(out, [weight], lambda gs: (_op("embedding_backward")(gs[0], ids, V),), "embedding")
+    out = _ops.embedding_forward(weight.data, ids)
+    return record(out, [weight], lambda gs: (_ops.embedding_backward(gs[0], ids, V),), "embedding")
 
 
 # ------------------------------------------------------------------ attention
@@ -200,11 +195,11 @@ def attention(q, k, v, num_heads, attn_mask=None, key_padding_mask=None):
     """
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
     qd, kd, vd = q.data, k.data, v.data
-    out, attn = _op("attention_forward")(qd, kd, vd, num_heads, attn_mask=attn_mask,
+    out, attn = _ops.attention_forward(qd, kd, vd, num_heads, attn_mask=attn_mask,
                                          key_padding_mask=key_padding_mask)
 
     def backward(gs):
-        return _op("attention_backward")(gs[0], qd, kd, vd, attn, num_heads)
+        return _ops.attention_backward(gs[0], qd, kd, vd, attn, num_heads)
     return record(out, [q, k, v], backward, "attention"), Tensor(attn)
 
 
@@ -219,10 +214,10 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     shapes = np.asarray(spatial_shapes, np.int64)
     start = np.asarray(level_start_index, np.int64)
     vd, ld, ad = value.data, loc.data, aw.data
-    out = _op("ms_deform_attn_forward")(vd, shapes, start, ld, ad)
+    out = _ops.ms_deform_attn_forward(vd, shapes, start, ld, ad)
 
     def backward(gs):
-        return _op("ms_deform_attn_backward")(gs[0], vd, shapes, start, ld, ad)
+        return _ops.ms_deform_attn_backward(gs[0], vd, shapes, start, ld, ad)
     return record(out, [value, loc, aw], backward, "ms_deform_attn")
 
 
@@ -230,22 +225,22 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
 def box_cxcywh_to_xyxy(b):
     b = as_tensor(b)
-    return record(_op("box_cxcywh_to_xyxy_forward")(b.data), [b],
-                  lambda gs: (_op("box_cxcywh_to_xyxy_backward")(gs[0]),), "box_cxcywh_to_xyxy")
+    return record(_ops.box_cxcywh_to_xyxy_forward(b.data), [b],
+                  lambda gs: (_ops.box_cxcywh_to_xyxy_backward(gs[0]),), "box_cxcywh_to_xyxy")
 
 
 def box_xyxy_to_cxcywh(b):
     b = as_tensor(b)
-    return record(_op("box_xyxy_to_cxcywh_forward")(b.data), [b],
-                  lambda gs: (_op("box_xyxy_to_cxcywh_backward")(gs[0]),), "box_xyxy_to_cxcywh")
+    return record(_ops.box_xyxy_to_cxcywh_forward(b.data), [b],
+                  lambda gs: (_ops.box_xyxy_to_cxcywh_backward(gs[0]),), "box_xyxy_to_cxcywh")
 
 
 def generalized_box_iou(a, b):
     """GIoU matrix [N, M] of xyxy boxes a[N, 4], b[M, 4]."""
     a, b = as_tensor(a), as_tensor(b)
     ad, bd = a.data, b.data
-    g = _op("generalized_box_iou_forward")(ad, bd)
-    return record(g, [a, b], lambda gs: _op("generalized_box_iou_backward")(gs[0], ad, bd),
+    g = _ops.generalized_box_iou_forward(ad, bd)
+    return record(g, [a, b], lambda gs: _ops.generalized_box_iou_backward(gs[0], ad, bd),
                   "generalized_box_iou")
 
 
@@ -254,8 +249,8 @@ def generalized_box_iou_paired(a, b):
     :func:`generalized_box_iou`, in O(N)); the DETR GIoU loss is ``(1 - giou).sum()``."""
     a, b = as_tensor(a), as_tensor(b)
     ad, bd = a.data, b.data
-    g = _op("generalized_box_iou_paired_forward")(ad, bd)
-    return record(g, [a, b], lambda gs: _op("generalized_box_iou_paired_backward")(gs[0], ad, bd),
+    g = _ops.generalized_box_iou_paired_forward(ad, bd)
+    return record(g, [a, b], lambda gs: _ops.generalized_box_iou_paired_backward(gs[0], ad, bd),
                   "generalized_box_iou_paired")
 
 
@@ -274,9 +269,9 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none")
     ``targets`` is a constant array of 0/1 (or soft) labels of the logits' shape."""
     logits = as_tensor(logits)
     ld, td = logits.data, np.asarray(_data(targets), np.float32)
-    loss = _op("sigmoid_focal_loss_forward")(ld, td, alpha=alpha, gamma=gamma)
+    loss = _ops.sigmoid_focal_loss_forward(ld, td, alpha=alpha, gamma=gamma)
     out = record(loss, [logits], lambda gs: (
-        _op("sigmoid_focal_loss_backward")(gs[0], ld, td, alpha=alpha, gamma=gamma),),
+        _ops.sigmoid_focal_loss_backward(gs[0], ld, td, alpha=alpha, gamma=gamma),),
         "sigmoid_focal_loss")
     return _reduce(out, reduction, "sigmoid_focal_loss")
 
@@ -285,20 +280,28 @@ def l1_loss(a, b, reduction="mean"):
     """``|a - b|`` reduced like ``torch.nn.functional.l1_loss`` (default ``"mean"``)."""
     a, b = as_tensor(a), as_tensor(b)
     ad, bd = a.data, b.data
-    out = record(_op("l1_loss_forward")(ad, bd), [a, b],
-                 lambda gs: _op("l1_loss_backward")(gs[0], ad, bd), "l1_loss")
+    out = record(_ops.l1_loss_forward(ad, bd), [a, b],
+                 lambda gs: _ops.l1_loss_backward(gs[0], ad, bd), "l1_loss")
     return _reduce(out, reduction, "l1_loss")
 
 
 # ------------------------------------------------------------------------ MoE
 
-ROUTING_LOSSES = ("importance", "load", "switch", "z", "damex")
+# each routing loss by name: its (forward, backward) pair in damex.ops
+_ROUTING_LOSS_OPS = {
+    "importance": (_ops.importance_loss_forward, _ops.importance_loss_backward),
+    "load": (_ops.load_loss_forward, _ops.load_loss_backward),
+    "switch": (_ops.switch_loss_forward, _ops.switch_loss_backward),
+    "z": (_ops.z_loss_forward, _ops.z_loss_backward),
+    "damex": (_ops.damex_loss_forward, _ops.damex_loss_backward),
+}
+ROUTING_LOSSES = tuple(_ROUTING_LOSS_OPS)
 
 
 def _loss_fns(name):
     if name not in ROUTING_LOSSES:
         raise ValueError(f"routing loss: expected one of {list(ROUTING_LOSSES)}, got {name!r}")
-    return _op(f"{name}_loss_forward"), _op(f"{name}_loss_backward")
+    return _ROUTING_LOSS_OPS[name]
 
 
 def _loss_args(name, kwargs, *, noise, k, mask):
@@ -350,7 +353,7 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
     state : the ``moe_forward`` state (``state.router`` holds the routing).
     """
     params = [as_tensor(t) for t in (x, w_router, w1, b1, w2, b2)]
-    y, state = _op("moe_forward")(*(p.data for p in params), k=k, noise=noise,
+    y, state = _ops.moe_forward(*(p.data for p in params), k=k, noise=noise,
                                   capacity_factor=capacity_factor, bpr=bpr, normalize=normalize,
                                   activation=activation, mask=mask)
     logits = state.router.logits
@@ -374,7 +377,7 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
             dlogits = np.zeros_like(logits)
             for bwd, weight, args, kw in specs:
                 dlogits += bwd(logits, *args, **kw, grad=weight * daux)
-        g = _op("moe_backward")(dy, state, dlogits=dlogits)
+        g = _ops.moe_backward(dy, state, dlogits=dlogits)
         return g["x"], g["w_router"], g["w1"], g["b1"], g["w2"], g["b2"]
     y_t, aux_t = record((y, aux), params, backward, "moe")
     return y_t, aux_t, state
@@ -392,3 +395,9 @@ def routing_loss(name, logits, weight=1.0, **kwargs):
     return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, grad=weight * float(gs[0])),),
                   f"{name}_loss")
 
+
+# The tape's Tensor offers these as methods too (``x.sigmoid()``); they are defined here,
+# beside their C kernels, so that autograd never imports functional.
+Tensor.sigmoid = lambda self: sigmoid(self)
+Tensor.softmax = lambda self, dim=-1: softmax(self, dim)
+Tensor.relu = lambda self: relu(self)
