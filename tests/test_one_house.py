@@ -113,7 +113,7 @@ def test_context_streams_depend_on_seed_step_and_path_only():
 class Jitter(nn.Module):
     """A random module the library has never heard of, under a new name."""
 
-    def forward(self, x, ctx=None, valid=None):
+    def forward(self, x, ctx=None, token_mask=None):
         noise = ctx.rng(self).normal(0.0, 1e-2, x.shape).astype(np.float32)
         return x + Tensor(noise)
 
@@ -123,8 +123,8 @@ class Chain(nn.Module):
         super().__init__()
         self.ffn, self.surprise_noise = ffn, Jitter()
 
-    def forward(self, x, ctx=None, valid=None):
-        return self.surprise_noise(self.ffn(x, ctx, valid), ctx, valid)
+    def forward(self, x, ctx=None, token_mask=None):
+        return self.surprise_noise(self.ffn(x, ctx, token_mask), ctx, token_mask)
 
 
 def _with_jitter(trainer):

@@ -179,9 +179,9 @@ class DINO(nn.Module):
             pe = sine_position_encoding(m, d // 2).reshape(B, d, -1).transpose(0, 2, 1)
             pos.append(Tensor(pe) + self.level_embed[lvl].reshape(1, 1, d))
         mask_flat = np.concatenate([m.reshape(m.shape[0], -1) for m in masks], 1)
-        valid = np.stack([np.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+        valid_ratios = np.stack([np.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
                           for m in masks], 1).astype(np.float32)             # [B, L, 2] (w, h)
-        return cat(flat, 1), cat(pos, 1), mask_flat, shapes, starts, valid
+        return cat(flat, 1), cat(pos, 1), mask_flat, shapes, starts, valid_ratios
 
     def forward(self, images, mask, dataset_ids=None, targets=None, ctx=None):
         """Run the detector.
@@ -215,10 +215,10 @@ class DINO(nn.Module):
                                  step=self._calls, root=self)
             self._calls += 1
         srcs, masks = self._features(images, mask)
-        src, pos, mask_flat, shapes, starts, valid = self._flatten(srcs, masks)
+        src, pos, mask_flat, shapes, starts, valid_ratios = self._flatten(srcs, masks)
         pad_mask = mask_flat if mask_flat.any() else None
-        memory = self.encoder(src, pos, shapes, starts, pad_mask, valid, ctx)
-        props, usable = encoder_proposals(pad_mask, shapes, valid)
+        memory = self.encoder(src, pos, shapes, starts, pad_mask, valid_ratios, ctx)
+        props, usable = encoder_proposals(pad_mask, shapes, valid_ratios)
         ref_logits, interm_logits, interm_boxes = select_queries(
             memory, props, usable, self.enc_output, self.enc_output_norm, self.enc_class_embed,
             self.enc_bbox_embed, cfg.num_queries)
@@ -235,7 +235,7 @@ class DINO(nn.Module):
             tgt = cat([self.label_enc(dn.labels), tgt], 1)
             ref_logits = np.concatenate([dn.box_logits, ref_logits], 1)
             attn_mask = dn.attn_mask
-        layers = self.decoder(tgt, ref_logits, memory, shapes, starts, pad_mask, valid, attn_mask, ctx)
+        layers = self.decoder(tgt, ref_logits, memory, shapes, starts, pad_mask, valid_ratios, attn_mask, ctx)
         p = 0 if dn is None else dn.pad_size
         outs = [(lg[:, p:], bx[:, p:]) for lg, bx in layers]
         result = {"pred_logits": outs[-1][0], "pred_boxes": outs[-1][1],

@@ -33,7 +33,7 @@ class FFNBlock(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def forward(self, x, ctx=None, valid=None):
+    def forward(self, x, ctx=None, token_mask=None):
         h = self.linear2(F.relu(self.linear1(x)))
         if self.dropout is not None:
             h = self.dropout(h, ctx)
@@ -57,10 +57,11 @@ class MoEBlock(nn.Module):
         self.moe = nn.MoE(d_model, damex_weight=1.0, **moe_options)
         self.drop_path = float(drop_path)
 
-    def forward(self, x, ctx=None, valid=None):
+    def forward(self, x, ctx=None, token_mask=None):
+        """``token_mask [B, L]`` is True at real tokens (False = padding, not routed)."""
         B, L, d = x.shape
         ids = ctx.token_dataset_ids(B, L) if ctx is not None else None
-        mask = None if valid is None else np.asarray(valid, bool).reshape(B * L)
+        mask = None if token_mask is None else np.asarray(token_mask, bool).reshape(B * L)
         use = ids if (ctx is not None and ctx.use_labels) else None
         y, aux, r = self.moe(self.norm(x).reshape(B * L, d), ctx, dataset_ids=use, mask=mask)
         if ctx is not None:
