@@ -228,44 +228,10 @@ class Tensor:
         backward_from([(self, grad)], retain_graph=retain_graph)
 
     # ------------------------------------------------------------------ algebra
-    def __add__(self, other):
-        return add(self, other)
-
-    def __radd__(self, other):
-        return add(other, self)
-
-    def __sub__(self, other):
-        return sub(self, other)
-
-    def __rsub__(self, other):
-        return sub(other, self)
-
-    def __mul__(self, other):
-        return mul(self, other)
-
-    def __rmul__(self, other):
-        return mul(other, self)
-
-    def __truediv__(self, other):
-        return div(self, other)
-
-    def __rtruediv__(self, other):
-        return div(other, self)
-
+    # Operators and methods that are this module's functions with the tensor first are
+    # attached from one table below the functions (_METHODS); what remains here does more.
     def __neg__(self):
         return _unary(self, -self.data, lambda g: -g, "neg")
-
-    def __pow__(self, exponent):
-        return pow(self, exponent)
-
-    def __matmul__(self, other):
-        return matmul(self, other)
-
-    def __rmatmul__(self, other):
-        return matmul(other, self)
-
-    def __getitem__(self, index):
-        return getitem(self, index)
 
     # comparisons: plain boolean arrays, no gradient
     def __lt__(self, other):
@@ -286,27 +252,8 @@ class Tensor:
     def __ne__(self, other):
         return self.data != _raw(other)
 
-    # methods mirroring the functions below
-    def add(self, o):
-        return add(self, o)
-
-    def sub(self, o):
-        return sub(self, o)
-
-    def mul(self, o):
-        return mul(self, o)
-
-    def div(self, o):
-        return div(self, o)
-
     def neg(self):
         return -self
-
-    def matmul(self, o):
-        return matmul(self, o)
-
-    def pow(self, e):
-        return pow(self, e)
 
     def sum(self, axis=None, keepdims=False, dim=None, keepdim=None):
         return sum(self, _axis(axis, dim), _keep(keepdims, keepdim))
@@ -320,60 +267,9 @@ class Tensor:
     def argmax(self, axis=None):
         return np.argmax(self.data, axis=axis)
 
-    def reshape(self, *shape):
-        return reshape(self, *shape)
-
-    def view(self, *shape):
-        return reshape(self, *shape)
-
-    def flatten(self, start_dim=0, end_dim=-1):
-        return flatten(self, start_dim, end_dim)
-
-    def transpose(self, dim0=None, dim1=None):
-        return transpose(self, dim0, dim1)
-
     @property
     def T(self):
         return permute(self, *reversed(range(self.ndim)))
-
-    def permute(self, *dims):
-        return permute(self, *dims)
-
-    def unsqueeze(self, dim):
-        return unsqueeze(self, dim)
-
-    def squeeze(self, dim=None):
-        return squeeze(self, dim)
-
-    def expand(self, *shape):
-        return expand(self, *shape)
-
-    def split(self, split_size_or_sections, dim=0):
-        return split(self, split_size_or_sections, dim)
-
-    def gather(self, dim, index):
-        return gather(self, dim, index)
-
-    def exp(self):
-        return exp(self)
-
-    def log(self):
-        return log(self)
-
-    def sqrt(self):
-        return sqrt(self)
-
-    def abs(self):
-        return abs(self)
-
-    def tanh(self):
-        return tanh(self)
-
-    def clamp(self, min=None, max=None):
-        return clamp(self, min, max)
-
-    def masked_fill(self, mask, value):
-        return masked_fill(self, mask, value)
 
     # sigmoid, softmax and relu (C kernels) are attached by damex.functional, which
     # imports this module (never the other way round)
@@ -874,3 +770,39 @@ def split(a, split_size_or_sections, dim=0):
         out.append(getitem(a, tuple(sl)))
         start += s
     return tuple(out)
+
+
+# Tensor operators and methods that call the function of the same name with the tensor
+# first (``x.exp()`` is ``exp(x)``); reflected operators put it second.
+_METHODS = {
+    "__add__": add, "__sub__": sub, "__mul__": mul, "__truediv__": div, "__pow__": pow,
+    "__matmul__": matmul, "__getitem__": getitem,
+    "add": add, "sub": sub, "mul": mul, "div": div, "matmul": matmul, "pow": pow,
+    "reshape": reshape, "view": reshape, "flatten": flatten, "transpose": transpose,
+    "permute": permute, "unsqueeze": unsqueeze, "squeeze": squeeze, "expand": expand,
+    "split": split, "gather": gather, "exp": exp, "log": log, "sqrt": sqrt, "abs": abs,
+    "tanh": tanh, "clamp": clamp, "masked_fill": masked_fill,
+}
+_REFLECTED = {"__radd__": add, "__rsub__": sub, "__rmul__": mul, "__rtruediv__": div,
+              "__rmatmul__": matmul}
+
+
+def _method(fn):
+    def method(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+    method.__name__, method.__doc__ = fn.__name__, fn.__doc__
+    return method
+
+
+def _reflected(fn):
+    def method(self, other):
+        return fn(other, self)
+    method.__name__ = fn.__name__
+    return method
+
+
+for _name, _fn in _METHODS.items():
+    setattr(Tensor, _name, _method(_fn))
+for _name, _fn in _REFLECTED.items():
+    setattr(Tensor, _name, _reflected(_fn))
+del _name, _fn
