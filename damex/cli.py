@@ -15,76 +15,179 @@ import sys
 
 def _cmd_run(args):
     from .engine.pipeline import run
+    from .engine.train import check_steps
 
-    run(args.config, steps=args.steps, out_dir=args.out, progress=not args.no_progress)
+    if args.steps is not None:
+        check_steps(args.steps)          # before any data is written
+    run(args.config, steps=args.steps, out_dir=args.out, progress=not args.no_progress,
+        overwrite=args.overwrite)
     return 0
 
 
-def _cmd_train(args):
-    from .engine.config import load_run_config
-    from .engine.train import Trainer
+def _train_overrides(args):
+    """``--threads/--seed/--out`` as train-section values (resolved like the config's)."""
+    over = {}
+    if args.threads is not None:
+        over["threads"] = args.threads
+    if args.seed is not None:
+        over["seed"] = args.seed
+    if args.out is not None:
+        over["out_dir"] = os.path.abspath(args.out)
+    return over
 
+
+def _resume_command(ckpt, steps):
+    return f"damex train --resume {ckpt}" + (f" --steps {steps}" if steps else "")
+
+
+def _cmd_train(args):
+    """New run: config (+ base chain, --set, flags) checked, --steps checked, run folder
+    claimed, then training.  Resume: the checkpoint's config, its folder continued."""
+    from .engine import rundir
+    from .engine.checkpoint import load_checkpoint
+    from .engine.config import ConfigError, apply_overrides, finalize, load_run_config, run_config_from_dict
+    from .engine.train import Trainer, TrainingInterrupted, check_steps
+
+    over = _train_overrides(args)
+    if args.steps is not None:
+        over["steps"] = args.steps
     if args.resume:
-        overrides = {"steps": args.steps} if args.steps else {}
-        trainer = Trainer.from_checkpoint(args.resume, **overrides)
+        if args.set:
+            raise ConfigError("--set: not with --resume (the checkpoint's config is the run's); "
+                              "use --steps/--threads/--seed/--out")
+        _, meta = load_checkpoint(args.resume)
+        done = int(meta.get("step", 0))
+        conf = apply_overrides(meta["config"], [f"train.{k}={json.dumps(v)}" for k, v in over.items()],
+                               source="damex train")
+        cfg = run_config_from_dict(conf, source=args.resume)   # checks the flags' values
+        check_steps(cfg.train.steps, done)
+        if "out_dir" in over:
+            rundir.claim(over["out_dir"], args.overwrite)
+        trainer = Trainer.from_checkpoint(args.resume, **over)
     else:
-        cfg = load_run_config(args.config)
-        if args.steps:
-            cfg.train.steps = args.steps
+        sets = list(args.set or []) + [f"train.{k}={json.dumps(v)}" for k, v in over.items()]
+        cfg = finalize(load_run_config(args.config, sets))
+        check_steps(cfg.train.steps)
+        rundir.claim(cfg.train.out_dir, args.overwrite)
         trainer = Trainer(cfg)
-    fit = trainer.fit(progress=not args.no_progress)
+    try:
+        fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"\ninterrupted at step {e.step}: checkpoint {e.checkpoint}\nresume with:\n  "
+              f"{_resume_command(e.checkpoint, args.steps)}", file=sys.stderr)
+        return 130
     last = trainer.history[-1] if trainer.history else {}
     print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoint {fit['checkpoint']}")
     return 0
 
 
-def _parse_dataset(spec):
+def _parse_dataset(spec, cmd="eval"):
     """NAME=ANN.json:IMG_DIR"""
     try:
         name, rest = spec.split("=", 1)
         ann, img_dir = rest.rsplit(":", 1)
     except ValueError:
-        raise SystemExit(f"damex eval: --dataset expects NAME=ANNOTATIONS.json:IMAGE_DIR, got {spec!r}")
+        raise ValueError(f"--dataset expects NAME=ANNOTATIONS.json:IMAGE_DIR, got {spec!r}") from None
     return name, ann, img_dir
 
 
+def _check_out_file(path, flag):
+    """Fail before any work when an output file's folder does not exist."""
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist")
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def _cmd_eval(args):
+    """Evaluate from the checkpoint alone: the model, label space and expert map come
+    from it; data only for the datasets scored."""
     from .engine.evaluate import format_table
     from .engine.inference import evaluate_model
-    from .engine.train import Trainer
+    from .engine.predict import Detector
 
-    trainer = Trainer.from_checkpoint(args.checkpoint)
-    if args.dataset:
-        from .data.coco import CocoDetection
-        from .data.mixture import MixtureDataset
-        from .data.transforms import default_transforms
-
-        dc = trainer.cfg.data
-        tf = default_transforms(False, dc.min_size, dc.max_size, 0.0, dc.normalize)
-        sets = [CocoDetection(name, ann, img, transforms=tf)
-                for name, ann, img in map(_parse_dataset, args.dataset)]
-        mixture = MixtureDataset(sets, label_space=trainer.label_space.project(sets))
-        # routing accuracy needs h(d): known for datasets named as in training
-        trained = list(trainer.label_space.dataset_names)
-        mapping = trainer.model.cfg.dataset_to_expert
-        assignment = ([mapping[trained.index(ds.name)] for ds in sets]
-                      if all(ds.name in trained for ds in sets) else None)
+    _check_out_file(args.json, "--json")
+    specs = [_parse_dataset(s) for s in args.dataset or []]
+    det = Detector.from_checkpoint(args.checkpoint, threads=args.threads)
+    if specs:
+        mixture = det.mixture(specs)
+        assignment = det.assignment(mixture)
     else:
         from .data.config import build_mixture
-        mixture = build_mixture(trainer.cfg.data, "val", label_space=trainer.label_space)
-        assignment = trainer.model.cfg.dataset_to_expert
-    results, predictions = evaluate_model(trainer.model, mixture, batch_size=args.batch_size,
+        mixture = build_mixture(det.config.data, "val", label_space=det.label_space)
+        assignment = det.dataset_to_expert
+    results, predictions = evaluate_model(det.model, mixture, batch_size=args.batch_size,
                                           progress=not args.no_progress, assignment=assignment)
-    print(format_table(results))
+    results.update(det.describe())
+    print(format_table(results, full=args.full))
     if results["routing"]["accuracy"] is not None:
         print(f"routing accuracy without dataset labels: {results['routing']['accuracy']:.3f}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        _write_json(args.json, results)
     if args.pictures:
         from .engine.pipeline import write_pictures
-        write_pictures(args.pictures, trainer, mixture, results, predictions)
+        write_pictures(args.pictures, det, mixture, results, predictions)
+    return 0
+
+
+def _jsonable(p):
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in p.items()}
+
+
+def _cmd_predict(args):
+    """Detections on plain images, or COCO results on annotated datasets."""
+    from .engine.predict import Detector, image_files
+
+    _check_out_file(args.json, "--json")
+    specs = [_parse_dataset(s) for s in args.dataset or []]
+    files = image_files(args.images) if args.images else []
+    if not files and not specs:
+        raise ValueError("give images or folders to predict on, or --dataset NAME=ANN.json:IMG_DIR")
+    if args.pictures:
+        os.makedirs(args.pictures, exist_ok=True)
+    det = Detector.from_checkpoint(args.checkpoint, threads=args.threads)
+    out = {**det.describe(), "classes": det.class_names}
+    if files:
+        thr = 0.3 if args.score_threshold is None else args.score_threshold
+        preds = det.predict(files, score_threshold=thr, batch_size=args.batch_size)
+        out["images"] = [_jsonable(p) for p in preds]
+        for p in preds:
+            print(f"{p['file']}: {len(p['scores'])} detections "
+                  f"({', '.join(sorted(set(p['names']))) or 'none'}); expert(s) {p['experts']} "
+                  f"-> dataset {p['dataset']}")
+        if args.pictures:
+            from .engine.routing_analysis import draw_detections
+            from .data.coco import read_image
+            for k, p in enumerate(preds):
+                name = os.path.splitext(os.path.basename(p["file"]))[0]
+                draw_detections(read_image(p["file"]), p["boxes"], p["labels"], p["scores"],
+                                det.class_names, os.path.join(args.pictures, f"{k:03d}_{name}.png"),
+                                title=f"#{k} {os.path.basename(p['file'])}")
+    if specs:
+        thr = 0.0 if args.score_threshold is None else args.score_threshold
+        mixture = det.mixture(specs)
+        results, routes = det.predict_coco(mixture, batch_size=args.batch_size, score_threshold=thr,
+                                           progress=not args.no_progress)
+        out["datasets"] = {name: {"results": results[name],
+                                  "routing": {str(i): r for i, r in routes[name].items()}}
+                           for name in results}
+        for name, res in results.items():
+            print(f"{name}: {len(res)} detections on {len(routes[name])} images")
+        if args.json and len(specs) == 1:   # one dataset: the file is pycocotools' loadRes format
+            _write_json(args.json, results[specs[0][0]])
+            base, ext = os.path.splitext(args.json)
+            _write_json(base + ".routing" + (ext or ".json"), out["datasets"][specs[0][0]]["routing"])
+            args.json = None
+    if args.json:
+        _write_json(args.json, out)
     return 0
 
 
@@ -124,25 +227,52 @@ def build_parser():
     r.add_argument("--config", help="a run config (default: the shipped tiny_damex.json)")
     r.add_argument("--steps", type=int)
     r.add_argument("--out", help="output folder (default: the config's out_dir)")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run)
 
-    t = sub.add_parser("train", help="train a detector from a JSON config")
+    t = sub.add_parser("train", help="train a detector from a JSON config, or resume a checkpoint")
     t.add_argument("config", nargs="?", help="run config (JSON)")
-    t.add_argument("--resume", help="checkpoint to continue from")
+    t.add_argument("--resume", metavar="CKPT", help="checkpoint to continue from (its run folder)")
+    t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.lr=1e-4 model.num_experts=8 "
+                        "(values parsed as JSON, else strings)")
     t.add_argument("--steps", type=int, help="train until this step")
+    t.add_argument("--threads", type=int, help="threads (default: the config's, else the measured "
+                                               "default for the model)")
+    t.add_argument("--seed", type=int, help="the run's seed (train.seed)")
+    t.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: COCO AP per dataset, routing")
+    e = sub.add_parser("eval", help="evaluate a checkpoint: COCO metrics per dataset, routing")
     e.add_argument("checkpoint")
-    e.add_argument("--json", help="write the results here")
+    e.add_argument("--json", help="write the results here (full metrics, checkpoint, step, config hash)")
     e.add_argument("--dataset", action="append", metavar="NAME=ANN.json:IMG_DIR",
-                   help="evaluate on these COCO datasets instead of the run's validation split")
+                   help="evaluate on these COCO datasets instead of the run's validation split "
+                        "(needs no training data)")
+    e.add_argument("--full", action="store_true", help="table with APs/APm/APl and AR1/10/100")
     e.add_argument("--pictures", help="write routing heatmaps and detections to this folder")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--threads", type=int)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    q = sub.add_parser("predict", help="detections on images or folders, or COCO results on a dataset")
+    q.add_argument("checkpoint")
+    q.add_argument("images", nargs="*", metavar="IMAGE|FOLDER")
+    q.add_argument("--dataset", action="append", metavar="NAME=ANN.json:IMG_DIR",
+                   help="COCO results in this annotation file's ids (pycocotools loadRes format)")
+    q.add_argument("--json", help="write the detections here (with one --dataset: the COCO results "
+                                  "list, and the per-image routing next to it as NAME.routing.json)")
+    q.add_argument("--pictures", metavar="DIR", help="draw the detections on the images here")
+    q.add_argument("--score-threshold", type=float,
+                   help="drop detections below (default 0.3 on images, 0 for COCO results)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--threads", type=int)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_cmd_predict)
 
     d = sub.add_parser("demo", help="train one MoE layer on a generated mixture of token datasets")
     d.add_argument("--mode", choices=["damex", "balance", "both"], default="both")
@@ -162,6 +292,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "train" and not (args.config or args.resume):
         build_parser().error("train: give a CONFIG or --resume CHECKPOINT")
+    if args.command == "train" and args.config and args.resume:
+        build_parser().error("train: give a CONFIG or --resume CHECKPOINT, not both")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

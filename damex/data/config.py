@@ -1,4 +1,5 @@
-"""The data section of a run's configuration (JSON), as dataclasses.
+"""The configuration schema: the data section of a run's configuration, and the
+checking code every section (``model``, ``data``, ``train``) goes through.
 
 Example (``{"data": {...}}`` or the section alone)::
 
@@ -11,11 +12,14 @@ or with real datasets instead of the synthetic mixture::
     {"datasets": [{"name": "voc", "train": "voc/train.json", "val": "voc/val.json",
                    "img_dir": "voc/images"}]}
 
-Relative paths are resolved against the config file's folder. Unknown keys are
-errors naming the key and the file (:class:`ConfigError`).
+Relative paths are resolved against the config file's folder. Every key has a
+type and, where it matters, a range (a dataclass field's ``metadata["check"]``);
+:func:`build_section` checks both and raises :class:`ConfigError` naming the
+file, the key (with its section prefix) and, for an unknown key, the known keys.
 """
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +28,37 @@ from typing import List, Optional
 
 class ConfigError(ValueError):
     """A configuration file is malformed (message names the file and the key)."""
+
+
+# -- range rules: a callable value -> None (fine) or a phrase saying what is wanted ----------
+
+def at_least(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def between(lo, hi):
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}]"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else f"must be one of {list(choices)}"
+
+
+def each(rule):
+    """A rule applied to every element of a list."""
+    def check(values):
+        for i, v in enumerate(values):
+            bad = rule(v)
+            if bad:
+                return f"[{i}] = {v!r} {bad}"
+        return None
+    return check
+
+
+def rule(check, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
+    """A dataclass field with a range rule (``metadata["check"]``)."""
+    kw = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
+    return field(metadata={"check": check}, **kw)
 
 
 @dataclass
@@ -46,13 +81,13 @@ class SyntheticConfig:
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)  # empty -> synthetic
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    sampler: str = "proportional"  # proportional | uniform | weighted
-    weights: Optional[List[float]] = None
-    batch_size: int = 4
-    min_size: int = 64
-    max_size: int = 96
-    multiscale: List[int] = field(default_factory=list)
-    hflip: float = 0.5
+    sampler: str = rule(one_of("proportional", "uniform", "weighted"), "proportional")
+    weights: Optional[List[float]] = rule(each(at_least(0.0)), None)
+    batch_size: int = rule(at_least(1), 4)
+    min_size: int = rule(at_least(1), 64)
+    max_size: int = rule(at_least(1), 96)
+    multiscale: List[int] = rule(each(at_least(1)), default_factory=list)
+    hflip: float = rule(between(0.0, 1.0), 0.5)
     normalize: bool = True
     merge_labels_by_name: bool = True
     seed: int = 0
@@ -68,13 +103,45 @@ def _type_ok(value, tp):
         (inner,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
 
 
-def _build(cls, data, where, source):
+def _type_name(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {float: "a finite number", int: "an integer", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_value(value, tp, check, path, source):
+    """Check one value's type and range; ConfigError naming ``source`` and ``path``."""
+    if not _type_ok(value, tp):
+        raise ConfigError(f"{source}: key {path!r} has the wrong type: {value!r} "
+                          f"(expected {_type_name(tp)})")
+    if check is not None and value is not None:
+        bad = check(value)
+        if bad:
+            raise ConfigError(f"{source}: key {path!r} = {value!r} {bad}")
+
+
+def known_keys(cls):
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def build_section(cls, data, where, source):
+    """Build dataclass ``cls`` from a dict, checking names, types and ranges.
+
+    ``where`` is the key prefix in messages ("train", "data.synthetic", "" for the top).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where or 'top level'} must be an object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -88,15 +155,14 @@ def _build(cls, data, where, source):
         tp = hints[key]
         path = (where + "." if where else "") + key
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, source)
+            kwargs[key] = build_section(tp, value, path, source)
         elif typing.get_origin(tp) in (list, List) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
                 raise ConfigError(f"{source}: {path!r} must be a list")
-            kwargs[key] = [_build(typing.get_args(tp)[0], v, f"{path}[{i}]", source)
+            kwargs[key] = [build_section(typing.get_args(tp)[0], v, f"{path}[{i}]", source)
                            for i, v in enumerate(value)]
-        elif not _type_ok(value, tp):
-            raise ConfigError(f"{source}: key {path!r} has the wrong type: {value!r}")
         else:
+            check_value(value, tp, fields[key].metadata.get("check"), path, source)
             kwargs[key] = value
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -105,15 +171,16 @@ def _build(cls, data, where, source):
     return cls(**kwargs)
 
 
-def data_config_from_dict(data, source="<dict>"):
-    """Build and check a :class:`DataConfig` from a dict (``source`` names it in errors)."""
-    cfg = _build(DataConfig, data, "", source)
-    if cfg.sampler not in ("proportional", "uniform", "weighted"):
-        raise ConfigError(f"{source}: key 'sampler' must be proportional, uniform or weighted, got {cfg.sampler!r}")
+def data_config_from_dict(data, source="<dict>", where=""):
+    """Build and check a :class:`DataConfig` from a dict (``source`` names it in errors,
+    ``where`` is the key prefix, "data" inside a run config)."""
+    cfg = build_section(DataConfig, data, where, source)
+    pre = where + "." if where else ""
     if (cfg.sampler == "weighted") != (cfg.weights is not None):
-        raise ConfigError(f"{source}: key 'weights' is required with sampler 'weighted' and only then")
-    if cfg.batch_size <= 0 or cfg.min_size <= 0 or cfg.max_size < cfg.min_size:
-        raise ConfigError(f"{source}: batch_size and min_size must be positive, max_size >= min_size")
+        raise ConfigError(f"{source}: key {pre + 'weights'!r} is required with sampler 'weighted' and only then")
+    if cfg.max_size < cfg.min_size:
+        raise ConfigError(f"{source}: key {pre + 'max_size'!r} = {cfg.max_size} must be >= "
+                          f"{pre}min_size ({cfg.min_size})")
     return cfg
 
 
@@ -128,6 +195,23 @@ def read_json_config(path):
         raise ConfigError(f"{path}: config file not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def resolve_data_paths(data, base):
+    """Make the relative paths of a raw data section (dict) absolute against ``base``, in place."""
+    if not isinstance(data, dict):
+        return data
+    resolve = lambda p: p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    syn = data.get("synthetic")
+    if isinstance(syn, dict) and "root" in syn:
+        syn["root"] = resolve(syn["root"])
+    datasets = data.get("datasets")
+    for d in datasets if isinstance(datasets, list) else []:
+        if isinstance(d, dict):
+            for k in ("train", "val", "img_dir", "val_img_dir"):
+                if k in d:
+                    d[k] = resolve(d[k])
+    return data
 
 
 def load_data_config(path, section="data"):

@@ -125,6 +125,18 @@ class LabelSpace:
             name: {str(cid): j for cid, j in m.items()}
             for name, m in zip(self.dataset_names, self.local_to_joint)}}
 
+    @classmethod
+    def from_dict(cls, data):
+        """The inverse of :meth:`to_dict` (a checkpoint's label space, no data needed)."""
+        out = cls([], [])
+        out.names = list(data["names"])
+        for name, m in data["datasets"].items():
+            l2j = {int(cid): int(j) for cid, j in m.items()}
+            out.dataset_names.append(name)
+            out.local_to_joint.append(l2j)
+            out.joint_to_local.append({j: cid for cid, j in l2j.items()})
+        return out
+
     def __repr__(self):
         return f"LabelSpace({self.num_classes} classes over {self.num_datasets} datasets: {self.names})"
 

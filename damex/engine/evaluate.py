@@ -17,7 +17,7 @@ Predictions format (per dataset name)::
 :func:`boxes_to_xywh` converts normalised ``(cx, cy, w, h)`` model output and
 :func:`add_predictions` files a batch of outputs under the right dataset.
 
-Result::
+Result (per dataset also ap_small, ap_medium, ap_large, ar1, ar10, ar100, per_class)::
 
     {"mean_ap": float, "mean_ap50": float, "mean_ap75": float,
      "datasets": {NAME: {"ap": float, "ap50": float, "ap75": float}}}
@@ -126,13 +126,30 @@ def coco_results(dataset, predictions, label_space="joint"):
     return results
 
 
-def coco_ap(gt_dict, results, verbose=False):
-    """``(AP, AP50, AP75)`` of ``results`` against a COCO ground-truth dict, by pycocotools."""
+METRICS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100")
+
+
+def coco_metrics(gt_dict, results, verbose=False):
+    """pycocotools' bbox metrics of ``results`` against a COCO ground-truth dict.
+
+    Returns
+    -------
+    dict
+        :data:`METRICS` (``ap`` ... ``ar100``, in [0, 1]) and ``per_class``
+        ``{category name: AP}``. With no annotations every value is None (not
+        defined); so is a size range or class without ground truth.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not results or not gt_dict.get("annotations"):
-        return 0.0, 0.0, 0.0
+    names = {c["id"]: c["name"] for c in gt_dict.get("categories", [])}
+    if not gt_dict.get("annotations"):
+        return {**{k: None for k in METRICS}, "per_class": {n: None for n in names.values()}}
+    with_gt = {a["category_id"] for a in gt_dict["annotations"]}
+    if not results:
+        out = {k: 0.0 for k in METRICS}
+        out["per_class"] = {n: (0.0 if c in with_gt else None) for c, n in names.items()}
+        return out
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:
         gt = COCO()
@@ -144,11 +161,26 @@ def coco_ap(gt_dict, results, verbose=False):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return tuple(max(float(v), 0.0) for v in ev.stats[:3])
+    stats = [float(v) for v in ev.stats]
+    out = {k: (None if stats[i] < 0 else stats[i]) for i, k in enumerate(METRICS)}
+    precision = ev.eval["precision"]          # [T IoU, R recall, K classes, A areas, M max dets]
+    per_class = {}
+    for k, cid in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        per_class[names.get(cid, str(cid))] = float(p[p > -1].mean()) if (p > -1).any() else None
+    out["per_class"] = per_class
+    return out
 
 
-def evaluate_detections(datasets, predictions, label_space="joint", verbose=False):
-    """Per-dataset COCO AP, AP50, AP75 and their means over datasets.
+def coco_ap(gt_dict, results, verbose=False):
+    """``(AP, AP50, AP75)`` of ``results`` against a COCO ground-truth dict, by pycocotools
+    (0 when there is nothing to score)."""
+    m = coco_metrics(gt_dict, results, verbose)
+    return tuple(m[k] or 0.0 for k in ("ap", "ap50", "ap75"))
+
+
+def evaluate_detections(datasets, predictions, label_space="joint", verbose=False, full=False):
+    """Per-dataset COCO metrics and the mean AP, AP50, AP75 over datasets.
 
     Parameters
     ----------
@@ -160,11 +192,15 @@ def evaluate_detections(datasets, predictions, label_space="joint", verbose=Fals
         What prediction ``labels`` are.
     verbose : bool
         Let pycocotools print its summaries.
+    full : bool
+        All of :data:`METRICS` and ``per_class`` per dataset (else ``ap, ap50, ap75``).
 
     Returns
     -------
     dict
-        ``{"mean_ap", "mean_ap50", "mean_ap75", "datasets": {name: {"ap", "ap50", "ap75"}}}``.
+        ``{"mean_ap", "mean_ap50", "mean_ap75", "datasets": {name: {ap, ap50, ap75
+        [, ap_small, ap_medium, ap_large, ar1, ar10, ar100, per_class]}}}``; a dataset
+        with no annotations has None metrics and is left out of the means.
     """
     dsets = _as_dataset_list(datasets)
     known = {ds.name for ds in dsets}
@@ -176,22 +212,38 @@ def evaluate_detections(datasets, predictions, label_space="joint", verbose=Fals
         res = coco_results(ds, predictions.get(ds.name), label_space)
         if verbose:
             print(f"== {ds.name}: {len(res)} detections on {len(ds)} images")
-        ap, ap50, ap75 = coco_ap(ds.coco, res, verbose)
-        table[ds.name] = {"ap": ap, "ap50": ap50, "ap75": ap75}
-    mean = lambda k: float(np.mean([v[k] for v in table.values()])) if table else 0.0  # noqa: E731
+        m = coco_metrics(ds.coco, res, verbose)
+        table[ds.name] = m if full else {k: m[k] for k in ("ap", "ap50", "ap75")}
+
+    def mean(k):
+        vals = [v[k] for v in table.values() if v[k] is not None]
+        return float(np.mean(vals)) if vals else None
     return {"mean_ap": mean("ap"), "mean_ap50": mean("ap50"), "mean_ap75": mean("ap75"),
             "datasets": table}
 
 
-def format_table(results):
-    """A plain-text table of :func:`evaluate_detections` results (AP in percent)."""
-    rows = [(name, r["ap"], r["ap50"], r["ap75"]) for name, r in results["datasets"].items()]
-    rows.append(("mean", results["mean_ap"], results.get("mean_ap50", float("nan")),
-                 results.get("mean_ap75", float("nan"))))
+def _pct(v):
+    return "     -" if v is None else f"{100 * v:6.1f}"
+
+
+def format_table(results, full=False):
+    """A plain-text table of :func:`evaluate_detections` results (AP in percent; "-" for
+    undefined). ``full`` adds APs/APm/APl and AR1/10/100."""
+    keys = METRICS if full else METRICS[:3]
+    heads = {"ap": "AP", "ap50": "AP50", "ap75": "AP75", "ap_small": "APs", "ap_medium": "APm",
+             "ap_large": "APl", "ar1": "AR1", "ar10": "AR10", "ar100": "AR100"}
+    rows = [(name, [r.get(k) for k in keys]) for name, r in results["datasets"].items()]
+    mean = [results.get("mean_" + k) if k in ("ap", "ap50", "ap75") else None for k in keys]
+    if full:
+        for i, k in enumerate(keys[3:], 3):
+            vals = [r.get(k) for r in results["datasets"].values() if r.get(k) is not None]
+            mean[i] = float(np.mean(vals)) if vals else None
+    rows.append(("mean", mean))
     width = max(7, *(len(r[0]) for r in rows))
-    lines = [f"{'dataset':<{width}}  {'AP':>6}  {'AP50':>6}  {'AP75':>6}", "-" * (width + 24)]
-    for k, (name, ap, ap50, ap75) in enumerate(rows):
-        if k == len(rows) - 1:
-            lines.append("-" * (width + 24))
-        lines.append(f"{name:<{width}}  {100 * ap:6.1f}  {100 * ap50:6.1f}  {100 * ap75:6.1f}")
+    line = "-" * (width + 8 * len(keys))
+    lines = [f"{'dataset':<{width}}" + "".join(f"  {heads[k]:>6}" for k in keys), line]
+    for i, (name, vals) in enumerate(rows):
+        if i == len(rows) - 1:
+            lines.append(line)
+        lines.append(f"{name:<{width}}" + "".join(f"  {_pct(v)}" for v in vals))
     return "\n".join(lines)

@@ -16,8 +16,10 @@ from .evaluate import boxes_to_xywh, evaluate_detections
 from .routing_analysis import analyse_routing
 
 
-def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
+def predict(model, mixture, *, batch_size=8, num_select=100, progress=True, on_batch=None):
     """Detections for every image of ``mixture`` and the routing records.
+
+    ``on_batch(dataset, targets, outputs)``, if given, sees every batch's raw outputs.
 
     Returns
     -------
@@ -39,6 +41,8 @@ def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
                 b = collate([mixture[d, i] for i in range(start, min(start + batch_size, len(ds)))])
                 out = model(b["images"], b["mask"], b["dataset_ids"])
                 dets = postprocess(out["pred_logits"].data, out["pred_boxes"].data, num_select=num_select)
+                if on_batch is not None:
+                    on_batch(ds, b["targets"], out)
                 for t, det in zip(b["targets"], dets):
                     predictions[ds.name][t["image_id"]] = {
                         "boxes": boxes_to_xywh(det["boxes"], t["orig_size"]),
@@ -56,7 +60,7 @@ def predict(model, mixture, *, batch_size=8, num_select=100, progress=True):
 
 
 def evaluate_model(model, mixture, *, batch_size=8, num_select=100, progress=True,
-                   assignment="model"):
+                   assignment="model", full=True):
     """COCO AP per dataset plus routing analysis, in the ``damex eval --json`` shape.
 
     ``assignment`` is h (dataset of the mixture -> expert) for the routing accuracy:
@@ -65,7 +69,7 @@ def evaluate_model(model, mixture, *, batch_size=8, num_select=100, progress=Tru
     """
     predictions, records = predict(model, mixture, batch_size=batch_size, num_select=num_select,
                                    progress=progress)
-    results = evaluate_detections(mixture, predictions)
+    results = evaluate_detections(mixture, predictions, full=full)
     cfg = model.cfg
     routing = {"accuracy": None, "layers": []}
     if assignment == "model":

@@ -18,7 +18,8 @@ def default_config_path(name="tiny_damex"):
 
 
 def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4):
-    """Routing heatmaps (one per MoE layer), training curves and sample detections as PNG."""
+    """Routing heatmaps (one per MoE layer), training curves (when ``trainer`` has a
+    history; a :class:`~damex.engine.predict.Detector` has none) and sample detections as PNG."""
     from .routing_analysis import draw_detections, plot_routing_heatmap, plot_training_curves
 
     os.makedirs(out_dir, exist_ok=True)
@@ -29,9 +30,10 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
         acc = "" if layer["accuracy"] is None else f": routing accuracy {layer['accuracy']:.2f}"
         plot_routing_heatmap(layer["matrix"], names, p, title=f"{layer['name']}{acc}")
         paths.append(p)
-    p = os.path.join(out_dir, "training_curves.png")
-    plot_training_curves(trainer.history, p)
-    paths.append(p)
+    if getattr(trainer, "history", None):
+        p = os.path.join(out_dir, "training_curves.png")
+        plot_training_curves(trainer.history, p)
+        paths.append(p)
     from ..data.coco import read_image
 
     label_names = mixture.label_space.names
@@ -51,7 +53,7 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
     return paths
 
 
-def run(config_path=None, *, steps=None, out_dir=None, progress=True, log=print):
+def run(config_path=None, *, steps=None, out_dir=None, progress=True, log=print, overwrite=False):
     """Train and evaluate; returns the evaluation results (the ``--json`` dict)."""
     from .evaluate import format_table
 
@@ -62,10 +64,13 @@ def run(config_path=None, *, steps=None, out_dir=None, progress=True, log=print)
         cfg.train.steps = steps
     if out_dir is not None:
         cfg.train.out_dir = out_dir
+    from .config import finalize
+    from .rundir import claim
+    claim(finalize(cfg).train.out_dir, overwrite)   # refuse an existing run before any work
     trainer = Trainer(cfg)
     log(f"training {cfg.model_preset} ({cfg.model.routing}) on {len(trainer.train_set.datasets)} "
         f"datasets, {sum(trainer.train_set.sizes)} images, {cfg.train.steps} steps")
-    fit = trainer.fit(progress=progress, log=log)
+    fit = trainer.fit(progress=progress, log=log, overwrite=overwrite)
     val = build_mixture(cfg.data, "val", label_space=trainer.label_space)
     results, predictions = evaluate_model(trainer.model, val, progress=progress)
     log(format_table(results))

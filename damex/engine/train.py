@@ -22,7 +22,8 @@ from ..models.dino import DINO
 from ..nn.context import ForwardContext
 from ..routing import dropped_fraction, expert_map, routing_accuracy
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig, run_config_from_dict
+from . import rundir
+from .config import RunConfig, finalize, run_config_from_dict
 
 
 def build_model(cfg, num_classes, num_datasets):
@@ -51,6 +52,56 @@ def routing_log(ctx, mapping):
     return out
 
 
+def check_steps(steps, done=0):
+    """``steps`` must be a positive integer beyond the ``done`` steps of a checkpoint."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"--steps must be a positive integer (the step to train until), got {steps!r}")
+    if steps <= done:
+        raise ValueError(f"--steps {steps}: the checkpoint is already at step {done}; give a step "
+                         f"beyond it (e.g. --steps {done + max(done // 2, 1)})")
+
+
+def step_rate(images, seconds):
+    """Wall time of one step and images per second, as log keys."""
+    return {"time": float(seconds), "images_per_s": float(images / seconds) if seconds > 0 else None}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`: a checkpoint of ``step`` was written to ``checkpoint``."""
+
+    def __init__(self, step, checkpoint, steps):
+        super().__init__(f"interrupted at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.steps = step, checkpoint, steps
+
+
+class _StopOnSigint:
+    """While active, SIGINT asks the loop to stop after the current step (a second one
+    interrupts at once). Inactive outside the main thread."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 class Trainer:
     """Owns the data, model, criterion, optimizer and schedule of one run.
 
@@ -60,9 +111,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         tc = cfg.train
-        if tc.threads:
-            from .. import set_num_threads
-            set_num_threads(tc.threads)
+        from .. import set_num_threads
+        finalize(cfg)
+        set_num_threads(tc.threads)
         self.train_set = build_mixture(cfg.data, "train")
         self.label_space = self.train_set.label_space
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets))
@@ -74,6 +125,8 @@ class Trainer:
         self.scheduler = optim.MultiStepLR(self.optimizer, tc.lr_drop, tc.lr_gamma)
         self.step = 0
         self.history = []
+        self.val_set = None
+        self.best_mean_ap = None
 
     # -- one step ----------------------------------------------------------------
 
@@ -88,6 +141,7 @@ class Trainer:
 
     def train_step(self):
         tc = self.cfg.train
+        t0 = time.perf_counter()
         self.model.train()
         b = self.batch(self.step)
         ctx = ForwardContext(b["dataset_ids"], use_labels=True, seed=tc.seed, step=self.step,
@@ -103,42 +157,96 @@ class Trainer:
         self.step += 1
         record = {"step": self.step, "loss": float(loss.data), "grad_norm": float(grad_norm),
                   "lr": self.optimizer.param_groups[-1]["lr"], **terms,
-                  **routing_log(ctx, self.model.cfg.dataset_to_expert)}
+                  **routing_log(ctx, self.model.cfg.dataset_to_expert),
+                  **step_rate(len(b["targets"]), time.perf_counter() - t0)}
         self.history.append(record)
         return record
 
     # -- the loop ----------------------------------------------------------------
 
-    def fit(self, steps=None, progress=True, log=print):
-        """Train until ``steps`` (default: the configured total), checkpointing and logging."""
+    def fit(self, steps=None, progress=True, log=print, overwrite=False):
+        """Train until ``steps`` (default: the configured total), logging, validating and
+        checkpointing into ``out_dir`` (see :mod:`damex.engine.rundir`).
+
+        A new trainer (step 0) claims ``out_dir``: a folder that already holds a run is
+        refused unless ``overwrite``.  A resumed one continues its folder with the log
+        cut back to the checkpoint's step.  Ctrl-C (SIGINT) finishes the current step,
+        writes a checkpoint and raises :class:`TrainingInterrupted`.
+        """
         from tqdm import tqdm
 
         tc = self.cfg.train
         steps = tc.steps if steps is None else steps
-        os.makedirs(tc.out_dir, exist_ok=True)
-        log_path = os.path.join(tc.out_dir, "log.jsonl")
+        check_steps(steps, self.step)
+        out = tc.out_dir
+        if self.step == 0:
+            rundir.claim(out, overwrite)
+        else:
+            rundir.cut_log(out, self.history, self.step)
+        log_path = os.path.join(out, rundir.LOG)
         t0 = time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, desc="train", disable=not progress,
                    dynamic_ncols=True)
-        with open(log_path, "a", encoding="utf-8") as logf:
-            while self.step < steps:
+        saved = None
+        with _StopOnSigint() as stop, open(log_path, "a", encoding="utf-8") as logf:
+            while self.step < steps and not stop.requested:
                 rec = self.train_step()
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
+                    rec["val"] = self.validate()
                 logf.write(json.dumps(rec) + "\n")
+                logf.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
                 if tc.log_every and self.step % tc.log_every == 0 and not progress:
                     log(f"step {self.step}: loss {rec['loss']:.4f}")
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save(os.path.join(tc.out_dir, "checkpoint.npz"))
+                if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or \
+                        ("val" in rec and self._is_best(rec["val"])):
+                    self.checkpoint()
+                    saved = self.step
         bar.close()
-        path = self.save(os.path.join(tc.out_dir, "checkpoint.npz"))
-        return {"checkpoint": path, "seconds": time.perf_counter() - t0, "history": self.history}
+        if saved != self.step:
+            self.checkpoint()
+        latest = os.path.join(out, rundir.LATEST)
+        if stop.requested:
+            raise TrainingInterrupted(self.step, latest, steps)
+        return {"checkpoint": latest, "seconds": time.perf_counter() - t0, "history": self.history}
+
+    def checkpoint(self):
+        """Write the numbered checkpoint of this step, update ``checkpoint.npz`` (and
+        ``best.npz`` when this step's validation is the best so far), prune old ones."""
+        out = self.cfg.train.out_dir
+        val = self.history[-1].get("val") if self.history else None
+        best = val is not None and self._is_best(val)
+        if best:
+            self.best_mean_ap = val["mean_ap"]
+        path = self.save(rundir.numbered(out, self.step))
+        rundir.publish(path, out, rundir.LATEST)
+        if best:
+            rundir.publish(path, out, rundir.BEST)
+        rundir.prune(out, self.cfg.train.keep_last)
+        return path
+
+    def _is_best(self, val):
+        ap = val.get("mean_ap")
+        return ap is not None and (self.best_mean_ap is None or ap > self.best_mean_ap)
+
+    def validate(self, batch_size=8):
+        """Per-dataset AP, mean AP and routing accuracy on the validation split (log form)."""
+        from .inference import evaluate_model
+
+        if self.val_set is None:
+            self.val_set = build_mixture(self.cfg.data, "val", label_space=self.label_space)
+        res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False)
+        self.model.train()
+        return {"mean_ap": res["mean_ap"], "ap": {k: v["ap"] for k, v in res["datasets"].items()},
+                "routing_accuracy": res["routing"]["accuracy"]}
 
     # -- checkpoints -------------------------------------------------------------
 
     def meta(self):
         return {"format": "damex-checkpoint-1", "config": self.cfg.to_dict(), "step": self.step,
-                "label_space": self.label_space.to_dict(), "history": self.history}
+                "label_space": self.label_space.to_dict(), "history": self.history,
+                "best_mean_ap": self.best_mean_ap, "config_hash": self.cfg.hash()}
 
     def save(self, path):
         return save_checkpoint(path, model=self.model, optimizer=self.optimizer,
@@ -156,4 +264,5 @@ class Trainer:
         trainer.scheduler.load_state_dict(parts["sched"])
         trainer.step = int(meta["step"])
         trainer.history = list(meta.get("history", []))
+        trainer.best_mean_ap = meta.get("best_mean_ap")
         return trainer
