@@ -28,3 +28,14 @@ from .autograd import Tensor, enable_grad, is_grad_enabled, no_grad  # noqa: E40
 from . import functional, nn, optim  # noqa: E402,F401
 
 __all__ += ["Tensor", "no_grad", "enable_grad", "is_grad_enabled", "functional", "nn", "optim"]
+
+
+def __getattr__(name):
+    # the trained-detector API, imported on first use (it pulls in the engine)
+    if name == "Detector":
+        from .engine.predict import Detector
+        return Detector
+    raise AttributeError(f"module 'damex' has no attribute {name!r}")
+
+
+__all__ += ["Detector"]

@@ -35,7 +35,19 @@ try:
         import scipy_openblas32  # noqa: F401
     except ImportError:  # built against a system OpenBLAS
         pass
-    from . import _C  # noqa: E402
+    try:
+        from . import _C  # noqa: E402
+    except ImportError:
+        import glob
+
+        _here = os.path.dirname(os.path.abspath(__file__))
+        if glob.glob(os.path.join(_here, "_C*")):
+            raise
+        raise ImportError(
+            f"damex's C extension is not built in {_here} (a source tree: Python found this "
+            "folder before the installed damex). Build it in place with "
+            "`pip install --no-build-isolation -e .`, or run from another folder to use the "
+            "installed damex.") from None
 finally:
     for _name in _set:
         del os.environ[_name]

@@ -50,6 +50,7 @@ def _cmd_train(args):
 
     over = _train_overrides(args)
     if args.steps is not None:
+        check_steps(args.steps)      # a clear error before anything is read or written
         over["steps"] = args.steps
     if args.resume:
         if args.set:

@@ -30,11 +30,14 @@ def build_model(cfg, num_classes, num_datasets):
     """The DINO model of a run, sized for the mixture's joint label space.
 
     Unless the configuration gives ``dataset_to_expert``, dataset d goes to
-    expert ``d % num_experts`` (:func:`damex.routing.expert_map`).
+    expert ``d % num_experts`` (:func:`damex.routing.expert_map`).  The initialisers
+    are seeded with the model's ``seed`` first, so a config gives the same initial
+    weights in any process.
     """
     mc = cfg.model
     mapping = expert_map(mc.dataset_to_expert, mc.num_experts, num_datasets)
     fields = dict(mc.__dict__, num_classes=num_classes, dataset_to_expert=tuple(mapping.tolist()))
+    nn.manual_seed(mc.seed)   # the initial weights depend on the config, not on what ran before
     return DINO(type(mc)(**fields))
 
 

@@ -1,0 +1,250 @@
+"""The researcher's workflow (issue 10): runs that never overwrite each other, exact
+resume after Ctrl-C, evaluation and prediction from the checkpoint alone, full COCO
+metrics, --set overrides."""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from damex.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = {"preset": "tiny", "d_model": 32, "d_ffn": 64, "n_heads": 2, "n_points": 2,
+               "enc_layers": 1, "dec_layers": 2, "num_queries": 12, "moe_decoder_layers": [0],
+               "num_experts": 4, "moe_hidden": 64, "backbone_widths": [8, 16, 32, 32],
+               "stem_width": 8, "dn_number": 12}
+
+
+def write_cfg(folder, out="run", **train):
+    cfg = {"model": SMALL_MODEL,
+           "data": {"synthetic": {"root": "data", "preset": "tiny"}, "batch_size": 2,
+                    "min_size": 48, "max_size": 64},
+           "train": dict({"steps": 6, "out_dir": str(folder / out), "checkpoint_every": 2,
+                          "lr": 2e-3, "lr_backbone": 2e-3}, **train)}
+    path = folder / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def log_steps(run):
+    return [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def digest(folder):
+    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 40-step run (enough for a non-zero AP on some datasets), then its
+    training data moved away: everything below works from the checkpoint alone."""
+    root = tmp_path_factory.mktemp("wf")
+    cfg = write_cfg(root, steps=40, checkpoint_every=20)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    # a "new" dataset: a copy of two validation splits, then the training data is gone
+    new = root / "new"
+    for name in ("noise", "sketch"):
+        shutil.copytree(root / "data" / name, new / name)
+    shutil.rmtree(root / "data")
+    return root
+
+
+# ---------------------------------------------------------------- runs never overwrite
+
+def test_second_train_into_the_same_folder_refuses_and_leaves_it_intact(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, steps=3)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    before = digest(tmp_path / "run")
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert digest(tmp_path / "run") == before
+    assert main(["train", str(cfg), "--no-progress", "--overwrite", "--steps", "2"]) == 0
+    assert log_steps(tmp_path / "run") == [1, 2]
+
+
+def test_resume_cuts_the_log_back_and_steps_are_checked(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, steps=5, checkpoint_every=2, keep_last=2)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint_*.npz")) == ["checkpoint_000004.npz",
+                                                                    "checkpoint_000005.npz"]
+    # resume from the step-4 checkpoint although the log reaches step 5: no duplicates
+    assert main(["train", "--resume", str(run / "checkpoint_000004.npz"), "--steps", "7",
+                 "--no-progress"]) == 0
+    assert log_steps(run) == list(range(1, 8))
+    for bad, msg in (("0", "positive"), ("-3", "positive"), ("7", "already at step 7"),
+                     ("5", "already at step 7")):
+        assert main(["train", "--resume", str(run / "checkpoint.npz"), "--steps", bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["train", str(cfg), "--steps", "0", "--out", str(tmp_path / "other")]) == 2
+    assert "positive" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_from_another_working_directory_continues_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_cfg(tmp_path, out="rel", steps=2)
+    data = json.loads(cfg.read_text())
+    data["train"]["out_dir"] = "rel"           # relative: against the working directory
+    cfg.write_text(json.dumps(data))
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(tmp_path / "rel" / "checkpoint.npz"), "--steps", "3",
+                 "--no-progress"]) == 0
+    assert log_steps(tmp_path / "rel") == [1, 2, 3]
+    assert not (elsewhere / "rel").exists()
+
+
+def test_sigint_then_resume_gives_the_uninterrupted_run(tmp_path):
+    cfg = write_cfg(tmp_path, steps=3000, checkpoint_every=0, log_every=0)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "damex", "train", str(cfg), "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    assert f"damex train --resume {ckpt}" in err
+    stopped = len(log.read_text().splitlines())
+    assert log_steps(tmp_path / "run") == list(range(1, stopped + 1))
+    total = stopped + 3
+    assert main(["train", "--resume", str(ckpt), "--steps", str(total), "--no-progress"]) == 0
+    assert main(["train", str(cfg), "--steps", str(total), "--out", str(tmp_path / "straight"),
+                 "--no-progress"]) == 0
+    resumed = [json.loads(x) for x in log.read_text().splitlines()]
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, total + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_log_records_time_rate_and_routing_and_validation(tmp_path):
+    cfg = write_cfg(tmp_path, steps=4, checkpoint_every=0, eval_every=2)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert r["time"] > 0 and r["images_per_s"] > 0
+        assert 0 <= r["routing"]["decoder.0"]["accuracy"] <= 1
+    assert [("val" in r) for r in recs] == [False, True, False, True]
+    val = recs[1]["val"]
+    assert set(val["ap"]) == {"flat", "noise", "stripes", "sketch"}
+    assert 0 <= val["routing_accuracy"] <= 1
+    assert (tmp_path / "run" / "best.npz").exists()
+
+
+# ---------------------------------------------------------------- from the checkpoint alone
+
+def test_eval_needs_no_training_data_and_reports_full_metrics(trained, capsys):
+    ckpt = trained / "run" / "checkpoint.npz"
+    out = trained / "eval.json"
+    spec = f"sketch={trained / 'new' / 'sketch' / 'annotations' / 'val.json'}:" \
+           f"{trained / 'new' / 'sketch' / 'images'}"
+    assert main(["eval", str(ckpt), "--dataset", spec, "--json", str(out), "--full",
+                 "--no-progress"]) == 0
+    assert "AR100" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    m = res["datasets"]["sketch"]
+    assert {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100",
+            "per_class"} <= set(m)
+    assert set(m["per_class"]) == {"triangle", "star"}
+    assert res["step"] == 40 and res["checkpoint"] == str(ckpt) and len(res["config_hash"]) == 12
+    # a dataset the model was trained on keeps its expert map: routing accuracy defined
+    assert res["routing"]["accuracy"] is not None
+
+
+def test_dataset_without_annotations_gets_null(trained):
+    src = trained / "new" / "noise"
+    ann = json.loads((src / "annotations" / "val.json").read_text())
+    ann["annotations"] = []
+    empty = trained / "empty.json"
+    empty.write_text(json.dumps(ann))
+    out = trained / "empty_eval.json"
+    assert main(["eval", str(trained / "run" / "checkpoint.npz"), "--dataset",
+                 f"noise={empty}:{src / 'images'}", "--json", str(out), "--no-progress"]) == 0
+    m = json.loads(out.read_text())["datasets"]["noise"]
+    assert m["ap"] is None and m["ar100"] is None and m["per_class"] == {"circle": None, "cross": None}
+
+
+def test_predict_coco_results_score_as_eval(trained):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ckpt = trained / "run" / "checkpoint.npz"
+    for name in ("noise", "sketch"):
+        ann = trained / "new" / name / "annotations" / "val.json"
+        spec = f"{name}={ann}:{trained / 'new' / name / 'images'}"
+        res_path = trained / f"{name}_results.json"
+        ev_path = trained / f"{name}_eval.json"
+        assert main(["predict", str(ckpt), "--dataset", spec, "--json", str(res_path),
+                     "--no-progress"]) == 0
+        assert main(["eval", str(ckpt), "--dataset", spec, "--json", str(ev_path), "--no-progress"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(ann))
+            ev = COCOeval(gt, gt.loadRes(str(res_path)), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        mine = json.loads(ev_path.read_text())["datasets"][name]
+        keys = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100"]
+        for k, v in zip(keys, ev.stats):
+            assert mine[k] == (None if v < 0 else pytest.approx(v, abs=1e-12)), (name, k)
+        routing = json.loads((trained / f"{name}_results.routing.json").read_text())
+        assert set(map(int, routing)) == set(gt.getImgIds())
+    assert json.loads((trained / "sketch_eval.json").read_text())["datasets"]["sketch"]["ap"] > 0
+
+
+def test_predict_on_a_folder_and_the_python_api(trained, capsys):
+    import damex
+
+    folder = trained / "new" / "sketch" / "images"
+    out = trained / "folder.json"
+    pics = trained / "pics"
+    assert main(["predict", str(trained / "run" / "checkpoint.npz"), str(folder), "--json", str(out),
+                 "--pictures", str(pics), "--score-threshold", "0.01"]) == 0
+    res = json.loads(out.read_text())
+    files = sorted(str(folder / n) for n in os.listdir(folder))
+    assert [p["file"] for p in res["images"]] == files
+    assert res["step"] == 40
+    classes = res["classes"]
+    for p in res["images"]:
+        assert p["names"] == [classes[j] for j in p["labels"]]
+        assert set(p["experts"]) == {"decoder.0"}
+        assert p["datasets"]["decoder.0"] == [["flat", "noise", "stripes", "sketch"][p["experts"]["decoder.0"]]]
+    assert len(list(pics.iterdir())) == len(files)
+    det = damex.Detector.from_checkpoint(trained / "run" / "checkpoint.npz")
+    from PIL import Image
+    arr = np.asarray(Image.open(files[0]).convert("RGB"))
+    a, b = det.predict([files[0], arr], score_threshold=0.01)
+    np.testing.assert_allclose(a["boxes"], b["boxes"])
+    assert a["names"] == b["names"] and b["file"] is None
+    assert main(["predict", str(trained / "run" / "checkpoint.npz"), str(trained / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_eval_json_into_a_missing_folder_fails_before_work(trained, capsys):
+    assert main(["eval", str(trained / "run" / "checkpoint.npz"), "--json",
+                 str(trained / "nope" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_import_hints():
+    import damex.models
+    assert damex.models.DINO.__name__ == "DINO"
