@@ -1,16 +1,22 @@
 """The ``damex`` command line (``python -m damex`` works too).
 
     damex run [--config PATH] [--steps N] [--out DIR]   the main job: data, train, eval, pictures
-    damex train CONFIG [--resume CKPT] [--steps N]      train a detector from a JSON config
-    damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...]
+    damex train CONFIG [--set KEY=VALUE ...] [--steps N] [--threads N] [--seed N] [--out DIR]
+    damex train --resume CKPT [--steps N]               continue a run in its folder
+    damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
+    damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
     damex demo [--mode damex|balance|both]              one MoE layer on a generated token mixture
-    damex bench moe|nn|msda [...]                       benchmarks from bench/
+    damex bench moe|msda|nn|routing_loss|train [...]    benchmarks from bench/
 """
 import argparse
 import json
 import os
 import runpy
 import sys
+
+
+# the benchmarks in bench/ (bench_NAME.py); README and both helps list these
+BENCHMARKS = ("moe", "msda", "nn", "routing_loss", "train")
 
 
 def _cmd_run(args):
@@ -282,7 +288,8 @@ def build_parser():
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/")
-    b.add_argument("what", help="which benchmark: moe, nn, msda, train")
+    b.add_argument("what", choices=BENCHMARKS, metavar="|".join(BENCHMARKS),
+                   help="which benchmark: " + ", ".join(BENCHMARKS))
     b.add_argument("--bench-dir", default="bench")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
