@@ -142,7 +142,8 @@ def test_log_records_time_rate_and_routing_and_validation(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
         assert r["time"] > 0 and r["images_per_s"] > 0
-        assert 0 <= r["routing"]["decoder.0"]["accuracy"] <= 1
+        assert 0 <= r["routing_accuracy/decoder.0"] <= 1
+        assert 0 <= r["dropped_fraction/decoder.0"] <= 1
     assert [("val" in r) for r in recs] == [False, True, False, True]
     val = recs[1]["val"]
     assert set(val["ap"]) == {"flat", "noise", "stripes", "sketch"}

@@ -49,8 +49,8 @@ def image_experts(records, batch, mapping, dataset_names):
     """Per image of a batch: ``{layer: expert}`` (majority of its valid tokens' top-1) and
     the names of the datasets mapped to that expert in each layer."""
     per_image = [({}, {}) for _ in range(batch)]
-    for rec in records:
-        name, top1, valid = rec[0], np.asarray(rec[2]), np.asarray(rec[3], bool)
+    for name, rec in records:       # the forward context's (layer, record) pairs
+        top1, valid = np.asarray(rec["top1"]), np.asarray(rec["valid"], bool)
         if top1.size % batch:
             continue
         top1, valid = top1.reshape(batch, -1), valid.reshape(batch, -1)
