@@ -20,7 +20,7 @@ def default_config_path(name="tiny_damex"):
 def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4):
     """Routing heatmaps (one per MoE layer), training curves (when ``trainer`` has a
     history; a :class:`~damex.engine.predict.Detector` has none) and sample detections as PNG."""
-    from .routing_analysis import draw_detections, plot_routing_heatmap, plot_training_curves
+    from .routing_analysis import draw_detections, plot_routing_heatmap
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -31,8 +31,9 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
         plot_routing_heatmap(layer["matrix"], names, p, title=f"{layer['name']}{acc}")
         paths.append(p)
     if getattr(trainer, "history", None):
+        from .curves import plot_run_curves
         p = os.path.join(out_dir, "training_curves.png")
-        plot_training_curves(trainer.history, p)
+        plot_run_curves(trainer.history, p)
         paths.append(p)
     from ..data.coco import read_image
 
@@ -48,7 +49,7 @@ def write_pictures(out_dir, trainer, mixture, results, predictions, num_images=4
             p = os.path.join(out_dir, f"detections_{ds.name}_{idx}.png")
             draw_detections(read_image(ds.image_path(info)), det["boxes"][keep], det["labels"][keep],
                             det["scores"][keep], label_names, p, gt_boxes=np.array(gt).reshape(-1, 4),
-                            title=f"{ds.name} #{info['id']}")
+                            title=f"{ds.name} #{idx} (image id {info['id']})")
             paths.append(p)
     return paths
 

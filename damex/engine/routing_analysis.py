@@ -180,7 +180,11 @@ def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0
     labels : [N] indices into ``names``
     scores : [N] or None
     names : sequence of str
-    gt_boxes : [M, 4] absolute (x, y, w, h), drawn dashed white, optional
+    gt_boxes : [M, 4] absolute (x, y, w, h), optional: drawn dashed white over a
+        solid black outline, visible on any background
+
+    Labels stay inside the image and are moved down (or into the box) where they
+    would overlap an earlier one.
     """
     plt = _pyplot()
     from matplotlib.patches import Rectangle
@@ -205,14 +209,31 @@ def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0
         ax.axis("off")
         if gt_boxes is not None:
             for x, y, w, h in np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4):
+                ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="black", lw=2.4))
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="white", lw=1.2, ls="--"))
+        # label size in image pixels: ~6 display px per character and 12 px of height at
+        # fontsize 8, over the display scale
+        placed = []
+        char_w, text_h = 6.0 / scale, 12.0 / scale
         for (x, y, w, h), lab, sc in zip(boxes, labels, scores):
             if sc < score_threshold:
                 continue
             c = colours(int(lab) % 10)
             ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec=c, lw=2))
             name = names[lab] if 0 <= lab < len(names) else str(lab)
-            ax.text(x - 0.5, y - 0.5, f"{name} {sc:.2f}", fontsize=8, color="white", va="bottom",
+            text = f"{name} {sc:.2f}"
+            tw = min(char_w * len(text), W)
+            tx = float(np.clip(x - 0.5, -0.5, W - 0.5 - tw))
+            ty = y - 0.5 - text_h if y - 0.5 - text_h >= -0.5 else y - 0.5   # above the box, else inside
+            for _ in range(len(placed) + 1):
+                hit = [p for p in placed if tx < p[0] + p[2] and p[0] < tx + tw and ty < p[1] + text_h
+                       and p[1] < ty + text_h]
+                if not hit:
+                    break
+                ty = max(p[1] for p in hit) + text_h
+            ty = float(np.clip(ty, -0.5, H - 0.5 - text_h))
+            placed.append((tx, ty, tw))
+            ax.text(tx, ty, text, fontsize=8, color="white", va="top", ha="left",
                     bbox=dict(facecolor=c, edgecolor="none", pad=1, alpha=0.85), clip_on=True)
         if title:
             fig.suptitle(title, fontsize=9)
