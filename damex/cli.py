@@ -52,7 +52,7 @@ def _cmd_train(args):
     from .engine import rundir
     from .engine.checkpoint import load_checkpoint
     from .engine.config import ConfigError, apply_overrides, finalize, load_run_config, run_config_from_dict
-    from .engine.train import Trainer, TrainingInterrupted, check_steps
+    from .engine.train import Trainer, check_steps
 
     over = _train_overrides(args)
     if args.steps is not None:
@@ -77,12 +77,7 @@ def _cmd_train(args):
         check_steps(cfg.train.steps)
         rundir.claim(cfg.train.out_dir, args.overwrite)
         trainer = Trainer(cfg)
-    try:
-        fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
-    except TrainingInterrupted as e:
-        print(f"\ninterrupted at step {e.step}: checkpoint {e.checkpoint}\nresume with:\n  "
-              f"{_resume_command(e.checkpoint, args.steps)}", file=sys.stderr)
-        return 130
+    fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
     last = trainer.history[-1] if trainer.history else {}
     print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoint {fit['checkpoint']}")
@@ -123,6 +118,8 @@ def _cmd_eval(args):
 
     _check_out_file(args.json, "--json")
     specs = [_parse_dataset(s) for s in args.dataset or []]
+    if args.pictures:
+        os.makedirs(args.pictures, exist_ok=True)
     det = Detector.from_checkpoint(args.checkpoint, threads=args.threads)
     if specs:
         mixture = det.mixture(specs)
@@ -302,8 +299,17 @@ def main(argv=None):
         build_parser().error("train: give a CONFIG or --resume CHECKPOINT")
     if args.command == "train" and args.config and args.resume:
         build_parser().error("train: give a CONFIG or --resume CHECKPOINT, not both")
+    from .engine.train import TrainingInterrupted
+
     try:
         return args.func(args)
+    except TrainingInterrupted as e:   # Ctrl-C in training: a checkpoint was written
+        print(f"\ndamex {args.command}: interrupted at step {e.step}; checkpoint {e.checkpoint}\n"
+              f"resume with:\n  {_resume_command(e.checkpoint, e.steps)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\ndamex {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"damex {args.command}: error: {e}", file=sys.stderr)
         return 2

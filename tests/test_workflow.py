@@ -249,3 +249,47 @@ def test_eval_json_into_a_missing_folder_fails_before_work(trained, capsys):
 def test_import_hints():
     import damex.models
     assert damex.models.DINO.__name__ == "DINO"
+
+
+def test_one_list_of_benchmarks():
+    from damex.cli import BENCHMARKS, build_parser
+
+    on_disk = sorted(n[len("bench_"):-3] for n in os.listdir(os.path.join(ROOT, "bench"))
+                     if n.startswith("bench_") and n.endswith(".py"))
+    assert sorted(BENCHMARKS) == on_disk
+    listed = "|".join(BENCHMARKS)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert f"damex bench {listed}" in readme
+    assert f"damex bench {listed}" in build_parser().format_help()
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "bench")[1]
+    assert listed in bench.format_help()
+
+
+def test_import_from_a_source_tree_without_the_extension_says_what_to_do(tmp_path):
+    shutil.copytree(os.path.join(ROOT, "damex"), tmp_path / "damex",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    # as from a clone's root with damex installed elsewhere (an editable install's finder,
+    # which would find the built tree first, is taken out)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            "repr(f).lower()]; import damex")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode != 0
+    assert "not built" in r.stderr and "pip install" in r.stderr and "circular" not in r.stderr
+
+
+def test_curves_picture_has_the_panels(tmp_path):
+    from damex.engine.curves import panels, plot_run_curves, smooth
+
+    hist = [{"step": s, "loss": 10.0 - s * 0.1, "loss_ce": 1.0, "loss_ce_0": 1.0, "loss_bbox": 0.5,
+             "loss_giou": 0.4, "loss_routing": 0.2, "lr": 1e-4, "dropped_fraction/decoder.0": 0.1}
+            for s in range(1, 21)]
+    hist[9]["val"] = {"mean_ap": 0.2, "ap": {"a": 0.1, "b": 0.3}, "routing_accuracy": 0.9}
+    hist[19]["val"] = {"mean_ap": 0.3, "ap": {"a": 0.2, "b": None}, "routing_accuracy": None}
+    names = [p[0] for p in panels(hist)]
+    assert names == ["total loss", "loss terms (summed over layers, smoothed)", "routing loss",
+                     "dropped fraction", "validation", "learning rate"]
+    terms = dict((label, y) for label, _, y, _ in panels(hist)[1][1])
+    assert terms["classification"][0] == pytest.approx(2.0)
+    np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)
+    assert os.path.getsize(plot_run_curves(hist, tmp_path / "c.png")) > 1000
