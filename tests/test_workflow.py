@@ -293,3 +293,16 @@ def test_curves_picture_has_the_panels(tmp_path):
     assert terms["classification"][0] == pytest.approx(2.0)
     np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)
     assert os.path.getsize(plot_run_curves(hist, tmp_path / "c.png")) > 1000
+
+
+def test_tensorboard_events_are_an_option(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, steps=2, checkpoint_every=0)
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        assert main(["train", str(cfg), "--set", "train.tensorboard=true", "--no-progress"]) == 2
+        assert "tensorboardX" in capsys.readouterr().err
+        return
+    assert main(["train", str(cfg), "--set", "train.tensorboard=true", "--no-progress"]) == 0
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0

@@ -53,6 +53,7 @@ class TrainConfig:
     keep_last: int = rule(at_least(0), 3)                             # numbered checkpoints kept; 0 = all
     eval_every: int = rule(at_least(0), 0)                            # validate every N steps; 0 = never
     out_dir: str = "runs/tiny"
+    tensorboard: bool = False                                         # event files in out_dir/tensorboard
     seed: int = 0
     threads: Optional[int] = rule(lambda v: None if v == 0 or 1 <= v <= 512
                                   else "must be in [1, 512] (or 0 / absent for the default)", None)

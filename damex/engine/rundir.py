@@ -6,6 +6,7 @@ Layout of ``out_dir``::
     checkpoint.npz            the latest checkpoint (what ``--resume`` takes)
     checkpoint_000500.npz     numbered checkpoints, the last ``keep_last`` kept
     best.npz                  the checkpoint of the best validation mean AP (with ``eval_every``)
+    tensorboard/              TensorBoard event files (with ``train.tensorboard``)
     results.json, pictures/   written by ``damex run``
 
 * :func:`claim` starts a new run: it refuses a folder that already holds a run
@@ -50,8 +51,37 @@ def claim(out_dir, overwrite=False):
                           "choose another folder (--out DIR) or pass --overwrite to replace it")
     for p in existing:
         os.remove(p)
+    if overwrite and os.path.isdir(os.path.join(out_dir, "tensorboard")):
+        shutil.rmtree(os.path.join(out_dir, "tensorboard"))
     os.makedirs(out_dir, exist_ok=True)
     return out_dir
+
+
+class EventWriter:
+    """TensorBoard scalars of the log records (through tensorboardX, the optional
+    ``damex[tensorboard]`` extra): every numeric key, and ``val/...`` for validation."""
+
+    def __init__(self, out_dir):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise RunDirError("train.tensorboard needs tensorboardX: pip install 'damex[tensorboard]' "
+                              "(or tensorboardX)") from None
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def add(self, rec):
+        step = rec["step"]
+        for key, v in rec.items():
+            if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(key, v, step)
+        val = rec.get("val") or {}
+        for key, v in [("mean_ap", val.get("mean_ap")), ("routing_accuracy", val.get("routing_accuracy"))] + \
+                [(f"ap/{k}", a) for k, a in (val.get("ap") or {}).items()]:
+            if v is not None:
+                self.writer.add_scalar(f"val/{key}", v, step)
+
+    def close(self):
+        self.writer.close()
 
 
 def write_log(out_dir, history):

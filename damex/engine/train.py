@@ -191,6 +191,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, desc="train", disable=not progress,
                    dynamic_ncols=True)
         saved = None
+        events = rundir.EventWriter(out) if tc.tensorboard else None
         with _StopOnSigint() as stop, open(log_path, "a", encoding="utf-8") as logf:
             while self.step < steps and not stop.requested:
                 rec = self.train_step()
@@ -198,6 +199,8 @@ class Trainer:
                     rec["val"] = self.validate()
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
+                if events is not None:
+                    events.add(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
                 if tc.log_every and self.step % tc.log_every == 0 and not progress:
@@ -207,6 +210,8 @@ class Trainer:
                     self.checkpoint()
                     saved = self.step
         bar.close()
+        if events is not None:
+            events.close()
         if saved != self.step:
             self.checkpoint()
         latest = os.path.join(out, rundir.LATEST)
