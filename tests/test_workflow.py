@@ -91,6 +91,20 @@ def test_resume_cuts_the_log_back_and_steps_are_checked(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+def test_resume_into_another_folder_and_run_with_bad_steps(tmp_path, capsys, monkeypatch):
+    cfg = write_cfg(tmp_path, steps=2)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    before = digest(tmp_path / "run")
+    assert main(["train", "--resume", str(tmp_path / "run" / "checkpoint.npz"), "--steps", "3",
+                 "--out", str(tmp_path / "branch"), "--no-progress"]) == 0
+    assert log_steps(tmp_path / "branch") == [1, 2, 3]
+    assert digest(tmp_path / "run") == before
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--steps", "-5", "--out", str(tmp_path / "bad")]) == 2
+    assert "positive" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_from_another_working_directory_continues_the_same_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = write_cfg(tmp_path, out="rel", steps=2)

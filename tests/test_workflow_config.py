@@ -17,6 +17,9 @@ def write(path, data):
 
 @pytest.mark.parametrize("section,key,value,phrase", [
     ("model", "num_experts", "4", "wrong type"),
+    ("model", "d_model", 64.0, "wrong type"),
+    ("model", "seed", "0", "wrong type"),
+    ("model", "moe_decoder_layers", [7], "do not exist"),
     ("model", "num_experts", 0, ">= 1"),
     ("model", "num_queries", 0, ">= 1"),
     ("model", "dn_number", -1, ">= 0"),
