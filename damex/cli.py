@@ -63,13 +63,15 @@ def _cmd_train(args):
             raise ConfigError("--set: not with --resume (the checkpoint's config is the run's); "
                               "use --steps/--threads/--seed/--out")
         _, meta = load_checkpoint(args.resume)
+        if "config" not in meta:
+            raise ValueError(f"{args.resume}: not a training checkpoint (no run config in it)")
         done = int(meta.get("step", 0))
         conf = apply_overrides(meta["config"], [f"train.{k}={json.dumps(v)}" for k, v in over.items()],
                                source="damex train")
         cfg = run_config_from_dict(conf, source=args.resume)   # checks the flags' values
         check_steps(cfg.train.steps, done)
-        if "out_dir" in over:
-            rundir.claim(over["out_dir"], args.overwrite)
+        if "out_dir" in over and over["out_dir"] != os.path.abspath(meta["config"]["train"]["out_dir"]):
+            rundir.claim(over["out_dir"], args.overwrite)   # a branch of the run in a new folder
         trainer = Trainer.from_checkpoint(args.resume, **over)
     else:
         sets = list(args.set or []) + [f"train.{k}={json.dumps(v)}" for k, v in over.items()]
@@ -84,7 +86,7 @@ def _cmd_train(args):
     return 0
 
 
-def _parse_dataset(spec, cmd="eval"):
+def _parse_dataset(spec):
     """NAME=ANN.json:IMG_DIR"""
     try:
         name, rest = spec.split("=", 1)
