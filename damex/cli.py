@@ -1,7 +1,7 @@
 """The ``damex`` command line (``python -m damex`` works too).
 
     damex run [--config PATH] [--steps N] [--out DIR]   the main job: data, train, eval, pictures
-    damex train CONFIG [--set KEY=VALUE ...] [--steps N] [--threads N] [--seed N] [--out DIR]
+    damex train [CONFIG] [--set KEY=VALUE ...] [--steps N] [--threads N] [--seed N] [--out DIR]
     damex train --resume CKPT [--steps N]               continue a run in its folder
     damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
     damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
@@ -75,7 +75,11 @@ def _cmd_train(args):
         trainer = Trainer.from_checkpoint(args.resume, **over)
     else:
         sets = list(args.set or []) + [f"train.{k}={json.dumps(v)}" for k, v in over.items()]
-        cfg = finalize(load_run_config(args.config, sets))
+        path = args.config
+        if path is None:   # the shipped tiny config; as with `damex run`, data below the working directory
+            from .engine.pipeline import default_config_path
+            path, sets = default_config_path(), ["data.synthetic.root=data/synthetic"] + sets
+        cfg = finalize(load_run_config(path, sets))
         check_steps(cfg.train.steps)
         rundir.claim(cfg.train.out_dir, args.overwrite)
         trainer = Trainer(cfg)
@@ -238,7 +242,8 @@ def build_parser():
     r.set_defaults(func=_cmd_run)
 
     t = sub.add_parser("train", help="train a detector from a JSON config, or resume a checkpoint")
-    t.add_argument("config", nargs="?", help="run config (JSON)")
+    t.add_argument("config", nargs="?", help="run config (JSON; default: the shipped tiny_damex.json "
+                                             "with its data below the working directory)")
     t.add_argument("--resume", metavar="CKPT", help="checkpoint to continue from (its run folder)")
     t.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.lr=1e-4 model.num_experts=8 "
@@ -297,8 +302,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train" and not (args.config or args.resume):
-        build_parser().error("train: give a CONFIG or --resume CHECKPOINT")
     if args.command == "train" and args.config and args.resume:
         build_parser().error("train: give a CONFIG or --resume CHECKPOINT, not both")
     from .engine.train import TrainingInterrupted
