@@ -162,7 +162,10 @@ def test_log_records_time_rate_and_routing_and_validation(tmp_path):
     val = recs[1]["val"]
     assert set(val["ap"]) == {"flat", "noise", "stripes", "sketch"}
     assert 0 <= val["routing_accuracy"] <= 1
-    assert (tmp_path / "run" / "best.npz").exists()
+    from damex.engine.checkpoint import load_checkpoint
+    _, meta = load_checkpoint(tmp_path / "run" / "best.npz")
+    best = max((r for r in recs if "val" in r), key=lambda r: r["val"]["mean_ap"])
+    assert meta["best_mean_ap"] == best["val"]["mean_ap"] and meta["step"] == best["step"]
 
 
 # ---------------------------------------------------------------- from the checkpoint alone

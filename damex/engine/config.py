@@ -40,6 +40,14 @@ TOP_LEVEL = ("model", "data", "train")
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section.
+
+    ``steps`` is the step to train until; ``lr_drop`` the steps at which the learning
+    rates are multiplied by ``lr_gamma``; ``checkpoint_every`` / ``keep_last`` the
+    numbered checkpoints (0 = only at the end / keep all); ``eval_every`` validates on
+    the val split (0 = never) and keeps ``best.npz``; ``threads`` None or 0 = the
+    measured default of :func:`default_threads`.
+    """
     steps: int = rule(at_least(1), 2000)
     lr: float = rule(at_least(0.0), 4e-4)
     lr_backbone: float = rule(at_least(0.0), 4e-4)
