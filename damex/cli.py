@@ -276,7 +276,7 @@ def build_parser():
     q.add_argument("--dataset", action="append", metavar="NAME=ANN.json:IMG_DIR",
                    help="COCO results in this annotation file's ids (pycocotools loadRes format)")
     q.add_argument("--json", help="write the detections here (with one --dataset: the COCO results "
-                                  "list, and the per-image routing next to it as NAME.routing.json)")
+                                  "list, and the per-image routing next to it: x.json -> x.routing.json)")
     q.add_argument("--pictures", metavar="DIR", help="draw the detections on the images here")
     q.add_argument("--score-threshold", type=float,
                    help="drop detections below (default 0.3 on images, 0 for COCO results)")
