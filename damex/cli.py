@@ -26,7 +26,8 @@ def _cmd_train(args):
 
     if args.resume:
         overrides = {"steps": args.steps} if args.steps else {}
-        trainer = Trainer.from_checkpoint(args.resume, **overrides)
+        trainer = Trainer.from_checkpoint(args.resume, fresh_optimizer=args.fresh_optimizer,
+                                          **overrides)
     else:
         cfg = load_run_config(args.config)
         if args.steps:
@@ -131,6 +132,8 @@ def build_parser():
     t.add_argument("config", nargs="?", help="run config (JSON)")
     t.add_argument("--resume", help="checkpoint to continue from")
     t.add_argument("--steps", type=int, help="train until this step")
+    t.add_argument("--fresh-optimizer", action="store_true",
+                   help="with --resume: restart the optimizer state (AdamW moments) from zero")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

@@ -32,6 +32,8 @@ class TrainConfig:
     out_dir: str = "runs/tiny"
     seed: int = 0
     threads: int = 0                                      # 0 = all cores
+    nonfinite: str = "stop"          # NaN/inf loss or gradients: "stop", or "skip" the batch
+    nonfinite_max_skips: int = 10    # with "skip": stop at the next bad batch after this many
 
 
 @dataclass
@@ -64,8 +66,12 @@ def run_config_from_dict(data, source="<dict>", data_cfg=None):
         raise ConfigError(f"{source}: model: {e}") from None
     if data_cfg is None:
         data_cfg = data_config_from_dict(data.get("data", {}), source)
-    return RunConfig(model=model_cfg, data=data_cfg,
-                     train=_build(TrainConfig, data.get("train", {}), "train", source),
+    train = _build(TrainConfig, data.get("train", {}), "train", source)
+    if train.nonfinite not in ("stop", "skip") or train.nonfinite_max_skips < 0:
+        raise ConfigError(f"{source}: key 'train.nonfinite' must be 'stop' or 'skip' and "
+                          f"'train.nonfinite_max_skips' >= 0, got {train.nonfinite!r}, "
+                          f"{train.nonfinite_max_skips!r}")
+    return RunConfig(model=model_cfg, data=data_cfg, train=train,
                      model_preset=name, model_overrides=model)
 
 
