@@ -55,7 +55,7 @@ def _cmd_eval(args):
     from .engine.inference import evaluate_model
     from .engine.train import Trainer
 
-    trainer = Trainer.from_checkpoint(args.checkpoint)
+    trainer = Trainer.from_checkpoint(args.checkpoint, fresh_optimizer=True)   # eval: the model only
     if args.dataset:
         from .data.coco import CocoDetection
         from .data.mixture import MixtureDataset

@@ -212,3 +212,31 @@ def test_valid_file_gives_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CocoDetection("x", ann, img_dir)
+
+
+# ---------------------------------------------------------------- at the CLI
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from test_reliability_train import trainer
+    root = tmp_path_factory.mktemp("cli_data")
+    tr = trainer(str(root / "synthetic"), root / "run")
+    tr.train_step()
+    return tr.save(str(root / "ckpt.npz"))
+
+
+def test_cli_reports_bad_coco_files_and_images_without_traceback(checkpoint, tmp_path, capsys):
+    from damex.cli import main
+    bad_json = tmp_path / "json"
+    bad_json.mkdir()
+    ann, img_dir = write_dataset(bad_json, images=[{"id": 1, "file_name": None, "width": 16,
+                                                    "height": 12}], annotations=[])
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    ann2, img_dir2 = write_dataset(bomb, categories=[{"id": 1, "name": "circle"}])   # a model class
+    _png_claiming_size(os.path.join(img_dir2, "a.png"), 100_000, 100_000)
+    for a, d, culprit, problem in [(ann, img_dir, ann, "file_name None"),
+                                   (ann2, img_dir2, os.path.join(img_dir2, "a.png"), "decompression bomb")]:
+        assert main(["eval", checkpoint, "--dataset", f"x={a}:{d}", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"damex eval: error: {culprit}: " in err and problem in err and "Traceback" not in err

@@ -205,6 +205,7 @@ def test_checkpoint_without_optimizer_state_is_refused(data_root, tmp_path, caps
     assert path in str(e.value) and "no optimizer entries" in str(e.value)
     assert main(["train", "--resume", path, "--no-progress"]) == 2
     assert "no optimizer entries" in capsys.readouterr().err
+    assert main(["eval", path, "--no-progress"]) == 0          # evaluation needs the model only
     # resuming without it is possible, but only on request
     again = Trainer.from_checkpoint(path, fresh_optimizer=True)
     assert again.step == 2 and again.optimizer.state == {}

@@ -92,7 +92,8 @@ def load_checkpoint(path):
         Not a readable ``.npz`` (truncated, damaged, another format), an entry
         that is not a numeric array or has an unknown name, no model entries,
         a ``meta`` that is missing, not JSON, or not the damex layout
-        (``format``, ``config`` object, ``step`` >= 0, ``history`` list).
+        (``step`` >= 0, ``config`` object; if present, ``format`` this
+        version's and ``history`` a list).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -138,8 +139,8 @@ def _parse_meta(path, entry):
         _fail(path, f"the 'meta' entry is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
     if not isinstance(meta, dict):
         _fail(path, f"the 'meta' entry must be a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        _fail(path, f"meta 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format", FORMAT) != FORMAT:
+        _fail(path, f"meta 'format' is {meta['format']!r}, expected {FORMAT!r}")
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         _fail(path, f"meta 'step' must be an integer >= 0, got {step!r}")
