@@ -111,7 +111,8 @@ def test_file_name_of_the_wrong_type(tmp_path, file_name):
 @pytest.mark.parametrize("field,value", [("id", [1]), ("id", {"a": 1}), ("id", "1"),
                                          ("image_id", [1]), ("image_id", {"a": 1}),
                                          ("category_id", [1]), ("category_id", {"a": 1}),
-                                         ("category_id", None), ("id", True)])
+                                         ("category_id", None), ("id", True),
+                                         ("category_id", 2**64), ("image_id", -2**63 - 1)])
 def test_annotation_ids_of_the_wrong_type(tmp_path, field, value):
     ann, img_dir = with_annotation(tmp_path, **{field: value})
     with pytest.raises(DatasetError) as e:

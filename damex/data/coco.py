@@ -107,7 +107,7 @@ def load_coco_json(ann_file):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             _fail(ann_file, f"category entry {c!r} needs 'id' and 'name'")
         if not _is_int(c["id"]):
-            _fail(ann_file, f"category id {c['id']!r} is not an integer")
+            _fail(ann_file, f"category id {c['id']!r} is not an integer in the int64 range")
         if not isinstance(c["name"], str):
             _fail(ann_file, f"category id {c['id']}: name {c['name']!r} is not a string")
         if c["id"] in cat_ids:
@@ -121,7 +121,7 @@ def load_coco_json(ann_file):
         if not isinstance(im, dict) or any(k not in im for k in ("id", "file_name", "width", "height")):
             _fail(ann_file, f"image entry {im!r} needs 'id', 'file_name', 'width', 'height'")
         if not _is_int(im["id"]):
-            _fail(ann_file, f"image id {im['id']!r} is not an integer")
+            _fail(ann_file, f"image id {im['id']!r} is not an integer in the int64 range")
         if im["id"] in img_by_id:
             _fail(ann_file, f"duplicate image id {im['id']}")
         if not (_is_int(im["width"]) and _is_int(im["height"]) and im["width"] > 0 and im["height"] > 0):
@@ -143,13 +143,13 @@ def load_coco_json(ann_file):
             _fail(ann_file, f"annotation entry {a!r} needs 'id', 'image_id', 'category_id', 'bbox'")
         aid = a["id"]
         if not _is_int(aid):
-            _fail(ann_file, f"annotation id {aid!r} is not an integer")
+            _fail(ann_file, f"annotation id {aid!r} is not an integer in the int64 range")
         if aid in ann_ids:
             _fail(ann_file, f"duplicate annotation id {aid}")
         ann_ids.add(aid)
         for key in ("image_id", "category_id"):
             if not _is_int(a[key]):
-                _fail(ann_file, f"annotation id {aid}: {key} {a[key]!r} is not an integer")
+                _fail(ann_file, f"annotation id {aid}: {key} {a[key]!r} is not an integer in the int64 range")
         if a["category_id"] not in cat_ids:
             _fail(ann_file, f"annotation id {aid}: category id {a['category_id']!r} is not in the "
                             f"label set (categories {sorted(cat_ids)})")
@@ -196,7 +196,8 @@ def load_coco_json(ann_file):
 
 
 def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    """A JSON integer that fits int64 (targets hold ids as int64 arrays)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and -2**63 <= v < 2**63
 
 
 def _is_number(v):
