@@ -83,6 +83,8 @@ def cases(good):
                                    "incomplete optimizer state for parameter 1"),
         "optim state missing": ({k: v for k, v in good.items() if not k.startswith("optim.state.")},
                                 "no per-parameter optimizer state"),
+        "optim option shape": (dict(good, **{"optim.param_groups.1.lr": np.zeros(3)}),
+                               "optim.param_groups.1.lr has shape (3,), expected ()"),
         "optim wrong shape": (dict(good, **{"optim.state.1.exp_avg": np.zeros(1, np.float32)}),
                               "optimizer entries do not fit"),
         "text entry": (dict(good, **{first(good, "model."): np.array("x")}), "dtype <U1"),
@@ -95,7 +97,7 @@ CASES = ["meta {}", "format", "meta list", "meta not JSON", "meta not a string",
          "extra scheduler", "model key missing", "model key extra", "model wrong shape",
          "no model at all", "optim extra param", "optim extra name", "optim extra group",
          "optim group option missing", "optim state incomplete", "optim state missing",
-         "optim wrong shape", "text entry", "unknown entry"]
+         "optim option shape", "optim wrong shape", "text entry", "unknown entry"]
 
 
 @pytest.mark.parametrize("case", CASES)

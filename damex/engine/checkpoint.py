@@ -24,7 +24,9 @@ class CheckpointError(ValueError):
 
 
 def _fail(path, problem):
-    raise CheckpointError(f"{path}: {problem}")
+    err = CheckpointError(f"{path}: {problem}")
+    err.__suppress_context__ = True   # the message says it all; no chained traceback
+    raise err
 
 
 def temp_path(path):
@@ -194,7 +196,8 @@ def _restore_optimizer(path, state, optimizer, step):
                     "moments from zero; pass fresh_optimizer=True (damex train --fresh-optimizer) "
                     "to do that on purpose")
     nparams = sum(len(g["params"]) for g in optimizer.param_groups)
-    want_groups = {k for k in optimizer.state_dict() if k.startswith("param_groups.")}
+    fresh = optimizer.state_dict()
+    want_groups = {k for k in fresh if k.startswith("param_groups.")}
     got_groups, names, bad = set(), {}, []
     for key in state:
         m = _GROUP_KEY.match(key)
@@ -215,6 +218,10 @@ def _restore_optimizer(path, state, optimizer, step):
                     f"{len(optimizer.param_groups)} groups)")
     if want_groups - got_groups:
         _fail(path, f"missing optimizer entries {['optim.' + k for k in sorted(want_groups - got_groups)]}")
+    for key in sorted(got_groups):
+        if np.shape(state[key]) != np.shape(fresh[key]):
+            _fail(path, f"optimizer entry optim.{key} has shape {np.shape(state[key])}, expected "
+                        f"{np.shape(fresh[key])}")
     if len({frozenset(v) for v in names.values()}) > 1:
         i = min(names, key=lambda i: (len(names[i]), i))
         _fail(path, f"incomplete optimizer state for parameter {i}: has {sorted(names[i])}, others have "
