@@ -72,7 +72,7 @@ def _cmd_train(args):
         check_steps(cfg.train.steps, done)
         if "out_dir" in over and over["out_dir"] != os.path.abspath(meta["config"]["train"]["out_dir"]):
             rundir.claim(over["out_dir"], args.overwrite)   # a branch of the run in a new folder
-        trainer = Trainer.from_checkpoint(args.resume, **over)
+        trainer = Trainer.from_checkpoint(args.resume, fresh_optimizer=args.fresh_optimizer, **over)
     else:
         sets = list(args.set or []) + [f"train.{k}={json.dumps(v)}" for k, v in over.items()]
         path = args.config
@@ -254,6 +254,8 @@ def build_parser():
     t.add_argument("--seed", type=int, help="the run's seed (train.seed)")
     t.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")
+    t.add_argument("--fresh-optimizer", action="store_true",
+                   help="with --resume: restart the optimizer state (AdamW moments) from zero")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

@@ -221,7 +221,7 @@ def test_error_unknown_category(tmp_path, tiny):
 
 @pytest.mark.parametrize("bbox,problem", [([50, 10, 30, 20], "outside"),
                                           ([-5, 10, 20, 20], "outside"),
-                                          ([10, 10, 0, 20], "non-positive"),
+                                          ([10, 10, -1, 20], "non-positive"),  # zero: skipped
                                           ([10, 10, 5, "x"], "4 finite numbers")])
 def test_error_bad_box(tmp_path, tiny, bbox, problem):
     ann, img_dir = copy_dataset(tiny, "flat", tmp_path)

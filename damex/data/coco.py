@@ -22,18 +22,31 @@ dataset_id    int              index of the dataset in its mixture
 ============  ===============  ==================================================
 
 Crowd annotations (``iscrowd=1``) are kept for evaluation but left out of the
-training targets, as in DETR.
+training targets, as in DETR. Boxes of zero width or height (as given, or after
+clipping to the image) are dropped with a :class:`DatasetWarning` naming them,
+as detectron2 and mmdetection do.
+
+Images are read by :func:`read_image`: 8-bit images of any mode become RGB;
+16-bit and 32-bit integer grayscale (``I;16``, ``I``) and float grayscale
+(``F``) become float images (mode ``F``) in [0, 1], keeping their full range.
 """
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .transforms import model_image
+
 
 class DatasetError(ValueError):
     """A dataset file is missing, malformed or inconsistent (message names the file)."""
+
+
+class DatasetWarning(UserWarning):
+    """A dataset entry was skipped (the message names the file and the entries)."""
 
 
 def _fail(path, problem):
@@ -51,9 +64,16 @@ def load_coco_json(ann_file):
     ------
     DatasetError
         File missing or unreadable, not JSON (corrupt or truncated), missing
-        keys, duplicate ids, an annotation whose image or category id is not
-        declared, a box that is not 4 finite numbers, has non-positive size,
-        or lies outside its image by more than one pixel.
+        keys, a field of the wrong JSON type (ids must be integers,
+        ``file_name`` a relative path inside the image folder, ``iscrowd`` 0/1,
+        ``area`` a finite number >= 0), duplicate ids, an annotation whose image
+        or category id is not declared, a box that is not 4 finite numbers, has
+        negative size, or lies outside its image by more than one pixel.
+
+    Warns
+    -----
+    DatasetWarning
+        Boxes of zero width or height (after clipping) are skipped, naming them.
     """
     ann_file = os.fspath(ann_file)
     try:
@@ -87,7 +107,9 @@ def load_coco_json(ann_file):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             _fail(ann_file, f"category entry {c!r} needs 'id' and 'name'")
         if not _is_int(c["id"]):
-            _fail(ann_file, f"category id {c['id']!r} is not an integer")
+            _fail(ann_file, f"category id {c['id']!r} is not an integer in the int64 range")
+        if not isinstance(c["name"], str):
+            _fail(ann_file, f"category id {c['id']}: name {c['name']!r} is not a string")
         if c["id"] in cat_ids:
             _fail(ann_file, f"duplicate category id {c['id']}")
         cat_ids.add(c["id"])
@@ -99,26 +121,35 @@ def load_coco_json(ann_file):
         if not isinstance(im, dict) or any(k not in im for k in ("id", "file_name", "width", "height")):
             _fail(ann_file, f"image entry {im!r} needs 'id', 'file_name', 'width', 'height'")
         if not _is_int(im["id"]):
-            _fail(ann_file, f"image id {im['id']!r} is not an integer")
+            _fail(ann_file, f"image id {im['id']!r} is not an integer in the int64 range")
         if im["id"] in img_by_id:
             _fail(ann_file, f"duplicate image id {im['id']}")
         if not (_is_int(im["width"]) and _is_int(im["height"]) and im["width"] > 0 and im["height"] > 0):
             _fail(ann_file, f"image id {im['id']}: width/height must be positive integers, "
                             f"got {im['width']!r} x {im['height']!r}")
+        problem = _file_name_problem(im["file_name"])
+        if problem:
+            _fail(ann_file, f"image id {im['id']}: file_name {im['file_name']!r} {problem}")
         im = dict(im)
         images.append(im)
         img_by_id[im["id"]] = im
 
     out_anns = []
     ann_ids = set()
+    empty = []   # ids of zero-size boxes, skipped
     tol = 1.0
     for a in annotations:
         if not isinstance(a, dict) or any(k not in a for k in ("id", "image_id", "category_id", "bbox")):
             _fail(ann_file, f"annotation entry {a!r} needs 'id', 'image_id', 'category_id', 'bbox'")
         aid = a["id"]
+        if not _is_int(aid):
+            _fail(ann_file, f"annotation id {aid!r} is not an integer in the int64 range")
         if aid in ann_ids:
             _fail(ann_file, f"duplicate annotation id {aid}")
         ann_ids.add(aid)
+        for key in ("image_id", "category_id"):
+            if not _is_int(a[key]):
+                _fail(ann_file, f"annotation id {aid}: {key} {a[key]!r} is not an integer in the int64 range")
         if a["category_id"] not in cat_ids:
             _fail(ann_file, f"annotation id {aid}: category id {a['category_id']!r} is not in the "
                             f"label set (categories {sorted(cat_ids)})")
@@ -130,19 +161,33 @@ def load_coco_json(ann_file):
                 or not all(_is_number(v) and math.isfinite(v) for v in bb)):
             _fail(ann_file, f"annotation id {aid}: bbox must be 4 finite numbers [x, y, w, h], got {bb!r}")
         x, y, w, h = (float(v) for v in bb)
-        if w <= 0 or h <= 0:
-            _fail(ann_file, f"annotation id {aid}: box {bb} has non-positive width or height")
+        if w < 0 or h < 0:
+            _fail(ann_file, f"annotation id {aid}: box {bb} has non-positive width or height "
+                            f"(negative size)")
         W, H = im["width"], im["height"]
         if x < -tol or y < -tol or x + w > W + tol or y + h > H + tol:
             _fail(ann_file, f"annotation id {aid}: box {bb} (x, y, w, h) lies outside its image "
                             f"id {im['id']} of size {W} x {H}")
+        crowd = a.get("iscrowd", 0)
+        if crowd not in (0, 1) or not isinstance(crowd, (bool, int, np.integer)):
+            _fail(ann_file, f"annotation id {aid}: iscrowd must be 0 or 1, got {crowd!r}")
+        if "area" in a and not (_is_number(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
+            _fail(ann_file, f"annotation id {aid}: area must be a finite number >= 0, got {a['area']!r}")
         x0, y0 = max(x, 0.0), max(y, 0.0)
         x1, y1 = min(x + w, float(W)), min(y + h, float(H))
+        if x1 <= x0 or y1 <= y0:
+            empty.append(aid)
+            continue
         a = dict(a)
         a["bbox"] = [x0, y0, x1 - x0, y1 - y0]
         a.setdefault("area", (x1 - x0) * (y1 - y0))
-        a.setdefault("iscrowd", 0)
+        a["iscrowd"] = int(crowd)
         out_anns.append(a)
+    if empty:
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        warnings.warn(f"{ann_file}: skipped {len(empty)} annotation(s) whose box has zero width or "
+                      f"height (inside the image): ids {empty[:10]}{more}", DatasetWarning,
+                      stacklevel=2)
 
     out = {"images": images, "annotations": out_anns, "categories": categories}
     if "info" in data:
@@ -151,21 +196,52 @@ def load_coco_json(ann_file):
 
 
 def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    """A JSON integer that fits int64 (targets hold ids as int64 arrays)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and -2**63 <= v < 2**63
 
 
 def _is_number(v):
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
+def _file_name_problem(name):
+    """Why ``name`` is not a relative path inside the image folder (None if it is)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if "\0" in name:
+        return "contains a NUL character"
+    if os.path.isabs(name) or name.startswith(("/", "\\")):
+        return "is an absolute path; file names must be relative to the image folder"
+    parts = os.path.normpath(name).replace("\\", "/").split("/")
+    if parts[0] == os.pardir:
+        return "points outside the image folder ('..'); file names must stay inside it"
+    return None
+
+
 def read_image(path):
-    """Read an image file as an RGB PIL image; errors name the file."""
+    """Read an image file for the model; errors name the file (:class:`DatasetError`).
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode "RGB" for 8-bit images, mode "F" in [0, 1] for high-depth
+        grayscale (see :func:`damex.data.transforms.model_image`).
+
+    Raises
+    ------
+    DatasetError
+        Missing, unreadable or truncated file, a header whose pixel count
+        exceeds Pillow's decompression-bomb limit, or pixel values without a
+        known range.
+    """
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return model_image(im)
     except FileNotFoundError:
         _fail(path, "image file not found")
+    except Image.DecompressionBombError as e:
+        _fail(path, f"image refused as a possible decompression bomb ({e})")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         _fail(path, f"cannot read image ({type(e).__name__}: {e})")
 

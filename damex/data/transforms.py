@@ -3,10 +3,13 @@
 Boxes in targets are normalised ``(cx, cy, w, h)`` relative to the image, so
 resizing leaves them unchanged (only ``target["size"]`` changes) and a
 horizontal flip maps ``cx -> 1 - cx``. Images are PIL images until
-:class:`ToArray`, then float32 ``[3, H, W]`` arrays. Random transforms take a
-seed or a ``numpy.random.Generator``: the same seed and call order give the
-same result. Targets are copied, never mutated.
+:class:`ToArray`, then float32 ``[3, H, W]`` arrays in [0, 1] (:func:`model_image`
+says how each image mode maps there, 16-bit grayscale included). Random
+transforms take a seed or a ``numpy.random.Generator``: the same seed and call
+order give the same result. Targets are copied, never mutated.
 """
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -114,11 +117,44 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+def model_image(image):
+    """A PIL image of any mode as the model reads it: "RGB" (8 bits) or "F" in [0, 1].
+
+    8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) convert to RGB (alpha
+    dropped). High-depth grayscale keeps its full range as float32 in [0, 1]:
+    16-bit (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) divided by 65535, 32-bit
+    integers (``I``) likewise when they fit in 0..65535, floats (``F``) as they
+    are when in [0, 1]. Other values have no known range: ValueError.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(image)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F":
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+                raise ValueError(f"float image (mode F) with values in [{lo}, {hi}]; only [0, 1] has "
+                                 f"a known range (convert it to 8 or 16 bits, or scale it to [0, 1])")
+            return Image.fromarray(a.astype(np.float32))
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit integer image (mode {mode}) with values in [{lo:g}, {hi:g}]; only "
+                             f"0..65535 (16 bits) has a known range (convert it to 8 or 16 bits)")
+        return Image.fromarray((a.astype(np.float64) / 65535.0).astype(np.float32))
+    return image.convert("RGB")
+
+
 class ToArray:
-    """PIL RGB image -> float32 ``[3, H, W]`` in [0, 1]."""
+    """PIL image -> float32 ``[3, H, W]`` in [0, 1] (any mode, see :func:`model_image`;
+    grayscale is repeated over the 3 channels); an ``[H, W, 3]`` uint8 array is divided by 255."""
 
     def __call__(self, image, target, rng=None):
-        arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        if isinstance(image, Image.Image):
+            image = model_image(image)
+            if image.mode == "F":
+                a = np.asarray(image, dtype=np.float32)
+                return np.ascontiguousarray(np.broadcast_to(a, (3,) + a.shape)), target
+        arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"ToArray: expected an RGB image [H, W, 3], got shape {arr.shape}")
         return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0), target

@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = rule(lambda v: None if v == 0 or 1 <= v <= 512
                                   else "must be in [1, 512] (or 0 / absent for the default)", None)
+    nonfinite: str = rule(one_of("stop", "skip"), "stop")   # NaN/inf loss or gradients: stop, or skip the batch
+    nonfinite_max_skips: int = rule(at_least(0), 10)       # with "skip": stop at the next bad batch after this many
 
 
 # model keys: DINOConfig's fields; tuples are lists of integers in JSON

@@ -86,7 +86,7 @@ class Detector:
     def from_checkpoint(cls, path, threads=None):
         """Rebuild the detector from a checkpoint (no data on disk needed)."""
         from .. import set_num_threads
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, restore
         from .config import finalize, run_config_from_dict
         from .train import build_model
 
@@ -102,7 +102,7 @@ class Detector:
         set_num_threads(cfg.train.threads)
         space = LabelSpace.from_dict(meta["label_space"])
         model = build_model(cfg, space.num_classes, space.num_datasets)
-        model.load_state_dict(parts["model"])
+        restore(path, parts, model)   # the model only: optimizer and schedule are training's
         return cls(model, space, cfg, meta.get("step", 0), os.path.abspath(path), meta.get("config_hash"))
 
     # -- what the model knows ----------------------------------------------------

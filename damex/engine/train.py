@@ -9,20 +9,21 @@ so a run resumed from a checkpoint continues bit-for-bit as if it had never
 stopped, for any module with randomness, whatever its name.
 """
 import json
+import math
 import os
 import time
 
 import numpy as np
 
-from .. import nn, optim
+from .. import nn, ops, optim
 from ..data.config import build_mixture
 from ..data.mixture import MixtureSampler, collate
 from ..models.criterion import SetCriterion
 from ..models.dino import DINO
 from ..nn.context import ForwardContext
 from ..routing import dropped_fraction, expert_map, routing_accuracy
-from .checkpoint import load_checkpoint, save_checkpoint
 from . import rundir
+from .checkpoint import load_checkpoint, remove_stale_temp, restore, save_checkpoint
 from .config import RunConfig, finalize, run_config_from_dict
 
 
@@ -105,6 +106,40 @@ class _StopOnSigint:
         return False
 
 
+class NonFiniteError(ValueError):
+    """Training met a NaN or infinity (the message names the step and the tensor)."""
+
+
+def _first_nonfinite(named):
+    """Name of the first ``(name, array)`` holding a NaN or infinity (None if all are finite)."""
+    for name, a in named:
+        if not np.isfinite(a).all():
+            return name
+    return None
+
+
+def _open_log(path, step):
+    """Open a run's ``log.jsonl`` for appending after cutting it back to ``step``.
+
+    Records of later steps (written after the checkpoint a run resumes from, so
+    about to be written again) and a torn last line go; returns the open file.
+    """
+    keep = 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line) if line.endswith(b"\n") else None
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > step:
+                    break
+                keep += len(line)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return open(path, "a", encoding="utf-8")
+
+
 class Trainer:
     """Owns the data, model, criterion, optimizer and schedule of one run.
 
@@ -152,18 +187,51 @@ class Trainer:
         outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
         loss, terms = self.criterion(outputs, b["targets"])
         self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm) \
-            if tc.clip_max_norm > 0 else 0.0
-        self.optimizer.step()
+        loss_value, grad_norm, bad = float(loss.data), math.nan, None
+        if not math.isfinite(loss_value):
+            bad = f"the loss is {loss_value}"
+        else:
+            loss.backward()
+            bad, grad_norm = self._check_gradients()
+        if bad is None:
+            if tc.clip_max_norm > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm)
+            self.optimizer.step()
+            params = [(n, p.data) for n, p in self.model.named_parameters()]
+            if not math.isfinite(ops.grad_global_norm([a for _, a in params])):
+                raise NonFiniteError(f"step {self.step + 1}: parameter {_first_nonfinite(params)} is "
+                                     f"not finite after the optimizer step; training stopped")
+        else:
+            self._skip_or_stop(bad)
         self.scheduler.step()
         self.step += 1
-        record = {"step": self.step, "loss": float(loss.data), "grad_norm": float(grad_norm),
+        record = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm,
                   "lr": self.optimizer.param_groups[-1]["lr"], **terms,
                   **routing_log(ctx, self.model.cfg.dataset_to_expert),
                   **step_rate(len(b["targets"]), time.perf_counter() - t0)}
+        if bad is not None:
+            record["skipped"] = bad
         self.history.append(record)
         return record
+
+    def _check_gradients(self):
+        """``(problem or None, global gradient norm)``, computed here, before any clipping."""
+        grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        norm = ops.grad_global_norm([g for _, g in grads]) if grads else 0.0
+        if math.isfinite(norm):
+            return None, norm
+        return f"the gradient norm is {norm} (first non-finite gradient: {_first_nonfinite(grads)})", norm
+
+    def _skip_or_stop(self, problem):
+        """The ``nonfinite`` policy for a bad batch: skip it (no update) or stop."""
+        tc = self.cfg.train
+        skipped = sum(1 for r in self.history if "skipped" in r)
+        self.optimizer.zero_grad()
+        if tc.nonfinite == "skip" and skipped < tc.nonfinite_max_skips:
+            return
+        why = (f" after skipping {skipped} bad batches (nonfinite_max_skips {tc.nonfinite_max_skips})"
+               if tc.nonfinite == "skip" else " (set train.nonfinite to 'skip' to skip such batches)")
+        raise NonFiniteError(f"step {self.step + 1}: {problem}; training stopped{why}")
 
     # -- the loop ----------------------------------------------------------------
 
@@ -187,12 +255,14 @@ class Trainer:
         else:
             rundir.cut_log(out, self.history, self.step)
         log_path = os.path.join(out, rundir.LOG)
+        for name in (rundir.LATEST, rundir.BEST):   # temporaries left by a save that was killed
+            remove_stale_temp(os.path.join(out, name))
         t0 = time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, desc="train", disable=not progress,
                    dynamic_ncols=True)
         saved = None
         events = rundir.EventWriter(out) if tc.tensorboard else None
-        with _StopOnSigint() as stop, open(log_path, "a", encoding="utf-8") as logf:
+        with _StopOnSigint() as stop, _open_log(log_path, self.step) as logf:
             while self.step < steps and not stop.requested:
                 rec = self.train_step()
                 if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
@@ -207,8 +277,10 @@ class Trainer:
                     log(f"step {self.step}: loss {rec['loss']:.4f}")
                 if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or \
                         ("val" in rec and self._is_best(rec["val"])):
+                    os.fsync(logf.fileno())   # the log holds every step the checkpoint has
                     self.checkpoint()
                     saved = self.step
+            os.fsync(logf.fileno())
         bar.close()
         if events is not None:
             events.close()
@@ -261,15 +333,19 @@ class Trainer:
                                scheduler=self.scheduler, meta=self.meta())
 
     @classmethod
-    def from_checkpoint(cls, path, **train_overrides):
-        """Rebuild a run from its checkpoint and continue where it stopped."""
+    def from_checkpoint(cls, path, fresh_optimizer=False, **train_overrides):
+        """Rebuild a run from its checkpoint and continue where it stopped.
+
+        A checkpoint without optimizer state is refused unless ``fresh_optimizer``
+        (then AdamW restarts from zero moments); every problem with the file is a
+        :class:`~damex.engine.checkpoint.CheckpointError` naming it.
+        """
         parts, meta = load_checkpoint(path)
         conf = meta["config"]
-        conf["train"].update(train_overrides)
+        conf["train"] = {**conf.get("train", {}), **train_overrides}
         trainer = cls(run_config_from_dict(conf, source=os.fspath(path)))
-        trainer.model.load_state_dict(parts["model"])
-        trainer.optimizer.load_state_dict(parts["optim"])
-        trainer.scheduler.load_state_dict(parts["sched"])
+        restore(os.fspath(path), parts, trainer.model, trainer.optimizer, trainer.scheduler,
+                step=meta["step"], fresh_optimizer=fresh_optimizer)
         trainer.step = int(meta["step"])
         trainer.history = list(meta.get("history", []))
         trainer.best_mean_ap = meta.get("best_mean_ap")
