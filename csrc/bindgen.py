@@ -50,6 +50,7 @@ class Kernel:
     def __init__(self, name, summary, line):
         self.name, self.summary, self.line = name, summary, line
         self.args, self.requires, self.returns = [], [], None
+        self.lets, self.call = [], None  # [(name, expr, message)], C argument list or None
 
     def arg(self, name):
         return next((a for a in self.args if a.name == name), None)
@@ -106,6 +107,15 @@ def _parse_arg(k, line, where):
         if not sep or not cond.strip() or not msg.strip():
             raise SpecError(f"{where}: expected 'require EXPR: message'")
         k.requires.append((cond.strip(), msg.strip()))
+    elif words[0] == "let":
+        m = re.fullmatch(rf"let\s+({NAME})\s*=\s*(.+?):\s*(.+)", line)
+        if not m:
+            raise SpecError(f"{where}: expected 'let NAME = EXPR: message'")
+        k.lets.append(m.groups())
+    elif words[0] == "call":
+        if k.call is not None or len(words) < 2:
+            raise SpecError(f"{where}: expected one 'call ARGS' line")
+        k.call = line[len("call"):].strip()
     elif words[0] == "returns" and words[1:] == ["nonfinite"]:
         k.returns = "nonfinite"
     elif words[0] == "count" and len(words) == 2:
@@ -124,7 +134,7 @@ def _parse_arg(k, line, where):
         k.args.append(Arg("scalar", words[1], type=words[0], where=where))
     else:
         raise SpecError(f"{where}: cannot read {line!r}")
-    if words[0] not in ("require", "returns") and not re.fullmatch(NAME, k.args[-1].name if k.args else ""):
+    if words[0] not in ("require", "returns", "let", "call") and not re.fullmatch(NAME, k.args[-1].name if k.args else ""):
         raise SpecError(f"{where}: {k.args[-1].name!r} is not a C name")
 
 
@@ -134,7 +144,10 @@ def _check(k):
         if a.name in seen:
             raise SpecError(f"{a.where}: {a.name} named twice in {k.name}")
         seen.add(a.name)
-    sizes = {a.name for a in k.args if a.kind in ("dim", "count")}
+    sizes = {a.name for a in k.args if a.kind in ("dim", "count")} | {n for n, _, _ in k.lets}
+    for n, _, _ in k.lets:
+        if n in seen:
+            raise SpecError(f"{k.line}: {n} named twice in {k.name}")
     for a in k.args:
         if a.kind == "buffer":
             for f in a.factors:
@@ -194,6 +207,7 @@ def docstring(k):
             lines.append(f"{a.name}: {a.type}")
         elif a.kind == "count":
             lines.append(f"({a.name}: read off {count_source(k, a.name).name})")
+    lines += [f"({name} = {expr})" for name, expr, _ in k.lets]
     if k.returns == "nonfinite":
         lines.append("Returns 0, or 1 where the kernel met NaN/inf.")
     elif any(a.kind == "ret" for a in k.args):
@@ -227,6 +241,9 @@ def function(k):
             out.append(f"    int {a.name};")
             out.append(f'    if (damex_dim(&{a.name}, {a.name}_, {a.lo}, {a.hi}, {K}, "{a.name}") < 0) '
                        "return NULL;")
+    for name, expr, msg in k.lets:
+        out.append(f"    long {name} = {expr};")
+        out.append(f"    if ({name} < 0) return damex_invalid({K}, {_cstr(msg)});")
     bufs = [a for a in k.args if a.kind == "buffer"]
     sources = {c: count_source(k, c) for c in counts_of(k)}
     first = [b for b in bufs if b in sources.values()]
@@ -247,7 +264,7 @@ def function(k):
     call_args = []
     for a in k.args:
         call_args.append(f"&{a.name}" if a.kind == "ret" else a.name)
-    call = f"{k.name}({', '.join(call_args)})"
+    call = f"{k.name}({k.call or ', '.join(call_args)})"
     ret = next((a for a in k.args if a.kind == "ret"), None)
     if ret is not None:
         out.append(f"    double {ret.name} = 0.0;")

@@ -61,3 +61,26 @@ def test_malformed_spec_is_refused_with_its_line():
         bindgen.parse(bad, "spec")
     with pytest.raises(bindgen.SpecError, match=r"spec:3: bound E of k"):
         bindgen.parse("kernel k: s.\n    dim T\n    dim k 1..E\n", "spec")
+
+
+def test_let_and_call_for_kernels_whose_c_arguments_differ():
+    text = """include pool.h
+kernel maxpool2d_forward: y = max_pool2d(x).
+    out f32 y[N*C*Ho*Wo]
+    in  f32 x[N*C*H*W]
+    dim N
+    dim C
+    dim H
+    dim W
+    int kh
+    int sh
+    let Ho = maxpool2d_out_size(H, kh, sh, 0): invalid kernel/stride
+    let Wo = maxpool2d_out_size(W, kh, sh, 0): invalid kernel/stride
+    call y, x, (long)N * C, H, W, kh, sh
+"""
+    c = bindgen.render(*bindgen.parse(text, "spec"))
+    assert "long Ho = maxpool2d_out_size(H, kh, sh, 0);" in c
+    assert 'if (Ho < 0) return damex_invalid("maxpool2d_forward", "invalid kernel/stride");' in c
+    assert "maxpool2d_forward(y, x, (long)N * C, H, W, kh, sh)" in c
+    assert "damex_mul(damex_mul(damex_mul((npy_intp)N, C), Ho), Wo)" in c
+    assert "maxpool2d_forward($module, y, x, N, C, H, W, kh, sh, /)" in c
