@@ -134,8 +134,9 @@ def _parse_arg(k, line, where):
         k.args.append(Arg("scalar", words[1], type=words[0], where=where))
     else:
         raise SpecError(f"{where}: cannot read {line!r}")
-    if words[0] not in ("require", "returns", "let", "call") and not re.fullmatch(NAME, k.args[-1].name if k.args else ""):
-        raise SpecError(f"{where}: {k.args[-1].name!r} is not a C name")
+    if words[0] in ("count", "ret", "dim") or words[0] in SCALAR_TYPES:
+        if not re.fullmatch(NAME, k.args[-1].name):
+            raise SpecError(f"{where}: {k.args[-1].name!r} is not a C name")
 
 
 def _check(k):
