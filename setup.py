@@ -9,6 +9,9 @@ Environment switches:
 
 ``DAMEX_SANITIZE=1``  build with ``-fsanitize=address,undefined`` (see README).
 ``DAMEX_NATIVE=1``    add ``-march=native`` (not portable across CPUs).
+
+The entry points of the kernels are generated from ``csrc/kernels.spec`` by
+``csrc/bindgen.py`` into ``build/generated/bind_kernels.c`` (not committed).
 """
 import glob
 import os
@@ -48,7 +51,11 @@ else:
 if os.environ.get("DAMEX_NATIVE"):
     compile_args.append("-march=native")
 
-sources = (["csrc/module.c"] + sorted(glob.glob("csrc/bind_*.c"))
+sys.path.insert(0, "csrc")
+from bindgen import generate  # noqa: E402
+
+generated = generate("csrc/kernels.spec", "build/generated/bind_kernels.c")
+sources = (["csrc/module.c", generated] + sorted(glob.glob("csrc/bind_*.c"))
            + sorted(glob.glob("csrc/kernels/*.c")))
 
 ext = Extension(
@@ -61,7 +68,8 @@ ext = Extension(
     define_macros=macros + [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    depends=glob.glob("csrc/*.h") + glob.glob("csrc/kernels/*.h"),
+    depends=(glob.glob("csrc/*.h") + glob.glob("csrc/kernels/*.h")
+             + ["csrc/kernels.spec", "csrc/bindgen.py"]),
 )
 
 setup(ext_modules=[ext])

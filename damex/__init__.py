@@ -12,12 +12,22 @@ __version__ = "0.1.0"
 
 
 def set_num_threads(n):
-    """Set the threads of damex's OpenBLAS pool and its OpenMP loops."""
+    """Set the threads of damex's OpenBLAS pool and its OpenMP loops.
+
+    The count is stored once for the whole process: every thread's next kernel
+    call uses it, and a call already running finishes with the count it began with.
+
+    Parameters
+    ----------
+    n : int
+        1 <= n <= ``damex._C.max_num_threads()`` (4 x the CPUs the process may
+        use); otherwise ValueError.
+    """
     _C.set_num_threads(int(n))
 
 
 def get_num_threads():
-    """Return ``(openblas_threads, openmp_threads)`` of the damex core."""
+    """Return the stored ``(openblas_threads, openmp_threads)`` of the damex core."""
     return _C.get_num_threads()
 
 

@@ -32,7 +32,9 @@ static inline void sgemm_rm(int trans_a, int trans_b, int M, int N, int K, float
 
 /* OpenBLAS's pthreads pool and OpenMP's must not both spin on the cores: a
  * kernel that runs single-threaded sgemms on OpenMP threads brackets its
- * parallel region with these (counted, so concurrent callers stay correct). */
+ * parallel region with these (threads.c: counted, so concurrent callers stay
+ * correct; the end restores the count stored by damex.set_num_threads, which
+ * a set during the bracket updates without touching OpenBLAS). */
 void blas_single_thread_begin(void);
 void blas_single_thread_end(void);
 
