@@ -7,6 +7,7 @@
     damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
     damex demo [--mode damex|balance|both]              one MoE layer on a generated token mixture
     damex bench moe|msda|nn|routing_loss|train [...]    benchmarks from bench/
+    damex convert SRC DST --from KIND                   other programs' weights -> .safetensors
 """
 import argparse
 import json
@@ -228,6 +229,15 @@ def _cmd_bench(args):
     return 0
 
 
+def _cmd_convert(args):
+    from .convert import convert
+
+    out = convert(args.src, args.dst, args.source)
+    print(f"{args.src} ({args.source}) -> {out['dst']}: {out['arrays']} arrays, "
+          f"{out['parameters']:,} values")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="damex", description="DAMEX: dataset-aware mixture of experts",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -299,6 +309,14 @@ def build_parser():
     b.add_argument("--bench-dir", default="bench")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
+
+    from .convert import CONVERTERS
+    c = sub.add_parser("convert", help="convert torchvision / DINO / DAMEX weights to damex .safetensors")
+    c.add_argument("src", help="the weights file (.pth, .pt, .safetensors, .npz)")
+    c.add_argument("dst", help="the output .safetensors file")
+    c.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS),
+                   help="what the source file is")
+    c.set_defaults(func=_cmd_convert)
     return p
 
 

@@ -13,7 +13,8 @@ import numpy as np
 from . import ops as _ops
 from .autograd import Tensor, as_tensor, record, transpose
 
-__all__ = ["linear", "layer_norm", "group_norm", "frozen_batch_norm", "conv2d", "relu", "gelu",
+__all__ = ["linear", "layer_norm", "group_norm", "frozen_batch_norm", "conv2d", "max_pool2d", "relu",
+           "gelu",
            "activation", "sigmoid", "inverse_sigmoid", "softmax", "dropout", "embedding",
            "attention", "ms_deform_attn", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh",
            "generalized_box_iou", "generalized_box_iou_paired", "sigmoid_focal_loss", "l1_loss",
@@ -95,6 +96,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         return _ops.conv2d_backward(gs[0], xd, wd, stride=stride, padding=padding,
                                       has_bias=bias is not None)
     return record(y, [x, weight, _tensor_or_none(bias)], backward, "conv2d")
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """2-D max pooling of x[N, C, H, W] (torch's values, indices and tie rule)."""
+    x = as_tensor(x)
+    shape = x.shape
+    y, idx = _op("maxpool2d_forward")(x.data, kernel_size, stride, padding)
+    return record(y, [x], lambda gs: (_op("maxpool2d_backward")(gs[0], idx, shape),), "max_pool2d")
 
 
 # ------------------------------------------------------------- elementwise

@@ -27,8 +27,9 @@ from .checkpoint import load_checkpoint, remove_stale_temp, restore, save_checkp
 from .config import RunConfig, finalize, run_config_from_dict
 
 
-def build_model(cfg, num_classes, num_datasets):
-    """The DINO model of a run, sized for the mixture's joint label space.
+def build_model(cfg, num_classes, num_datasets, load_weights=True):
+    """The DINO model of a run, sized for the mixture's joint label space, starting from
+    ``model.backbone_weights`` / ``model.pretrained`` when given (``load_weights``).
 
     Unless the configuration gives ``dataset_to_expert``, dataset d goes to
     expert ``d % num_experts`` (:func:`damex.routing.expert_map`).  The initialisers
@@ -39,7 +40,28 @@ def build_model(cfg, num_classes, num_datasets):
     mapping = expert_map(mc.dataset_to_expert, mc.num_experts, num_datasets)
     fields = dict(mc.__dict__, num_classes=num_classes, dataset_to_expert=tuple(mapping.tolist()))
     nn.manual_seed(mc.seed)   # the initial weights depend on the config, not on what ran before
-    return DINO(type(mc)(**fields))
+    model = DINO(type(mc)(**fields))
+    if load_weights:
+        load_configured_weights(model, mc)
+    return model
+
+
+def load_configured_weights(model, mc):
+    """Load ``model.backbone_weights`` into the backbone, then ``model.pretrained`` into the
+    whole model (what fits; each prints a report).  Returns the reports."""
+    from ..weights import load_pretrained, read
+
+    reports = []
+    if mc.backbone_weights:
+        state = read(mc.backbone_weights)
+        prefix = "backbone." if state and all(k.startswith("backbone.") for k in state) else ""
+        report = load_pretrained(model.backbone, state, skip=(), prefix=prefix, verbose=False)
+        report.source = f"{mc.backbone_weights} (backbone)"
+        print(report)
+        reports.append(report)
+    if mc.pretrained:
+        reports.append(load_pretrained(model, mc.pretrained))
+    return reports
 
 
 def routing_log(ctx, mapping):
@@ -146,7 +168,7 @@ class Trainer:
     ``Trainer(cfg).fit(steps)`` trains; ``Trainer.from_checkpoint(path)`` resumes.
     """
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, load_weights=True):
         self.cfg = cfg
         tc = cfg.train
         from .. import set_num_threads
@@ -154,7 +176,8 @@ class Trainer:
         set_num_threads(tc.threads)
         self.train_set = build_mixture(cfg.data, "train")
         self.label_space = self.train_set.label_space
-        self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets))
+        self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
+                                 load_weights=load_weights)
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
@@ -343,7 +366,8 @@ class Trainer:
         parts, meta = load_checkpoint(path)
         conf = meta["config"]
         conf["train"] = {**conf.get("train", {}), **train_overrides}
-        trainer = cls(run_config_from_dict(conf, source=os.fspath(path)))
+        # the checkpoint's weights replace any pretrained ones: do not read those files again
+        trainer = cls(run_config_from_dict(conf, source=os.fspath(path)), load_weights=False)
         restore(os.fspath(path), parts, trainer.model, trainer.optimizer, trainer.scheduler,
                 step=meta["step"], fresh_optimizer=fresh_optimizer)
         trainer.step = int(meta["step"])

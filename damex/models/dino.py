@@ -41,6 +41,10 @@ class DINOConfig:
     backbone_block: str = "basic"
     backbone_norm: str = "group"
     stem_width: int = 16
+    # weights to start from, loaded where the model is built (damex.weights.load_pretrained):
+    # backbone only (e.g. converted torchvision ImageNet weights) and/or the whole model
+    backbone_weights: str = ""
+    pretrained: str = ""
     # routing: a mode of damex.routing.MODES: "dense" (no MoE), "moe" (balance loss),
     # "damex" (DAMEX loss), "damex+balance"
     routing: str = "damex"

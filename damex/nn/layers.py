@@ -7,8 +7,8 @@ from .. import functional as F
 from . import init
 from .module import Module, ModuleList, Parameter
 
-__all__ = ["Linear", "LayerNorm", "GroupNorm", "Conv2d", "FrozenBatchNorm2d", "Dropout",
-           "Embedding", "ReLU", "GELU", "Identity", "MLP"]
+__all__ = ["Linear", "LayerNorm", "GroupNorm", "Conv2d", "MaxPool2d", "FrozenBatchNorm2d",
+           "Dropout", "Embedding", "ReLU", "GELU", "Identity", "MLP"]
 
 
 def _empty(*shape):
@@ -114,6 +114,20 @@ class Conv2d(Module):
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}")
+
+
+class MaxPool2d(Module):
+    """2-D max pooling (``stride`` defaults to ``kernel_size``, as torch.nn.MaxPool2d)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 class FrozenBatchNorm2d(Module):
