@@ -54,13 +54,19 @@ def load_configured_weights(model, mc):
     reports = []
     if mc.backbone_weights:
         state = read(mc.backbone_weights)
-        prefix = "backbone." if state and all(k.startswith("backbone.") for k in state) else ""
+        # a standalone backbone (damex convert --from torchvision-*) or a detector's weights
+        prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
         report = load_pretrained(model.backbone, state, skip=(), prefix=prefix, verbose=False)
         report.source = f"{mc.backbone_weights} (backbone)"
         print(report)
         reports.append(report)
     if mc.pretrained:
         reports.append(load_pretrained(model, mc.pretrained))
+    for key, report in zip(("backbone_weights", "pretrained"), reports):
+        if not report.loaded:
+            raise ValueError(f"model.{key}: nothing in {report.source} fits the model "
+                             f"({len(report.unexpected)} other keys, {len(report.mismatched)} "
+                             f"shape mismatches)")
     return reports
 
 
