@@ -102,8 +102,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     """2-D max pooling of x[N, C, H, W] (torch's values, indices and tie rule)."""
     x = as_tensor(x)
     shape = x.shape
-    y, idx = _op("maxpool2d_forward")(x.data, kernel_size, stride, padding)
-    return record(y, [x], lambda gs: (_op("maxpool2d_backward")(gs[0], idx, shape),), "max_pool2d")
+    y, idx = _ops.maxpool2d_forward(x.data, kernel_size, stride, padding)
+    return record(y, [x], lambda gs: (_ops.maxpool2d_backward(gs[0], idx, shape),), "max_pool2d")
 
 
 # ------------------------------------------------------------- elementwise

@@ -168,6 +168,16 @@ def test_resnet_names_and_shapes_are_torchvision(arch):
     assert m.bn1.eps == 1e-5 and isinstance(m.maxpool, nn.MaxPool2d)
 
 
+def test_paper_preset_backbone_is_resnet50():
+    from damex.models.dino import PRESETS
+    cfg = PRESETS["paper"]
+    m = backbone.ResNet(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_block,
+                        cfg.stem_width, cfg.backbone_norm)
+    ref = backbone.resnet50().state_dict()
+    assert [(k, v.shape) for k, v in m.state_dict().items()] == [(k, v.shape) for k, v in ref.items()]
+    assert isinstance(m.layer1[0].bn1, nn.FrozenBatchNorm2d)
+
+
 def test_resnet_checks_its_arguments():
     with pytest.raises(ValueError, match="return_interm_indices"):
         backbone.ResNet(return_interm_indices=(2, 1))
