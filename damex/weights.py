@@ -219,6 +219,30 @@ def _suffix(path):
     return os.path.splitext(os.fspath(path))[1].lower()
 
 
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
+
+
+def _format(where):
+    """"torch", "safetensors", "npz" or None: by the suffix (``.pth-rank0`` as Tutel's per-rank
+    files is torch), else by the content."""
+    ext = _suffix(where)
+    if ext in (".safetensors", ".npz"):
+        return ext[1:]
+    if ext in _TORCH_SUFFIXES or ext.split("-rank")[0] in _TORCH_SUFFIXES:
+        return "torch"
+    try:
+        with zipfile.ZipFile(where) as zf:
+            names = zf.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        return "npz" if names and all(n.endswith(".npy") for n in names) else None
+    except (zipfile.BadZipFile, OSError):
+        pass
+    with open(where, "rb") as f:
+        head = f.read(9)
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
+
+
 def read_checkpoint(path):
     """The whole object stored in a weights file.
 
@@ -240,23 +264,23 @@ def read_checkpoint(path):
     where = os.fspath(path)
     if not os.path.exists(where):
         raise FileNotFoundError(f"{where}: no such weights file")
-    ext = _suffix(where)
-    if ext == ".safetensors":
+    kind = _format(where)
+    if kind == "safetensors":
         from safetensors.numpy import load_file
         try:
             return dict(load_file(where))
         except Exception as e:   # safetensors raises its own SafetensorError and others
             raise WeightsError(f"{where}: not a readable safetensors file ({e})") from None
-    if ext == ".npz":
+    if kind == "npz":
         try:
             with np.load(where, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise WeightsError(f"{where}: not a readable npz file ({e})") from None
-    if ext in (".pth", ".pt", ".bin", ".tar", ".ckpt"):
+    if kind == "torch":
         return _read_torch_zip(where)
-    raise WeightsError(f"{where}: unknown weights format {ext!r}; expected .pth, .pt, .safetensors "
-                       f"or .npz")
+    raise WeightsError(f"{where}: unknown weights format {_suffix(where)!r}; expected .pth, .pt, "
+                       f".safetensors or .npz")
 
 
 def _flatten(obj, prefix, out):

@@ -120,6 +120,18 @@ def _touch(p):
     return p
 
 
+def test_format_from_the_content_for_other_suffixes(tmp_path):
+    torch = torch_or_skip()
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint.pth-rank1")  # Tutel's ranks
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.data")
+    weights.write(tmp_path / "a.safetensors", {"w": np.ones(2, np.float32)})
+    os.replace(tmp_path / "a.safetensors", tmp_path / "a.weights")
+    np.savez(tmp_path / "b.npz", w=np.ones(2))
+    os.replace(tmp_path / "b.npz", tmp_path / "b.arrays")
+    for name in ("checkpoint.pth-rank1", "weights.data", "a.weights", "b.arrays"):
+        np.testing.assert_array_equal(weights.read(tmp_path / name)["w"], np.ones(2), err_msg=name)
+
+
 def test_legacy_format_gets_a_clear_error(tmp_path):
     torch = torch_or_skip()
     p = tmp_path / "old.pth"
