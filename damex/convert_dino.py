@@ -32,12 +32,17 @@ DAMEX's MoE FFN (decoder layer N, Tutel ``moe_layer`` inside ``MoEMlp``):
 
 ==================================================================  ===========================================
 ``..._moe_layer._moe_layer.gates.0.wg.weight [E, D]``                ``decoder.layers.N.ffn.moe.w_router [D, E]``
-``..._moe_layer._moe_layer.experts.batched_fc1_w [E_r, F, D]``       ``...moe.w1 [E, D, F]`` (ranks concatenated)
+``..._moe_layer._moe_layer.experts.batched_fc1_w [E_r, F, D]`` (*)   ``...moe.w1 [E, D, F]`` (ranks concatenated)
 ``..._moe_layer._moe_layer.experts.batched_fc1_bias [E_r, F]``       ``...moe.b1 [E, F]``
 ``..._moe_layer._moe_layer.experts.batched_fc2_w [E_r, F, D]``       ``...moe.w2 [E, F, D]``
 ``..._moe_layer._moe_layer.experts.batched_fc2_bias [E_r, D]``       ``...moe.b2 [E, D]``
 ``decoder.layers.N.norm3`` (pre-norm of the MoE block)                ``decoder.layers.N.ffn.norm``
 ==================================================================  ===========================================
+
+(*) Tutel's ``ffn`` experts store ``batched_fc1_w`` as ``[E_r, F, D]`` (the version DAMEX
+uses: each expert's ``fc1.weight``) or, in other versions, ``[E_r, D, F]``
+(``fc1.weight.t()``); ``batched_fc2_w`` is ``[E_r, F, D]`` in both.  The layout is read
+from the shapes; when ``F == D`` it is ambiguous and DAMEX's ``[E_r, F, D]`` is assumed.
 
 Not recoverable from shapes: the number of attention heads (``n_heads``,
 default 8 as both references; ``n_points`` follows from it).  Not supported
@@ -249,8 +254,14 @@ def convert_damex_state_dicts(sds, *, n_heads=8):
         wg = sd[base + "gates.0.wg.weight"]                  # [E, D]
         parts = {n: [s[base + "experts." + n] for s in sds]
                  for n in ("batched_fc1_w", "batched_fc1_bias", "batched_fc2_w", "batched_fc2_bias")}
-        fc1 = np.concatenate(parts["batched_fc1_w"], 0)      # [E, F, D]
-        E, F = fc1.shape[0], fc1.shape[1]
+        fc2 = np.concatenate(parts["batched_fc2_w"], 0)      # [E, F, D]
+        E, F, D = fc2.shape
+        fc1 = np.concatenate(parts["batched_fc1_w"], 0)
+        if fc1.shape == (E, F, D):                           # DAMEX's Tutel: fc1.weight per expert
+            fc1 = fc1.transpose(0, 2, 1)
+        elif fc1.shape != (E, D, F):
+            raise ValueError(f"DAMEX checkpoint: layer {i} batched_fc1_w has shape {fc1.shape}, "
+                             f"expected {(E, F, D)} or {(E, D, F)} from batched_fc2_w {fc2.shape}")
         if wg.shape[0] != E:
             raise ValueError(f"DAMEX checkpoint: layer {i} routes to {wg.shape[0]} experts but the "
                              f"{len(sds)} rank file(s) hold {E}; pass every rank's file in rank order")
@@ -259,9 +270,9 @@ def convert_damex_state_dicts(sds, *, n_heads=8):
             raise ValueError(f"DAMEX checkpoint: {g} = {int(np.asarray(sd[g]))} but {E} experts were given")
         dst = f"decoder.layers.{i}.ffn.moe."
         out[dst + "w_router"] = np.ascontiguousarray(wg.T)
-        out[dst + "w1"] = np.ascontiguousarray(fc1.transpose(0, 2, 1))
+        out[dst + "w1"] = np.ascontiguousarray(fc1)
         out[dst + "b1"] = np.concatenate(parts["batched_fc1_bias"], 0).reshape(E, F)
-        out[dst + "w2"] = np.concatenate(parts["batched_fc2_w"], 0)
+        out[dst + "w2"] = fc2
         out[dst + "b2"] = np.concatenate(parts["batched_fc2_bias"], 0).reshape(E, -1)
         used.update(k for k in sd if k.startswith(f"transformer.decoder.layers.{i}._moe_layer."))
     _check_unused(sd, used)

@@ -112,7 +112,7 @@ def outputs_np(out):
 
 
 def compare_eval(twin, model, feats, mask, padding_wins=True):
-    twin.eval()
+    twin = twin.double().eval()      # a float64 reference: only damex's float32 rounding is measured
     model.eval()
     with torch.no_grad():
         ref = outputs_np(twin([torch.tensor(f) for f in feats], torch.tensor(mask)))
@@ -137,7 +137,7 @@ def compare_train(twin, model, feats, mask, targets, convert, dataset_ids=None, 
     dn = dn_queries(model, targets)
     assert (~dn.valid).any(), "the batch should leave padding denoising queries"
     monkeypatch.setattr(dino_mod, "prepare_cdn", lambda *a, **k: dn)
-    twin.train()
+    twin = twin.double().train()
     model.train()
     t_targets = [{"labels": torch.as_tensor(t["labels"]), "boxes": torch.as_tensor(t["boxes"])} for t in targets]
     out = twin([torch.tensor(f) for f in feats], torch.tensor(mask),
@@ -154,7 +154,7 @@ def compare_train(twin, model, feats, mask, targets, convert, dataset_ids=None, 
     loss.backward()
     errs = {"loss": rel(loss.data, loss_ref.detach().numpy())}
     # the twin's gradients in the official layout, converted like the weights
-    grads = {k: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape, np.float32))
+    grads = {k: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape))
              for k, p in twin.named_parameters(remove_duplicate=False)}
     for k, b in twin.named_buffers():
         grads[k] = b.numpy()
@@ -177,7 +177,11 @@ def compare_train(twin, model, feats, mask, targets, convert, dataset_ids=None, 
 
 
 def test_dino_checkpoint_eval_and_train_parity(tmp_path, monkeypatch):
-    feats, mask, targets = batch()
+    # The gradient of bilinear sampling to the location jumps where a sampling point crosses
+    # a pixel border; with batch(0) one point of decoder layer 1 lies within float32 rounding
+    # of a border, and that layer's sampling_offsets gradient differs by 2e-4 (any other
+    # seed tried: < 5e-6).  These seeds keep every point clear of the borders.
+    feats, mask, targets = batch(2)
     twin = make_twin(TINY)
     path = tmp_path / "checkpoint.pth"
     save_official(twin, path)
@@ -229,6 +233,17 @@ def test_damex_checkpoint_eval_and_train_parity(tmp_path, monkeypatch):
         return convert_damex_state_dicts(g, n_heads=4)[0]
     compare_train(twin, damex_model(sd, cfg, feats, **over), feats, mask, targets, convert,
                   dataset_ids=[1, 3], monkeypatch=monkeypatch)
+
+
+def test_damex_converter_reads_either_tutel_fc1_layout():
+    """Tutel versions save batched_fc1_w as [E, F, D] (DAMEX's) or [E, D, F]; same weights."""
+    state = {k: v.numpy() for k, v in make_twin(DAMEX).state_dict().items()}
+    other = {k: (np.ascontiguousarray(v.transpose(0, 2, 1)) if k.endswith("batched_fc1_w") else v)
+             for k, v in state.items()}
+    a, _ = convert_damex_state_dicts(state, n_heads=4)
+    b, _ = convert_damex_state_dicts(other, n_heads=4)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["decoder.layers.0.ffn.moe.w1"].shape == (4, 64, 96)
 
 
 def test_converters_refuse_what_they_cannot_place():
@@ -300,8 +315,9 @@ def test_paper_size_eval_parity(monkeypatch):
     mask[1, :, 128:] = True
     feats = [rng.normal(size=(2, c, H // s, W // s)).astype(np.float32)
              for c, s in zip(P["in_channels"], STRIDES)]
-    twin = make_twin(P).eval()
+    twin = make_twin(P)
     sd, cfg = convert_dino_state_dict({k: v.numpy() for k, v in twin.state_dict().items()})
+    twin = twin.double().eval()
     assert cfg["backbone_block"] == "bottleneck" and cfg["n_points"] == 4
     with torch.no_grad():
         order = twin([torch.tensor(f) for f in feats], torch.tensor(mask))["topk"].numpy()

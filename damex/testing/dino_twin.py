@@ -73,12 +73,12 @@ class MLP(nn.Module):
 def position_sine_hw(mask, num_pos_feats, temperature_h=20.0, temperature_w=20.0):
     """PositionEmbeddingSineHW(normalize=True): [B, H, W] bool -> [B, 2F, H, W]."""
     not_mask = ~mask
-    y = not_mask.cumsum(1, dtype=torch.float32)
-    x = not_mask.cumsum(2, dtype=torch.float32)
+    y = not_mask.cumsum(1, dtype=torch.get_default_dtype())
+    x = not_mask.cumsum(2, dtype=torch.get_default_dtype())
     scale = 2 * math.pi
     y = y / (y[:, -1:, :] + 1e-6) * scale
     x = x / (x[:, :, -1:] + 1e-6) * scale
-    i = torch.arange(num_pos_feats, dtype=torch.float32)
+    i = torch.arange(num_pos_feats, dtype=torch.get_default_dtype())
     pos = []
     for v, t in ((y, temperature_h), (x, temperature_w)):
         p = v[..., None] / (t ** (2 * (i // 2) / num_pos_feats))
@@ -88,7 +88,7 @@ def position_sine_hw(mask, num_pos_feats, temperature_h=20.0, temperature_w=20.0
 
 def sine_embed_boxes(boxes, num_feats):
     """gen_sineembed_for_position of [..., 4] boxes: (y, x, w, h) blocks."""
-    i = torch.arange(num_feats, dtype=torch.float32)
+    i = torch.arange(num_feats, dtype=torch.get_default_dtype())
     dim_t = 10000 ** (2 * (i // 2) / num_feats)
     out = []
     for c in (1, 0, 2, 3):
@@ -134,7 +134,7 @@ class MSDeformAttn(nn.Module):
         off = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         aw = F.softmax(self.attention_weights(query).view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
-            t = torch.tensor(shapes, dtype=torch.float32)
+            t = torch.tensor(shapes, dtype=torch.get_default_dtype())
             normalizer = torch.stack([t[:, 1], t[:, 0]], -1)
             loc = reference_points[:, :, None, :, None, :] + off / normalizer[None, None, None, :, None, :]
         else:
@@ -329,8 +329,8 @@ class DeformableTransformer(nn.Module):
             mflat.append(m.flatten(1))
             pflat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src, mask, pos = torch.cat(flat, 1), torch.cat(mflat, 1), torch.cat(pflat, 1)
-        valid_ratios = torch.stack([torch.stack([(~m[:, 0, :]).sum(1).float() / m.shape[2],
-                                                 (~m[:, :, 0]).sum(1).float() / m.shape[1]], -1)
+        valid_ratios = torch.stack([torch.stack([(~m[:, 0, :]).sum(1).to(src.dtype) / m.shape[2],
+                                                 (~m[:, :, 0]).sum(1).to(src.dtype) / m.shape[1]], -1)
                                     for m in masks], 1)
         memory = self.encoder(src, pos, shapes, valid_ratios, mask)
         out_mem, out_props = self.proposals(memory, mask, shapes)
@@ -395,9 +395,20 @@ class DINOTwin(nn.Module):
         return self
 
     def forward(self, features, mask, dn=None):
-        """features: list of backbone maps [B, C_l, H_l, W_l]; mask [B, H, W] bool (True = padding);
+        """Run in the parameters' dtype (``twin.double()`` gives a float64 reference).
+
+        features: list of backbone maps [B, C_l, H_l, W_l]; mask [B, H, W] bool (True = padding);
         dn: None or dict with labels [B, pad] long, valid [B, pad] bool, box_logits [B, pad, 4],
         attn_mask [pad + nq, pad + nq] bool, pad_size."""
+        dtype = self.label_enc.weight.dtype
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return self._forward([f.to(dtype) for f in features], mask, dn)
+        finally:
+            torch.set_default_dtype(old)
+
+    def _forward(self, features, mask, dn):
         d = self.cfg["d_model"]
         srcs = [p(f) for p, f in zip(self.input_proj, features)]
         x = features[-1]
@@ -409,8 +420,8 @@ class DINOTwin(nn.Module):
         dn_boxes = dn_tgt = attn_mask = None
         if dn is not None:
             dn_tgt = self.label_enc(torch.as_tensor(np.where(dn["valid"], dn["labels"], 0))) \
-                * torch.as_tensor(dn["valid"], dtype=torch.float32)[..., None]
-            dn_boxes = torch.as_tensor(dn["box_logits"])
+                * torch.as_tensor(dn["valid"], dtype=torch.get_default_dtype())[..., None]
+            dn_boxes = torch.as_tensor(dn["box_logits"]).to(self.label_enc.weight.dtype)
             attn_mask = torch.as_tensor(dn["attn_mask"])
         hs, refs, hs_enc, ref_enc, top = self.transformer(srcs, masks, pos, dn_boxes, dn_tgt, attn_mask)
         hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0
@@ -469,7 +480,7 @@ def hungarian(logits, boxes, targets, alpha=0.25):
 def set_losses(logits, boxes, targets, indices, num_boxes, alpha=0.25):
     """loss_labels (focal) and loss_boxes (L1, GIoU) of DINO's SetCriterion."""
     B, Q, C = logits.shape
-    onehot = torch.zeros(B, Q, C)
+    onehot = torch.zeros(B, Q, C, dtype=logits.dtype)
     for b, (q, g) in enumerate(indices):
         onehot[b, q, targets[b]["labels"][g]] = 1.0
     p = logits.sigmoid()
@@ -489,6 +500,8 @@ def dino_loss(out, targets, dn=None, dataset_ids=None, moe_weight=0.1, weights=(
     routing loss (mean over MoE layers of the cross entropy of the router logits against
     the token's dataset, per-token labels) when ``dataset_ids`` is given."""
     w = dict(zip(("ce", "bbox", "giou"), weights))
+    dtype = out["pred_boxes"].dtype
+    targets = [{"labels": t["labels"], "boxes": t["boxes"].to(dtype)} for t in targets]
     num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
     sets = [out] + out["aux_outputs"] + [out["interm_outputs"]]
     total = 0.0
