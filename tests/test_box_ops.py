@@ -32,7 +32,7 @@ def ref_box_iou(a, b):
     wh = np.clip(rb - lt, 0, None)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a[:, None] + area_b[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    iou = inter / (union + 1e-6)                     # DINO's epsilon
     return iou, union
 
 
@@ -44,7 +44,7 @@ def ref_giou(a, b):
     rb = np.maximum(a[:, None, 2:], b[None, :, 2:])
     wh = np.clip(rb - lt, 0, None)
     area = wh[..., 0] * wh[..., 1]
-    pen = np.divide(area - union, area, out=np.zeros_like(area), where=area > 0)
+    pen = (area - union) / (area + 1e-6)
     return iou - pen
 
 
@@ -62,7 +62,7 @@ def ref_focal(x, t, alpha=0.25, gamma=2.0):
 # ---- DETR / torchvision in PyTorch ------------------------------------------
 
 def torch_giou(torch, b1, b2):
-    """DETR util/box_ops.py generalized_box_iou (and box_iou), rewritten."""
+    """DINO util/box_ops.py generalized_box_iou (and box_iou, 1e-6 in both divisions), rewritten."""
     area1 = (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1])
     area2 = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
     lt = torch.max(b1[:, None, :2], b2[:, :2])
@@ -70,12 +70,12 @@ def torch_giou(torch, b1, b2):
     wh = (rb - lt).clamp(min=0)
     inter = wh[:, :, 0] * wh[:, :, 1]
     union = area1[:, None] + area2 - inter
-    iou = inter / union
+    iou = inter / (union + 1e-6)
     lt = torch.min(b1[:, None, :2], b2[:, :2])
     rb = torch.max(b1[:, None, 2:], b2[:, 2:])
     wh = (rb - lt).clamp(min=0)
     area = wh[:, :, 0] * wh[:, :, 1]
-    return iou - (area - union) / area, iou, union
+    return iou - (area - union) / (area + 1e-6), iou, union
 
 
 def torch_focal(torch, x, t, alpha=0.25, gamma=2.0):
@@ -221,7 +221,7 @@ def test_giou_parity_with_torch(case):
 def test_giou_known_values():
     a, b = special_pairs()
     g = ops.generalized_box_iou_forward(a, b)
-    assert g[0, 0] == 1.0                                   # identical
+    assert_close(g[0, 0], 1.0, atol=1e-5)                   # identical: U / (U + 1e-6) (DINO's eps)
     assert_close(g[1, 1], 0.25 * 0.325 / 1.0, atol=1e-7)    # nested: iou = area ratio
     # disjoint: iou 0, enclosing box (0.2,0.2)-(0.9,0.8) = 0.42, union 0.01 + 0.03
     assert_close(g[2, 2], -(0.42 - 0.04) / 0.42, atol=1e-6)
@@ -241,18 +241,23 @@ def test_zero_area_boxes_are_finite_with_defined_values():
     da, db = ops.generalized_box_iou_backward(dg, a, b)
     for v in (giou, iou, union, da, db):
         assert np.isfinite(v).all()
-    # two zero-area boxes: DETR gives 0/0 = NaN; here the guarded quotients are 0
+    # two zero-area boxes: DETR gives 0/0 = NaN; DINO's 1e-6 makes the quotients 0
     assert giou[0, 0] == 0 and iou[0, 0] == 0          # coincident points: union 0, C 0
     assert giou[1, 1] == 0 and giou[1, 3] == 0         # collinear segments: union 0, C 0
-    assert giou[0, 1] == -1 and giou[1, 0] == -1       # point vs segment: union 0, C > 0
-    # a zero-area box against a real one: DETR is finite there and we agree to the bit
-    ref, _, _ = torch_giou(torch, torch.tensor(a), torch.tensor(box))
-    np.testing.assert_array_equal(giou[:, 2:3], ref.numpy())
+    assert abs(giou[0, 1] + 1) < 1e-4 and abs(giou[1, 0] + 1) < 1e-4   # point vs segment: union 0
+    # every pair is DINO's value (1e-6 in the union and in C) to the bit
+    ref, ref_iou, _ = torch_giou(torch, torch.tensor(a), torch.tensor(b))
+    np.testing.assert_array_equal(giou, ref.numpy())
+    np.testing.assert_array_equal(iou, ref_iou.numpy())
     assert_close(giou, ref_giou(a, b), atol=1e-6, rtol=1e-5)
-    # where union and C are both 0 the pair contributes no gradient
+    # coincident points contribute no gradient (every area factor is 0) ...
     da_pt, db_pt = ops.generalized_box_iou_backward(np.ones((1, 1), np.float32), pt, pt)
-    da_seg, db_seg = ops.generalized_box_iou_backward(np.ones((1, 2), np.float32), seg, b[[1, 3]])
-    assert not da_pt.any() and not db_pt.any() and not da_seg.any() and not db_seg.any()
+    assert not da_pt.any() and not db_pt.any()
+    # ... and the segments get DINO's (large, finite) gradient
+    at, bt = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    torch_giou(torch, at, bt)[0].sum().backward()
+    assert_close(da, at.grad.numpy(), atol=1e-4, rtol=1e-5)
+    assert_close(db, bt.grad.numpy(), atol=1e-4, rtol=1e-5)
 
 
 def test_giou_gradient_to_a_zero_area_box_matches_torch():

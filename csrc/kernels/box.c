@@ -3,18 +3,17 @@
  * The forward box arithmetic is float32 in DETR's order of operations, so the
  * values match DETR's util/box_ops.py on PyTorch bit for bit where no
  * division by zero occurs.  Backward passes redo the float32 forward (so every
- * branch - clamp, min/max tie, zero guard - is decided exactly as in the
+ * branch - clamp, min/max tie - is decided exactly as in the
  * forward) and carry the gradient arithmetic in double.  Subgradients follow
  * PyTorch autograd: clamp(v, min=0) passes the gradient where v >= 0, and
  * max/min split it evenly between two equal arguments.
  *
- * Zero-area boxes.  DETR divides by the union and by the enclosing area; both
- * are 0 only when both boxes have zero area (points or segments), where DETR
- * gives 0/0 = NaN.  Here the guarded quotient is 0 with gradient 0 there:
- *   iou  = union > 0 ? inter / union : 0
- *   giou = iou - (C > 0 ? (C - union) / C : 0)
- * Nowhere else does this differ from DETR (a guard instead of an epsilon, so
- * non-degenerate values are not perturbed). */
+ * Epsilons.  As DINO's util/box_ops.py, the union and the enclosing area get
+ * 1e-6 added (in float32) before they divide:
+ *   iou  = inter / (union + 1e-6)
+ *   giou = iou - (C - union) / (C + 1e-6)
+ * so zero-area boxes (points, segments) give finite values: two coincident
+ * points have IoU 0 and GIoU 0. */
 #include "box.h"
 
 #include <math.h>
@@ -94,6 +93,9 @@ int box_xyxy_to_cxcywh_backward(float *db, const float *dout, long n)
 
 /* ---- IoU and generalized IoU -------------------------------------------- */
 
+/* DINO's epsilon on the union and the enclosing area (float32, as torch adds it). */
+#define BOX_EPS 1e-6f
+
 /* The float32 forward of one pair, in DETR's order of operations. */
 struct giou_pair {
     float area_a, area_b;
@@ -118,19 +120,19 @@ static inline void giou_pair_forward(struct giou_pair *p, const float *a, const 
 
 static inline float iou_of(const struct giou_pair *p)
 {
-    return p->uni > 0.0f ? p->inter / p->uni : 0.0f;
+    return p->inter / (p->uni + BOX_EPS);
 }
 
 static inline float giou_of(const struct giou_pair *p)
 {
-    float pen = p->encl > 0.0f ? (p->encl - p->uni) / p->encl : 0.0f;
+    float pen = (p->encl - p->uni) / (p->encl + BOX_EPS);
     return iou_of(p) - pen;
 }
 
 /* a[N,4], b[M,4] xyxy -> iou[N,M], union[N,M]:
  *   inter = clamp(min(ax1,bx1) - max(ax0,bx0), 0) * clamp(min(ay1,by1) - max(ay0,by0), 0)
  *   union = (area(a) + area(b)) - inter
- *   iou   = union > 0 ? inter / union : 0 */
+ *   iou   = inter / (union + 1e-6) */
 int box_iou_forward(float *iou, float *union_area, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
@@ -149,7 +151,7 @@ int box_iou_forward(float *iou, float *union_area, const float *a, const float *
 /* a[N,4], b[M,4] xyxy -> giou[N,M]:
  *   iou as in box_iou_forward
  *   C    = clamp(max(ax1,bx1) - min(ax0,bx0), 0) * clamp(max(ay1,by1) - min(ay0,by0), 0)
- *   giou = iou - (C > 0 ? (C - union) / C : 0) */
+ *   giou = iou - (C - union) / (C + 1e-6) */
 int generalized_box_iou_forward(float *giou, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
@@ -186,16 +188,13 @@ static void giou_pair_backward(double ga[4], double gb[4], double g, const float
     giou_pair_forward(&p, a, b);
     for (int k = 0; k < 4; k++) ga[k] = gb[k] = 0.0;
     double g_inter = 0.0, g_union = 0.0, g_encl = 0.0;
-    /* iou = inter / union */
-    if (p.uni > 0.0f) {
-        g_inter += g / p.uni;
-        g_union -= g * p.inter / ((double)p.uni * p.uni);
-    }
-    /* giou = iou - (C - union) / C */
-    if (p.encl > 0.0f) {
-        g_union += g / p.encl;
-        g_encl += -g / p.encl + g * ((double)p.encl - p.uni) / ((double)p.encl * p.encl);
-    }
+    /* iou = inter / (union + eps) */
+    double u = (double)(p.uni + BOX_EPS), e = (double)(p.encl + BOX_EPS);
+    g_inter += g / u;
+    g_union -= g * p.inter / (u * u);
+    /* giou = iou - (C - union) / (C + eps) */
+    g_union += g / e;
+    g_encl += -g / e + g * ((double)p.encl - p.uni) / (e * e);
     /* union = (area(a) + area(b)) - inter */
     double g_area = g_union;
     g_inter -= g_union;
@@ -232,7 +231,7 @@ static void giou_pair_backward(double ga[4], double gb[4], double g, const float
     }
 }
 
-/* inverts giou[i,j] = iou - (C > 0 ? (C - union) / C : 0) (generalized_box_iou_forward):
+/* inverts giou[i,j] = iou - (C - union) / (C + 1e-6) (generalized_box_iou_forward):
  *   da[i] += sum_j dgiou[i,j] d giou[i,j] / d a[i],  db[j] += sum_i dgiou[i,j] d giou[i,j] / d b[j]
  * Two passes, over rows of a and over rows of b, so that threads own disjoint
  * outputs and the sums run in a fixed order. */
@@ -281,7 +280,7 @@ int generalized_box_iou_paired_forward(float *giou, const float *a, const float 
     return DAMEX_OK;
 }
 
-/* inverts giou[i] = iou - (C > 0 ? (C - union) / C : 0) on pair (a[i], b[i]):
+/* inverts giou[i] = iou - (C - union) / (C + 1e-6) on pair (a[i], b[i]):
  *   da[i] += dgiou[i] d giou[i] / d a[i],  db[i] += dgiou[i] d giou[i] / d b[i] */
 int generalized_box_iou_paired_backward(float *da, float *db, const float *dgiou, const float *a,
                                         const float *b, long n)

@@ -12,9 +12,9 @@ negative queries (moved by between one and two half-sizes, which must predict
 in a block of ``pad = 2 G n`` denoising queries placed before the matching
 queries.  The self-attention mask (True = blocked) keeps the matching queries
 from seeing any denoising query and every group from seeing the other groups.
-Images with fewer than ``n`` objects leave padding queries (label id
-``num_classes``, the extra row of the label book; box logits 0) that no loss
-reads.
+Images with fewer than ``n`` objects leave padding queries that no loss
+reads; as DINO, their content vector is zero (:func:`dn_content`) and their
+box logits 0 (label id ``num_classes`` is only a placeholder, never embedded).
 """
 from dataclasses import dataclass
 
@@ -27,13 +27,14 @@ INV_SIG_EPS = 1e-3  # DINO's inverse_sigmoid clamp
 
 @dataclass
 class DenoisingQueries:
-    labels: np.ndarray        # [B, pad] int64 noised labels (num_classes at padding)
+    labels: np.ndarray        # [B, pad] int64 noised labels (num_classes at padding, not embedded)
     box_logits: np.ndarray    # [B, pad, 4] inverse-sigmoid of noised cxcywh boxes (0 at padding)
     attn_mask: np.ndarray     # [pad + num_queries, pad + num_queries] bool, True = blocked
     pad_size: int
     num_groups: int
     max_objects: int
     positive: list            # per image: (query indices, gt indices) of the positive queries
+    valid: np.ndarray         # [B, pad] bool, False at padding queries
 
     def split(self, x):
         """Split an array whose axis 1 holds [denoising | matching] queries."""
@@ -109,4 +110,19 @@ def prepare_cdn(targets, *, num_classes, num_queries, rng, dn_number=100, label_
                     q_pos.append(base + np.arange(nb))
                     q_gt.append(np.arange(nb))
         positive.append((np.concatenate(q_pos).astype(np.int64), np.concatenate(q_gt).astype(np.int64)))
-    return DenoisingQueries(labels, box_logits, make_attn_mask(pad, G, num_queries), pad, G, n, positive)
+    valid = np.zeros((B, pad), bool)
+    for b, nb in enumerate(counts):
+        for c in range(2 * G):
+            valid[b, c * n:c * n + nb] = True
+    return DenoisingQueries(labels, box_logits, make_attn_mask(pad, G, num_queries), pad, G, n, positive,
+                            valid)
+
+
+def dn_content(label_enc, dn):
+    """The content vectors of the denoising queries, [B, pad, d] Tensor.
+
+    ``label_enc`` rows of the noised labels, and a zero vector at padding
+    queries (as DINO: they get neither a label row nor a gradient).
+    """
+    emb = label_enc(np.where(dn.valid, dn.labels, 0))
+    return emb * dn.valid[..., None].astype(np.float32)

@@ -18,7 +18,7 @@ from .. import routing as _routing
 from ..nn.context import ForwardContext
 from ..autograd import Tensor, cat
 from .backbone import ResNet
-from .denoising import prepare_cdn
+from .denoising import dn_content, prepare_cdn
 from .position_encoding import sine_position_encoding
 from .transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, encoder_proposals, make_ffn,
                           select_queries)
@@ -64,17 +64,25 @@ class DINOConfig:
     dn_number: int = 100
     dn_label_noise_ratio: float = 0.5
     dn_box_noise_scale: float = 1.0
+    # damex's option (off = DINO): padding / out-of-range proposals never win the query selection
+    mask_unusable_queries: bool = False
     seed: int = 0
 
 
+_R50_DINO_4SCALE = dict(   # IDEA-Research/DINO config/DINO/DINO_4scale.py
+    d_model=256, d_ffn=2048, n_heads=8, n_points=4, enc_layers=6, dec_layers=6,
+    num_queries=900, num_feature_levels=4, backbone_depths=(3, 4, 6, 3),
+    backbone_widths=(64, 128, 256, 512), backbone_block="bottleneck",
+    backbone_norm="frozen_bn", stem_width=64, dn_number=100, dn_label_noise_ratio=0.5)
+
 PRESETS = {
     "tiny": DINOConfig(),
-    "paper": DINOConfig(
-        d_model=256, d_ffn=2048, n_heads=8, n_points=4, enc_layers=6, dec_layers=6,
-        num_queries=900, num_feature_levels=4, backbone_depths=(3, 4, 6, 3),
-        backbone_widths=(64, 128, 256, 512), backbone_block="bottleneck",
-        backbone_norm="frozen_bn", stem_width=64, moe_decoder_layers=(0, 2, 4), num_experts=8,
-        moe_hidden=2048, dn_number=100),
+    # DINO_4scale: dense FFNs, COCO's 91 class ids, dn_box_noise_scale 0.4
+    "dino": DINOConfig(**_R50_DINO_4SCALE, num_classes=91, routing="dense", dn_box_noise_scale=0.4),
+    # jinga-lala/DAMEX config/uodb/DAMEX_4scale.py: MoE FFNs in decoder layers 0, 2, 4,
+    # dn_box_noise_scale 1.0
+    "paper": DINOConfig(**_R50_DINO_4SCALE, moe_decoder_layers=(0, 2, 4), num_experts=8,
+                        moe_hidden=2048, dn_box_noise_scale=1.0),
 }
 
 
@@ -156,7 +164,7 @@ class DINO(nn.Module):
         self.enc_bbox_embed.layers[-1].weight.data[:] = 0
         self.enc_bbox_embed.layers[-1].bias.data[:] = 0
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
-        self.label_enc = nn.Embedding(C + 1, d)   # the extra row labels padding denoising queries
+        self.label_enc = nn.Embedding(C + 1, d)   # C + 1 rows as DINO (the last is never embedded)
         self._calls = 0   # numbers the forwards made without a context (their streams' step)
 
     # -- the parts of the forward pass ------------------------------------------
@@ -225,7 +233,7 @@ class DINO(nn.Module):
         props, usable = encoder_proposals(pad_mask, shapes, valid_ratios)
         ref_logits, interm_logits, interm_boxes = select_queries(
             memory, props, usable, self.enc_output, self.enc_output_norm, self.enc_class_embed,
-            self.enc_bbox_embed, cfg.num_queries)
+            self.enc_bbox_embed, cfg.num_queries, mask_unusable=cfg.mask_unusable_queries)
         B = images.shape[0]
         tgt = self.tgt_embed.weight.reshape(1, cfg.num_queries, cfg.d_model).expand(B, cfg.num_queries, cfg.d_model)
         dn = None
@@ -236,7 +244,7 @@ class DINO(nn.Module):
                              box_noise_scale=cfg.dn_box_noise_scale)
         attn_mask = None
         if dn is not None:
-            tgt = cat([self.label_enc(dn.labels), tgt], 1)
+            tgt = cat([dn_content(self.label_enc, dn), tgt], 1)
             ref_logits = np.concatenate([dn.box_logits, ref_logits], 1)
             attn_mask = dn.attn_mask
         layers = self.decoder(tgt, ref_logits, memory, shapes, starts, pad_mask, valid_ratios, attn_mask, ctx)

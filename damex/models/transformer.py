@@ -152,11 +152,18 @@ def encoder_proposals(padding_mask, shapes, valid_ratios):
 
 
 class Decoder(nn.Module):
-    """Decoder layers with iterative refinement and look-forward-twice.
+    """Decoder layers with iterative refinement and look-forward-twice, as DINO.
 
-    Layer i predicts ``box_i = sigmoid(bbox_embed(norm(h_i)) + inverse_sigmoid(box_{i-1}))``;
-    its queries were placed by ``box_{i-1}`` detached, while the loss on ``box_i``
-    also reaches ``box_{i-1}`` through the second term (look forward twice).
+    With ``out_l`` the raw output of layer l, ``r_l`` the reference it was placed
+    by (``r_0 = sigmoid(ref_logits)``) and ``sg`` a stop-gradient:
+
+        new_l  = sigmoid(bbox_embed(out_l) + inverse_sigmoid(sg(r_l)))     (raw output)
+        r_{l+1} = sg(new_l)
+        box_l  = sigmoid(bbox_embed(norm(out_l)) + inverse_sigmoid(new_{l-1}))   (normed output)
+        logits_l = class_embed(norm(out_l))
+
+    (``new_{-1} = r_0``).  So the loss on ``box_l`` reaches layer l-1's box update
+    through ``new_{l-1}`` and no earlier one (look forward twice).
     """
 
     def __init__(self, layers, d_model, class_embed, bbox_embed):
@@ -170,17 +177,21 @@ class Decoder(nn.Module):
 
     def forward(self, tgt, ref_logits, memory, shapes, starts, memory_mask, valid_ratios, attn_mask,
                 ctx):
-        ref = F.sigmoid(Tensor(ref_logits))
+        ref = F.sigmoid(Tensor(ref_logits))          # r_l, no gradient
+        prev = ref                                   # new_{l-1}, with its gradient
         scale = np.concatenate([valid_ratios, valid_ratios], -1)[:, None]        # [B, 1, L, 4]
         outputs = []
-        for layer in self.layers:
-            ref_input = ref.data[:, :, None] * scale                             # detached
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            ref_input = ref.data[:, :, None] * scale
             query_pos = self.ref_point_head(Tensor(sine_box_encoding(ref_input[:, :, 0], self.d_model // 2)))
             tgt = layer(tgt, query_pos, ref_input, memory, shapes, starts, memory_mask, attn_mask, ctx)
             h = self.norm(tgt)
-            box = F.sigmoid(self.bbox_embed(h) + F.inverse_sigmoid(ref, eps=INV_SIG_EPS))
+            box = F.sigmoid(self.bbox_embed(h) + F.inverse_sigmoid(prev, eps=INV_SIG_EPS))
             outputs.append((self.class_embed(h), box))
-            ref = box
+            if i < last:                             # the last update feeds no prediction
+                prev = F.sigmoid(self.bbox_embed(tgt) + F.inverse_sigmoid(ref, eps=INV_SIG_EPS))
+                ref = Tensor(prev.data)
         return outputs
 
 
@@ -197,22 +208,41 @@ class Encoder(nn.Module):
 
 
 def select_queries(memory, proposal_logits, usable, enc_output, enc_norm, enc_class, enc_bbox,
-                   num_queries):
+                   num_queries, mask_unusable=False):
     """Mixed query selection: the top ``num_queries`` encoder tokens by their best class
     logit give the anchor boxes (detached for the decoder).
 
+    As DINO, the memory of unusable tokens (padding, or a proposal outside
+    (0.01, 0.99)) is zeroed and their proposal logits are +inf, but they are
+    ranked with the others: their constant score can win, and their anchor is then
+    (1, 1, 1, 1).  ``mask_unusable=True`` (damex's option) scores them -inf
+    instead, so they are chosen only when fewer than ``num_queries`` tokens are usable.
+
     Returns ``(ref_logits [B, Q, 4] ndarray, interm_logits [B, Q, C], interm_boxes [B, Q, 4])``,
     the last two Tensors for the encoder-proposal loss.
+
+    Raises
+    ------
+    ValueError
+        When the encoder has fewer tokens than ``num_queries`` (images too small
+        for the query count).
     """
+    B, S = memory.shape[:2]
+    if S < num_queries:
+        raise ValueError(f"query selection: the encoder has {S} tokens per image but num_queries is "
+                         f"{num_queries}; use larger images or fewer queries")
     keep = Tensor(usable[..., None].astype(np.float32))
     out = enc_norm(enc_output(memory * keep))
     logits = enc_class(out)                                            # [B, S, C]
-    coord = enc_bbox(out) + Tensor(proposal_logits)                    # [B, S, 4]
-    score = np.where(usable, logits.data.max(-1), -np.inf)
+    score = logits.data.max(-1)
+    if mask_unusable:
+        score = np.where(usable, score, -np.inf)
+        props = proposal_logits
+    else:
+        props = np.where(usable[..., None], proposal_logits, np.float32(np.inf)).astype(np.float32)
+    coord = enc_bbox(out) + Tensor(props)                              # [B, S, 4]
     top = np.argsort(-score, axis=1, kind="stable")[:, :num_queries]   # [B, Q]
-    B = memory.shape[0]
-    flat = (top + np.arange(B)[:, None] * memory.shape[1]).reshape(-1)
-    S = memory.shape[1]
+    flat = (top + np.arange(B)[:, None] * S).reshape(-1)
     sel_coord = coord.reshape(B * S, 4)[flat].reshape(B, num_queries, 4)
     sel_logits = logits.reshape(B * S, -1)[flat].reshape(B, num_queries, -1)
     return sel_coord.data.copy(), sel_logits, F.sigmoid(sel_coord)

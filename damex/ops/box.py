@@ -9,11 +9,11 @@ passes the gradient at 0, ``max``/``min`` split it evenly at a tie,
 
 Degenerate boxes.  IoU and GIoU take xyxy boxes with ``x0 <= x1`` and
 ``y0 <= y1`` (DETR asserts this; here a ValueError names the argument and the
-row).  Zero-area boxes are allowed.  Where DETR divides 0 by 0 - the union of
-two zero-area boxes, or their zero-area enclosing box - the quotient is
-defined as 0 with gradient 0, so two coincident points have IoU 0 and GIoU 0
-instead of NaN.  This is a guard on exact zeros, not an epsilon: every other
-value is DETR's to the bit.
+row).  Zero-area boxes are allowed: as DINO's ``util/box_ops.py``, the
+union and the enclosing area get 1e-6 added before they divide
+(``iou = inter / (union + 1e-6)``, ``giou = iou - (C - union) / (C + 1e-6)``),
+so two coincident points have IoU 0 and GIoU 0 instead of NaN, and every
+value is DINO's to float32 rounding.
 """
 import numpy as np
 
@@ -99,7 +99,7 @@ def box_iou_forward(a, b):
 
     Returns
     -------
-    iou : ndarray, float32, shape (N, M); 0 where the union is 0
+    iou : ndarray, float32, shape (N, M), ``inter / (union + 1e-6)``
     union : ndarray, float32, shape (N, M)
     """
     a = _xyxy(a, "a")
@@ -114,8 +114,8 @@ def box_iou_forward(a, b):
 def generalized_box_iou_forward(a, b):
     """Pairwise generalized IoU of xyxy boxes (DETR ``generalized_box_iou``).
 
-    ``giou = iou - (C - union) / C`` with C the area of the smallest box
-    enclosing both; the quotient is 0 where C is 0 (see the module docstring).
+    ``giou = iou - (C - union) / (C + 1e-6)`` with C the area of the smallest box
+    enclosing both (DINO's epsilon, see the module docstring).
 
     Parameters
     ----------
