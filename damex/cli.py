@@ -232,7 +232,7 @@ def _cmd_bench(args):
 def _cmd_convert(args):
     from .convert import convert
 
-    out = convert(args.src, args.dst, args.source)
+    out = convert(args.src, args.dst, args.source, n_heads=args.n_heads)
     print(f"{args.src} ({args.source}) -> {out['dst']}: {out['arrays']} arrays, "
           f"{out['parameters']:,} values")
     return 0
@@ -316,6 +316,8 @@ def build_parser():
     c.add_argument("dst", help="the output .safetensors file")
     c.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS),
                    help="what the source file is")
+    c.add_argument("--n-heads", type=int, help="attention heads, for --from dino / damex-official "
+                                               "(not in the shapes; default 8, as both references)")
     c.set_defaults(func=_cmd_convert)
     return p
 

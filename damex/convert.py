@@ -15,9 +15,16 @@ against ``damex.models.backbone.resnetN()``.  The output holds the backbone
 *standalone* (``conv1.weight``, ``layer1.0.conv1.weight``, ...): it loads into
 ``resnetN()`` directly, and into a detector through ``model.backbone_weights``
 (which loads it into ``model.backbone``).
+
+``dino``: an IDEA-Research/DINO checkpoint as its ``main.py`` saves it;
+``damex-official``: a jinga-lala/DAMEX checkpoint (one file per rank, each with that
+rank's Tutel experts; give any rank's file).  Both give damex's whole DINO state
+dict (key map in :mod:`damex.convert_dino`) and the config fields inferred from the
+shapes in the metadata (``"config"``), for ``model.pretrained``.
 """
 import importlib
 import os
+import re
 from functools import partial
 
 import numpy as np
@@ -72,6 +79,43 @@ def torchvision_resnet(arch, obj, src):
     return out, {"kind": "backbone", "arch": arch, "norm": "frozen_bn"}
 
 
+def official_dino(obj, src, n_heads=8):
+    """An IDEA-Research/DINO checkpoint (``{"model": ..., "args": ...}``; ``args`` is never
+    read) -> damex's whole DINO, with the config fields inferred from the shapes as metadata."""
+    from .convert_dino import convert_dino_state_dict
+    state, cfg = convert_dino_state_dict(obj, n_heads=n_heads)
+    return state, {"kind": "model", "config": _jsonable(cfg)}
+
+
+def _rank_files(src):
+    """``checkpoint.pth-rank0`` -> every ``checkpoint.pth-rankN`` beside it, in rank order."""
+    m = re.match(r"(.*)-rank(\d+)$", src)
+    if not m:
+        return [src]
+    folder = os.path.dirname(os.path.abspath(src))
+    stem = os.path.basename(m.group(1))
+    ranks = sorted(int(r.group(1)) for n in os.listdir(folder)
+                   for r in [re.fullmatch(re.escape(stem) + r"-rank(\d+)", n)] if r)
+    if ranks != list(range(len(ranks))):
+        raise ValueError(f"{src}: DAMEX rank files beside it are ranks {ranks}; expected 0..N-1, all present")
+    return [os.path.join(folder, f"{stem}-rank{r}") for r in ranks]
+
+
+def official_damex(obj, src, n_heads=8):
+    """A jinga-lala/DAMEX checkpoint, saved once per rank with that rank's Tutel experts:
+    give any ``...-rankN`` file; all ranks beside it are read and their experts gathered."""
+    from .convert_dino import convert_damex_state_dicts
+    files = _rank_files(src)
+    objs = [obj if os.path.abspath(f) == os.path.abspath(src) else weights.read_checkpoint(f)
+            for f in files]
+    state, cfg = convert_damex_state_dicts(objs, n_heads=n_heads)
+    return state, {"kind": "model", "config": _jsonable(cfg), "ranks": len(files)}
+
+
+def _jsonable(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
 def _lazy(module, name):
     """A converter living in another module, imported when used (no import cycles)."""
     def converter(obj, src):
@@ -85,10 +129,14 @@ CONVERTERS = {
     "torchvision-resnet34": partial(torchvision_resnet, "resnet34"),
     "torchvision-resnet50": partial(torchvision_resnet, "resnet50"),
     "torchvision-resnet101": partial(torchvision_resnet, "resnet101"),
+    "dino": official_dino,
+    "damex-official": official_damex,
 }
+# converters that take the number of attention heads (not recoverable from the shapes)
+TAKES_HEADS = ("dino", "damex-official")
 
 
-def convert(src, dst, source):
+def convert(src, dst, source, n_heads=None):
     """Convert the weights file ``src`` of kind ``source`` into damex's ``dst`` (.safetensors).
 
     Parameters
@@ -96,6 +144,8 @@ def convert(src, dst, source):
     src : str or PathLike, a file :func:`damex.weights.read_checkpoint` reads
     dst : str or PathLike, ending in ``.safetensors``
     source : str, a key of :data:`CONVERTERS`
+    n_heads : int, optional
+        Attention heads, for ``dino`` / ``damex-official`` (default 8, as both references).
 
     Returns
     -------
@@ -106,7 +156,8 @@ def convert(src, dst, source):
     src, dst = os.fspath(src), os.fspath(dst)
     if not dst.endswith(".safetensors"):
         raise ValueError(f"{dst}: the converted weights are written as .safetensors")
-    state, meta = CONVERTERS[source](weights.read_checkpoint(src), src)
+    extra = {"n_heads": int(n_heads)} if n_heads is not None and source in TAKES_HEADS else {}
+    state, meta = CONVERTERS[source](weights.read_checkpoint(src), src, **extra)
     meta = dict(meta, source=source, converted_from=os.path.basename(src))
     weights.write(dst, state, meta)
     return {"dst": dst, "arrays": len(state), "parameters": int(sum(v.size for v in state.values())),

@@ -323,3 +323,36 @@ def test_paper_size_eval_parity(monkeypatch):
         order = twin([torch.tensor(f) for f in feats], torch.tensor(mask))["topk"].numpy()
     follow_twin_order(monkeypatch, order)
     compare_eval(twin, damex_model(sd, cfg, feats), feats, mask)
+
+
+def test_damex_convert_reads_official_files(tmp_path):
+    """`damex convert --from dino|damex-official` reads the torch.save files through
+    damex.weights (its own .pth reader; tests/test_weights.py runs it with torch blocked) and writes the same arrays and inferred config as the
+    direct conversion above, as a self-describing .safetensors."""
+    from damex import weights
+    from damex.cli import main
+
+    twin = make_twin(TINY)
+    save_official(twin, tmp_path / "checkpoint.pth")
+    want, cfg = convert_dino_state_dict(load_official(tmp_path / "checkpoint.pth"), n_heads=TINY["n_heads"])
+    out = tmp_path / "dino.safetensors"
+    assert main(["convert", str(tmp_path / "checkpoint.pth"), str(out), "--from", "dino",
+                 "--n-heads", str(TINY["n_heads"])]) == 0
+    got, meta = weights.read(out), weights.read_metadata(out)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert meta["config"] == {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    dtwin = make_twin(DAMEX, seed=1)
+    for r, ck in enumerate(split_ranks({k: v.clone() for k, v in dtwin.state_dict().items()})):
+        torch.save(ck, tmp_path / f"damex.pth-rank{r}")
+    want, cfg = convert_damex_state_dicts([load_official(tmp_path / f"damex.pth-rank{r}") for r in (0, 1)],
+                                          n_heads=4)
+    out = tmp_path / "damex.safetensors"
+    assert main(["convert", str(tmp_path / "damex.pth-rank1"), str(out), "--from", "damex-official",
+                 "--n-heads", "4"]) == 0
+    got, meta = weights.read(out), weights.read_metadata(out)
+    assert meta["ranks"] == 2 and meta["config"]["num_experts"] == 4
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
