@@ -1,69 +1,47 @@
-/* GELU (tanh and erf forms) and ReLU.
- *   gelu_tanh(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3))),  c = sqrt(2/pi)
- *   gelu_erf(x)  = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
- *   relu(x)      = max(x, 0)                                              */
+/* GELU (tanh and erf forms) and ReLU, elementwise; the formulas are in
+ * activation_scalar.h. */
 #include "activation.h"
 
+#include "activation_scalar.h"
 #include "fastmath.h"
 #include "status.h"
-
-#define GELU_C 0.7978845608028654f
-#define GELU_A 0.044715f
-#define INV_SQRT2 0.7071067811865476f
-#define INV_SQRT_2PI 0.3989422804014327f
 
 DAMEX_CLONES
 static void gelu_tanh_fwd(float *restrict y, const float *restrict x, long n)
 {
-    for (long i = 0; i < n; i++) {
-        float v = x[i]; /* 0.5 (1 + tanh(u)) = sigmoid(2u): no cancellation for v << 0 */
-        y[i] = v / (1.0f + dx_expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
-    }
+    for (long i = 0; i < n; i++) y[i] = gelu_tanh(x[i]);
 }
 
 DAMEX_CLONES
 static void gelu_tanh_bwd(float *restrict dx, const float *restrict dy, const float *restrict x,
                           long n)
 {
-    for (long i = 0; i < n; i++) {
-        float v = x[i];
-        /* s = 0.5 (1 + tanh(u)) = sigmoid(2u);  0.5 (1 - tanh^2 u) = 2 s (1 - s) */
-        float s = 1.0f / (1.0f + dx_expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
-        float d = s + 2.0f * v * s * (1.0f - s) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
-        dx[i] += dy[i] * d;
-    }
+    for (long i = 0; i < n; i++) dx[i] += dy[i] * gelu_tanh_grad(x[i]);
 }
 
 DAMEX_CLONES
 static void gelu_erf_fwd(float *restrict y, const float *restrict x, long n)
 {
-    for (long i = 0; i < n; i++) {
-        float v = x[i];
-        y[i] = 0.5f * v * (1.0f + dx_erff(v * INV_SQRT2));
-    }
+    for (long i = 0; i < n; i++) y[i] = gelu_erf(x[i]);
 }
 
 DAMEX_CLONES
 static void gelu_erf_bwd(float *restrict dx, const float *restrict dy, const float *restrict x,
                          long n)
 {
-    for (long i = 0; i < n; i++) {
-        float v = x[i];
-        float d = 0.5f * (1.0f + dx_erff(v * INV_SQRT2)) + v * INV_SQRT_2PI * dx_expf(-0.5f * v * v);
-        dx[i] += dy[i] * d;
-    }
+    for (long i = 0; i < n; i++) dx[i] += dy[i] * gelu_erf_grad(x[i]);
 }
 
 DAMEX_CLONES
 static void relu_fwd(float *restrict y, const float *restrict x, long n)
 {
-    for (long i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    for (long i = 0; i < n; i++) y[i] = relu(x[i]);
 }
 
 DAMEX_CLONES
 static void relu_bwd(float *restrict dx, const float *restrict dy, const float *restrict x, long n)
 {
-    for (long i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : 0.0f;
+    for (long i = 0; i < n; i++) dx[i] += relu_grad_times(x[i], dy[i]);
 }
 
 int activation_forward(float *y, const float *x, long n, int act)

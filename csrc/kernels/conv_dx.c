@@ -87,8 +87,8 @@ static void add_block(float *dx, const float *blk, int rows, int ci0, long c0,
 {
     const long HW = (long)s->H * s->W, wide = s->Wo + f->nc - 1, off = f->sigma - s->pw;
     /* q with 0 <= sw*q + off < W, and q < wide: [qlo, qhi) */
-    const long qlo = off < 0 ? (-off + s->sw - 1) / s->sw : 0;
-    long qhi = (s->W - 1 - off) / s->sw + 1;
+    long qlo, qhi;
+    conv_span(s->W, off, s->sw, &qlo, &qhi);
     qhi = qhi < wide ? qhi : wide;
     for (long m = c0 / Wq; m * Wq < c0 + COLS && m < f->rows; m++) {
         long h = (long)s->sh * m + f->rho - s->ph;

@@ -20,12 +20,10 @@ int conv2d_is_pointwise(const struct conv2d_shape *s)
 /* First and one-past-last ow whose input column ow*sw - pw + j lies in [0, W). */
 static void valid_range(int Wo, int W, int sw, int pw, int j, int *lo, int *hi)
 {
-    int a = pw - j > 0 ? (pw - j + sw - 1) / sw : 0; /* smallest ow with iw >= 0 */
-    long b = (long)W - 1 + pw - j;                   /* iw <= W-1  <=>  ow*sw <= b */
-    int h = b < 0 ? 0 : (int)(b / sw + 1);
-    *lo = a < Wo ? a : Wo;
-    *hi = h < Wo ? h : Wo;
-    if (*hi < *lo) *hi = *lo;
+    long a, h;
+    conv_span(W, (long)j - pw, sw, &a, &h);
+    *lo = (int)(a < Wo ? a : Wo);
+    *hi = (int)(h < Wo ? h : Wo);
 }
 
 /* col[k = (ci,i,j), oh*Wo + ow] = x[ci, oh*sh-ph+i, ow*sw-pw+j]  (0 outside) */

@@ -14,6 +14,19 @@
 #define CONV_PAR_MIN (1L << 21)
 #endif
 
+/* The indices c >= 0 with 0 <= c*step + off < n, as [*lo, *hi) (*hi >= *lo; empty
+ * when none qualifies).  Where padding and stride leave a phase, a column or a
+ * tap past the image, n - off is negative: C's division truncates that toward
+ * zero, so it is handled before dividing (a truncated bound read past the row).
+ * The one home of this range for im2col, the phase planes and conv_dx. */
+static inline void conv_span(long n, long off, int step, long *lo, long *hi)
+{
+    long l = off < 0 ? (-off + step - 1) / step : 0;
+    long h = n - off > 0 ? (n - off + step - 1) / step : 0;
+    *lo = l;
+    *hi = h > l ? h : l;
+}
+
 /* 1x1, stride 1, no padding: the image itself is the column matrix. */
 int conv2d_is_pointwise(const struct conv2d_shape *s);
 

@@ -60,18 +60,17 @@ void fill_phase_plane(float *xq, const float *x, int cnt, const struct conv2d_sh
             continue;
         }
         /* columns c with 0 <= c*sw + b - pw < W are [lo, hi); zeros around them */
-        int lo = s->pw > b ? (s->pw - b + s->sw - 1) / s->sw : 0;
-        int hi = (s->W - 1 + s->pw - b) / s->sw + 1;
+        long lo, hi;
+        conv_span(s->W, b - s->pw, s->sw, &lo, &hi);
         lo = lo < g->Wq ? lo : g->Wq;
         hi = hi < g->Wq ? hi : g->Wq;
-        hi = hi > lo ? hi : lo;
-        for (int c = 0; c < lo; c++) row[c] = 0.0f;
+        for (long c = 0; c < lo; c++) row[c] = 0.0f;
         const long off = b - s->pw;
         if (s->sw == 2) /* a constant stride, which the compiler vectorises */
-            for (int c = lo; c < hi; c++) row[c] = in[2L * c + off];
+            for (long c = lo; c < hi; c++) row[c] = in[2 * c + off];
         else
-            for (int c = lo; c < hi; c++) row[c] = in[(long)c * s->sw + off];
-        for (int c = hi; c < g->Wq; c++) row[c] = 0.0f;
+            for (long c = lo; c < hi; c++) row[c] = in[c * s->sw + off];
+        for (long c = hi; c < g->Wq; c++) row[c] = 0.0f;
     }
 }
 

@@ -16,14 +16,10 @@
 #endif
 
 #include "activation.h"
+#include "activation_scalar.h"
 #include "blas.h"
 #include "fastmath.h"
 #include "status.h"
-
-#define GELU_C 0.7978845608028654f
-#define GELU_A 0.044715f
-#define INV_SQRT2 0.7071067811865476f
-#define INV_SQRT_2PI 0.3989422804014327f
 
 /* Gather/scatter are memory-bound: a second thread gains little and, on a
  * busy machine, the region's closing barrier can wait a whole time slice for
@@ -208,8 +204,8 @@ static void bias_gelu_tanh(float *restrict h, float *restrict a, const float *re
 {
     for (int i = 0; i < F; i++) {
         float v = h[i] + b[i];
-        h[i] = v; /* 0.5 (1 + tanh(u)) = sigmoid(2u) */
-        a[i] = v / (1.0f + dx_expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
+        h[i] = v;
+        a[i] = gelu_tanh(v);
     }
 }
 
@@ -219,7 +215,7 @@ static void bias_gelu_erf(float *restrict h, float *restrict a, const float *res
     for (int i = 0; i < F; i++) {
         float v = h[i] + b[i];
         h[i] = v;
-        a[i] = 0.5f * v * (1.0f + dx_erff(v * INV_SQRT2));
+        a[i] = gelu_erf(v);
     }
 }
 
@@ -229,7 +225,7 @@ static void bias_relu(float *restrict h, float *restrict a, const float *restric
     for (int i = 0; i < F; i++) {
         float v = h[i] + b[i];
         h[i] = v;
-        a[i] = v > 0.0f ? v : 0.0f;
+        a[i] = relu(v);
     }
 }
 
@@ -238,11 +234,7 @@ DAMEX_CLONES
 static void dgelu_tanh(float *restrict g, float *restrict db, const float *restrict h, int F)
 {
     for (int i = 0; i < F; i++) {
-        float v = h[i];
-        /* s = 0.5 (1 + tanh(u)) = sigmoid(2u);  0.5 (1 - tanh^2 u) = 2 s (1 - s) */
-        float s = 1.0f / (1.0f + dx_expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
-        float d = s + 2.0f * v * s * (1.0f - s) * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
-        float r = g[i] * d;
+        float r = g[i] * gelu_tanh_grad(h[i]);
         g[i] = r;
         db[i] += r;
     }
@@ -252,9 +244,7 @@ DAMEX_CLONES
 static void dgelu_erf(float *restrict g, float *restrict db, const float *restrict h, int F)
 {
     for (int i = 0; i < F; i++) {
-        float v = h[i];
-        float d = 0.5f * (1.0f + dx_erff(v * INV_SQRT2)) + v * INV_SQRT_2PI * dx_expf(-0.5f * v * v);
-        float r = g[i] * d;
+        float r = g[i] * gelu_erf_grad(h[i]);
         g[i] = r;
         db[i] += r;
     }
@@ -264,7 +254,7 @@ DAMEX_CLONES
 static void drelu(float *restrict g, float *restrict db, const float *restrict h, int F)
 {
     for (int i = 0; i < F; i++) {
-        float r = h[i] > 0.0f ? g[i] : 0.0f;
+        float r = relu_grad_times(h[i], g[i]);
         g[i] = r;
         db[i] += r;
     }

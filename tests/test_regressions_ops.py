@@ -1,0 +1,147 @@
+"""Regression tests for the kernel- and ops-level defects of issue 12 (one or
+more per defect, each failing before its fix), named after the defect."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from damex import ops
+from helpers import assert_close, torch_or_skip
+
+ALGORITHMS = ("im2col", "shifted", "direct", "winograd", "auto")
+
+
+# ---- 12.1: conv2d when the stride exceeds the padded image ------------------
+
+
+def _conv_ref(x, w, stride, padding):
+    """y = conv2d(x, w) in float64 by summing the taps over strided views."""
+    (sh, sw), (ph, pw) = stride, padding
+    n, c, h, wd = x.shape
+    co, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    y = np.zeros((n, co, ho, wo))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+    return y
+
+
+def test_conv2d_column_stride_past_padded_width_issue12_1():
+    x = np.arange(1, 5, dtype=np.float32).reshape(1, 1, 4, 1)
+    w = np.ones((1, 1, 1, 3), np.float32)
+    for algorithm in ("im2col", "shifted", "direct", "auto"):
+        y = ops.conv2d_forward(x, w, None, stride=(1, 3), padding=(0, 1), algorithm=algorithm)
+        np.testing.assert_array_equal(y.ravel(), [1, 2, 3, 4], err_msg=algorithm)
+
+
+def _grid():
+    # strides larger than the padded sizes on either axis, odd shapes, 1 and 9 channels
+    for h, wd, kh, kw, sh, sw, ph, pw, cin in itertools.product(
+            [1, 2, 5], [1, 4], [1, 3], [1, 3], [1, 3, 5], [1, 3, 4], [0, 1], [0, 1, 3], [1, 9]):
+        if h + 2 * ph >= kh and wd + 2 * pw >= kw:
+            yield h, wd, kh, kw, sh, sw, ph, pw, cin
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_conv2d_strides_and_paddings_all_algorithms_issue12_1(algorithm):
+    torch = torch_or_skip()
+    rng = np.random.default_rng(1)
+    for h, wd, kh, kw, sh, sw, ph, pw, cin in _grid():
+        if algorithm == "winograd" and (kh, kw, sh, sw) != (3, 3, 1, 1):
+            continue
+        x = rng.standard_normal((2, cin, h, wd)).astype(np.float32)
+        w = rng.standard_normal((3, cin, kh, kw)).astype(np.float32)
+        stride, padding = (sh, sw), (ph, pw)
+        name = f"{algorithm} x{x.shape} w{w.shape} stride {stride} padding {padding}"
+        y = ops.conv2d_forward(x, w, None, stride, padding, algorithm=algorithm)
+        assert_close(y, _conv_ref(x, w, stride, padding), atol=1e-4, name=name)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx, dw, _ = ops.conv2d_backward(dy, x, w, stride, padding, False, algorithm=algorithm)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+        torch.nn.functional.conv2d(xt, wt, None, stride, padding).backward(
+            torch.tensor(dy, dtype=torch.float64))
+        assert_close(dx, xt.grad.numpy(), atol=1e-4, name="dx " + name)
+        assert_close(dw, wt.grad.numpy(), atol=1e-4, name="dw " + name)
+
+
+@pytest.mark.parametrize("stride,padding", [((1, 3), (0, 1)), ((3, 1), (1, 0)), ((2, 4), (1, 2))])
+def test_conv2d_auto_large_plane_strided_past_image_issue12_1(stride, padding):
+    # output planes of 512+ pixels and Cin >= 8: AUTO's own kernels (direct
+    # forward, dw by conv_dw.c, dx as forward convolutions in conv_dx.c)
+    torch = torch_or_skip()
+    rng = np.random.default_rng(2)
+    tall = stride[1] > stride[0]
+    x = rng.standard_normal((1, 8, 600, 1) if tall else (1, 8, 1, 600)).astype(np.float32)
+    w = rng.standard_normal((4, 8, 1, 3) if tall else (4, 8, 3, 1)).astype(np.float32)
+    if stride == (2, 4):
+        x = rng.standard_normal((1, 8, 1200, 2)).astype(np.float32)
+        w = rng.standard_normal((4, 8, 2, 5)).astype(np.float32)
+    y = ops.conv2d_forward(x, w, None, stride, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, stride, padding)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.conv2d(xt, wt, None, stride, padding)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    assert_close(y, yt.detach().numpy(), atol=1e-4, name="y")
+    assert_close(dx, xt.grad.numpy(), atol=1e-4, name="dx")
+    assert_close(dw, wt.grad.numpy(), atol=2e-3, name="dw")
+    assert_close(db, dy.sum(axis=(0, 2, 3)), atol=1e-3, name="db")
+
+
+# ---- 12.3: relu keeps NaN ---------------------------------------------------
+
+
+SPECIALS = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, -1e38, 1e38, -1e13, 1e13,
+                     -3e11, 2e11, -11.0, 11.0, -1.0, 1.0], np.float32)
+
+
+def test_relu_keeps_nan_as_torch_issue12_3():
+    torch = torch_or_skip()
+    xt = torch.tensor(SPECIALS, requires_grad=True)
+    yt = torch.relu(xt)
+    yt.backward(torch.ones_like(xt))
+    y = ops.activation_forward(SPECIALS, "relu")
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(yt.detach().numpy()))
+    dx = ops.activation_backward(np.ones_like(SPECIALS), SPECIALS, "relu")
+    np.testing.assert_array_equal(dx, xt.grad.numpy())
+
+
+def test_moe_expert_ffn_relu_keeps_nan_issue12_3():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    x[0, 0] = np.nan
+    w1 = rng.standard_normal((1, 4, 3)).astype(np.float32)
+    b1 = np.zeros((1, 3), np.float32)
+    w2 = rng.standard_normal((1, 3, 4)).astype(np.float32)
+    b2 = np.zeros((1, 4), np.float32)
+    out = ops.expert_ffn_forward(x, np.array([2]), w1, b1, w2, b2, activation="relu")
+    y = out[0] if isinstance(out, tuple) else out
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+
+
+# ---- 12.18: GELU at large |x| -------------------------------------------------
+
+
+@pytest.mark.parametrize("activation,approximate", [("gelu_tanh", "tanh"), ("gelu", "none")])
+def test_gelu_saturates_at_large_abs_x_issue12_18(activation, approximate):
+    torch = torch_or_skip()
+    x = SPECIALS[np.isfinite(SPECIALS) & (np.abs(SPECIALS) < 1e12)]  # where torch is finite
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.gelu(xt, approximate=approximate)
+    yt.backward(torch.ones_like(xt))
+    assert_close(ops.activation_forward(x, activation), yt.detach().numpy(), atol=1e-6, name="y")
+    assert_close(ops.activation_backward(np.ones_like(x), x, activation), xt.grad.numpy(),
+                 atol=1e-6, name="dx")
+    big = np.array([-np.inf, -1e38, -1e20, -1e13, -2e11, 2e11, 1e13, 1e20, 1e38, np.inf],
+                   np.float32)
+    d = ops.activation_backward(np.ones_like(big), big, activation)
+    np.testing.assert_array_equal(d, (big > 0).astype(np.float32))
+    y = ops.activation_forward(big[1:-1], activation)
+    np.testing.assert_array_equal(y, np.where(big[1:-1] > 0, big[1:-1], 0))
