@@ -145,3 +145,26 @@ def test_gelu_saturates_at_large_abs_x_issue12_18(activation, approximate):
     np.testing.assert_array_equal(d, (big > 0).astype(np.float32))
     y = ops.activation_forward(big[1:-1], activation)
     np.testing.assert_array_equal(y, np.where(big[1:-1] > 0, big[1:-1], 0))
+
+
+# ---- 12.19: layer norm of rows of large magnitude -----------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e18, 1e20, 1e30, 1e37, 1.5e38])
+def test_layer_norm_large_rows_normalised_issue12_19(scale):
+    torch = torch_or_skip()
+    rng = np.random.default_rng(4)
+    x = np.clip(rng.standard_normal((3, 64)) * scale, -3.4e38, 3.4e38).astype(np.float32)
+    g = rng.standard_normal(64).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    y, mean, rstd = ops.layer_norm_forward(x, g, b)
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in (("x", x), ("g", g), ("b", b))}
+    ref = torch.nn.functional.layer_norm(t["x"], (64,), t["g"], t["b"]).numpy()
+    assert_close(y, ref, atol=2e-6, name="y")
+    assert_close(mean, x.astype(np.float64).mean(-1), rtol=1e-5, name="mean")
+
+
+def test_layer_norm_non_finite_rows_give_nan_issue12_19():
+    x = np.array([[np.nan, 1, 2], [np.inf, 1, 2], [1, 2, 3]], np.float32)
+    y, _, _ = ops.layer_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all()

@@ -4,6 +4,7 @@
  * norm) or a per-(n, c) scratch table (group norm), never a shared +=. */
 #include "norm.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,9 +31,11 @@ static void normalize_row(float *restrict y, const float *restrict x, float m, f
 }
 
 /* mean and 1/sqrt(var + eps) of one row: two passes, `omp simd` sums in vector
- * lanes (a target clone, so AVX-512 where the CPU has it). */
+ * lanes (a target clone, so AVX-512 where the CPU has it).  Returns 0 when a
+ * float sum overflowed (a row of entries past ~1e19, or a long row of them
+ * past ~1e18): layer_norm_row_wide then redoes the row. */
 DAMEX_CLONES
-static void row_moments(float *mean, float *rstd, const float *restrict x, long C, float eps)
+static int row_moments(float *mean, float *rstd, const float *restrict x, long C, float eps)
 {
     float s = 0.0f, q = 0.0f;
     long c;
@@ -43,6 +46,26 @@ static void row_moments(float *mean, float *rstd, const float *restrict x, long 
     for (c = 0; c < C; c++) q += (x[c] - m) * (x[c] - m);
     *mean = m;
     *rstd = 1.0f / sqrtf(q / C + eps);
+    return q <= FLT_MAX; /* false for inf and NaN */
+}
+
+/* The same row with the moments and the normalisation in double, where every
+ * finite float input stays finite ((x - m)^2 <= 4.7e77): rows around 1e30
+ * give their normalised values, not beta (PyTorch's float32 kernel overflows
+ * there and gives NaN, or 0 for some rows; its float64 kernel gives these
+ * values).  NaN or inf in the row still gives NaN. */
+static void layer_norm_row_wide(float *restrict y, float *mean, float *rstd,
+                                const float *restrict x, const float *restrict gamma,
+                                const float *restrict beta, long C, float eps)
+{
+    double s = 0.0, q = 0.0;
+    for (long c = 0; c < C; c++) s += x[c];
+    const double m = s / C;
+    for (long c = 0; c < C; c++) q += ((double)x[c] - m) * ((double)x[c] - m);
+    const double r = 1.0 / sqrt(q / C + eps);
+    for (long c = 0; c < C; c++) y[c] = (float)(((double)x[c] - m) * r) * gamma[c] + beta[c];
+    *mean = (float)m;
+    *rstd = (float)r;
 }
 
 int layer_norm_forward(float *y, float *mean, float *rstd, const float *x, const float *gamma,
@@ -51,8 +74,10 @@ int layer_norm_forward(float *y, float *mean, float *rstd, const float *x, const
     if (N < 0 || C <= 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
 #pragma omp parallel for schedule(static) if ((long)N * C > 16384)
     for (long n = 0; n < N; n++) {
-        row_moments(mean + n, rstd + n, x + n * C, C, eps);
-        normalize_row(y + n * C, x + n * C, mean[n], rstd[n], gamma, beta, C);
+        if (row_moments(mean + n, rstd + n, x + n * C, C, eps))
+            normalize_row(y + n * C, x + n * C, mean[n], rstd[n], gamma, beta, C);
+        else
+            layer_norm_row_wide(y + n * C, mean + n, rstd + n, x + n * C, gamma, beta, C, eps);
     }
     return DAMEX_OK;
 }
