@@ -168,3 +168,31 @@ def test_layer_norm_non_finite_rows_give_nan_issue12_19():
     x = np.array([[np.nan, 1, 2], [np.inf, 1, 2], [1, 2, 3]], np.float32)
     y, _, _ = ops.layer_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
     assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all()
+
+
+# ---- 12.11: 0-d arrays keep their shape ---------------------------------------
+
+
+def test_zero_d_arrays_keep_shape_issue12_11():
+    x = np.array(0.5, np.float32)
+    assert ops.sigmoid_forward(x).shape == ()
+    assert ops.activation_forward(x, "gelu").shape == ()
+    y, keep = ops.dropout_forward(x, 0.5, 1)
+    assert y.shape == () and keep.shape == ()
+    assert ops.embedding_forward(np.ones((3, 2), np.float32), np.array(1)).shape == (2,)
+    assert ops.inverse_sigmoid_forward(x).shape == ()
+
+
+def test_zero_d_pairs_accepted_issue12_11():
+    x = np.array(0.5, np.float32)
+    dy = np.array(2.0, np.float32)
+    s = ops.sigmoid_forward(x)
+    dx = ops.sigmoid_backward(dy, s)
+    assert dx.shape == () and math.isclose(float(dx), 2 * float(s) * (1 - float(s)), rel_tol=1e-6)
+    assert ops.activation_backward(dy, x, "relu").shape == ()
+    assert float(ops.activation_backward(dy, x, "relu")) == 2.0
+    assert ops.dropout_backward(dy, np.array(1, np.uint8), 0.5).shape == ()
+    assert ops.dropout_backward(dy, np.array(True), 0.5) == 4.0
+    assert ops.inverse_sigmoid_backward(dy, x).shape == ()
+    dw = ops.embedding_backward(np.ones(2, np.float32), np.array(1), 3)
+    np.testing.assert_array_equal(dw, [[0, 0], [1, 1], [0, 0]])

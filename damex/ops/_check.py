@@ -9,6 +9,12 @@ a conversion copies, and the C kernels only read their inputs.
 import numpy as np
 
 
+def contiguous(a, dtype):
+    """``a`` as a C-contiguous array of ``dtype``, copied only if needed, with its
+    shape kept (``np.ascontiguousarray`` turns a 0-d array into shape (1,))."""
+    return np.asarray(a, dtype=dtype, order="C")
+
+
 def _shape_ok(shape, expected):
     if len(shape) != len(expected):
         return False
@@ -37,7 +43,7 @@ def f32(x, name, shape=None, ndim=None, finite=False):
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating array (float32), got dtype {a.dtype}")
     check_shape(a, name, shape, ndim)
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    a = contiguous(a, np.float32)
     if finite and not np.isfinite(a).all():
         raise ValueError(f"{name}: contains NaN or inf")
     return a
@@ -49,7 +55,7 @@ def i64(x, name, shape=None, ndim=None):
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected an integer array (int64), got dtype {a.dtype}")
     check_shape(a, name, shape, ndim)
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return contiguous(a, np.int64)
 
 
 def bool_u8(mask, name, shape):
@@ -61,7 +67,7 @@ def bool_u8(mask, name, shape):
         raise TypeError(f"{name}: expected a boolean array, got dtype {a.dtype}")
     if a.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.uint8)
+    return contiguous(a, np.uint8)
 
 
 def mask_u8(mask, name, n):

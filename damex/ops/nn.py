@@ -12,7 +12,7 @@ gradients can be compared with ``torch.nn.functional`` one to one.
 import numpy as np
 
 from .._lib import _C
-from ._check import choice, f32, float_arg, i64, int_arg
+from ._check import choice, contiguous, f32, float_arg, i64, int_arg
 
 __all__ = [
     "CONV2D_ALGORITHMS",
@@ -469,7 +469,7 @@ def dropout_backward(dy, keep_mask, p):
         raise TypeError(f"keep_mask: expected dtype uint8 or bool, got {keep.dtype}")
     if keep.shape != dy.shape:
         raise ValueError(f"keep_mask: expected shape {dy.shape}, got {keep.shape}")
-    keep = np.ascontiguousarray(keep).view(np.uint8) if keep.dtype == np.bool_ else np.ascontiguousarray(keep)
+    keep = contiguous(keep, keep.dtype).view(np.uint8)
     p = _prob(p)
     dx = np.zeros_like(dy)
     _C.dropout_backward(dx, dy, keep, p)
