@@ -196,3 +196,104 @@ def test_zero_d_pairs_accepted_issue12_11():
     assert ops.inverse_sigmoid_backward(dy, x).shape == ()
     dw = ops.embedding_backward(np.ones(2, np.float32), np.array(1), 3)
     np.testing.assert_array_equal(dw, [[0, 0], [1, 1], [0, 0]])
+
+
+# ---- 12.3: clipping with a non-finite total norm ------------------------------
+
+
+def _params(*grads):
+    from damex import nn
+    ps = [nn.Parameter(np.zeros(len(g), np.float32)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = np.array(g, np.float32)
+    return ps
+
+
+def test_clip_grad_norm_nan_total_is_applied_as_torch_issue12_3():
+    torch = torch_or_skip()
+    from damex import nn
+    grads = ([1.0, 2.0, np.nan], [3.0, 4.0])
+    ps = _params(*grads)
+    total = nn.utils.clip_grad_norm_(ps, 1.0)
+    tp = [torch.nn.Parameter(torch.zeros(len(g))) for g in grads]
+    for p, g in zip(tp, grads):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+    ttotal = torch.nn.utils.clip_grad_norm_(tp, 1.0)
+    assert math.isnan(total) and math.isnan(float(ttotal))
+    for p, t in zip(ps, tp):  # no finite gradient is left unclipped beside a nan one
+        np.testing.assert_array_equal(p.grad, t.grad.numpy())
+    total, scale = ops.clip_grad_norm([np.array(g, np.float32) for g in grads], 1.0)
+    assert math.isnan(total) and math.isnan(scale)
+
+
+def test_clip_grad_norm_inf_total_is_applied_as_torch_issue12_3():
+    from damex import nn
+    ps = _params([1.0, np.inf], [3.0, 4.0])
+    assert nn.utils.clip_grad_norm_(ps, 1.0) == math.inf
+    np.testing.assert_array_equal(ps[1].grad, [0.0, 0.0])
+
+
+def test_clip_grad_norm_error_if_nonfinite_issue12_3():
+    from damex import nn
+    ps = _params([1.0, np.nan], [3.0, 4.0])
+    with pytest.raises(ValueError, match="total gradient norm is nan"):
+        nn.utils.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+    np.testing.assert_array_equal(ps[1].grad, [3.0, 4.0])  # untouched
+    with pytest.raises(ValueError, match="total gradient norm is inf"):
+        ops.clip_grad_norm([np.array([np.inf], np.float32)], 1.0, error_if_nonfinite=True)
+
+
+# ---- 12.16: clean errors naming the argument and the bound ---------------------
+
+
+def test_adamw_step_past_int64_issue12_16():
+    z = [np.zeros(2, np.float32) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"step: must be <= 9223372036854775807"):
+        ops.adamw_step(*z, step=2 ** 63, lr=0.1)
+    ops.adamw_step(*z, step=2 ** 63 - 1, lr=0.1)
+
+
+def test_msda_spatial_shapes_product_wrapping_issue12_16():
+    value = np.zeros((1, 0, 1, 2), np.float32)
+    with pytest.raises(ValueError, match=r"spatial_shapes: sum of H\*W is 18446744073709551616"):
+        ops.ms_deform_attn_forward(value, np.array([[2 ** 32, 2 ** 32]]), np.array([0]),
+                                   np.zeros((1, 1, 1, 1, 1, 2), np.float32),
+                                   np.zeros((1, 1, 1, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("grads", [3.0, None, "abc"])
+def test_grad_global_norm_of_a_non_iterable_issue12_16(grads):
+    with pytest.raises(TypeError, match="grads: expected an ndarray or an iterable"):
+        ops.grad_global_norm(grads)
+
+
+def test_forged_expert_counts_past_int64_issue12_16():
+    class Forged:
+        expert_index = np.zeros((2, 1), np.int64)
+        slot = np.zeros((2, 1), np.int64)
+        expert_count = np.array([2 ** 62, 2 ** 62, 2 ** 62], np.int64)
+        combine_weight = np.ones((2, 1), np.float32)
+
+    with pytest.raises(ValueError, match=r"expert_count: the counts sum to 13835058055282163712"):
+        ops.dispatch_forward(np.zeros((2, 4), np.float32), Forged())
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((3, 4, 2)), rng.standard_normal((3, 2, 4))
+    with pytest.raises(ValueError, match=r"expert_count: the counts sum to 13835058055282163712"):
+        ops.expert_ffn_forward(np.zeros((2, 4), np.float32), Forged.expert_count, w1,
+                               np.zeros((3, 2)), w2, np.zeros((3, 4)))
+
+
+def test_empty_linear_with_2_31_rows_issue12_16():
+    n = 2 ** 31
+    y = ops.linear_forward(np.empty((n, 0), np.float32), np.empty((0, 0), np.float32))
+    assert y.shape == (n, 0)
+    dx, dw, db = ops.linear_backward(np.empty((n, 0), np.float32), np.empty((n, 0), np.float32),
+                                     np.empty((0, 0), np.float32))
+    assert dx.shape == (n, 0) and dw.shape == (0, 0) and db.shape == (0,)
+    # Din = 0 with a real output: y = b, db = sum of dy
+    b = np.array([1.0, 2.0, 3.0], np.float32)
+    np.testing.assert_array_equal(ops.linear_forward(np.empty((2, 0), np.float32),
+                                                     np.empty((3, 0), np.float32), b), [b, b])
+    _, _, db = ops.linear_backward(np.ones((2, 3), np.float32), np.empty((2, 0), np.float32),
+                                   np.empty((3, 0), np.float32))
+    np.testing.assert_array_equal(db, [2, 2, 2])

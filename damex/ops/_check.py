@@ -107,3 +107,13 @@ def choice(v, name, options):
     if v not in options:
         raise ValueError(f"{name}: expected one of {list(options)}, got {v!r}")
     return list(options).index(v)
+
+
+INT_MAX = 2 ** 31 - 1  # the kernels' sizes are C ints
+
+
+def int_size(n, name, what="rows"):
+    """A size the C kernels take as an int: at most 2**31 - 1 (ValueError naming it)."""
+    if n > INT_MAX:
+        raise ValueError(f"{name}: {n} {what}, more than the kernels' limit of 2**31 - 1")
+    return n

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from .._lib import _C
-from ._check import f32, i64
+from ._check import check_shape, f32, i64
 from .activation import activation_code
 
 __all__ = ["dispatch_forward", "dispatch_backward", "expert_ffn_forward",
@@ -127,6 +127,18 @@ def clear_buffer_cache():
 
 # ---- argument checks -------------------------------------------------------
 
+def _expert_counts(expert_count, shape=None, most=None, most_what=""):
+    """expert_count as int64, each >= 0, and N, their sum, exactly (an int64
+    sum of forged counts can wrap negative); N <= ``most`` where given."""
+    count = i64(expert_count, "expert_count", shape=shape, ndim=None if shape else 1)
+    if (count < 0).any():
+        raise ValueError("expert_count: counts must be >= 0")
+    n = sum(count.tolist())
+    if most is not None and n > most:
+        raise ValueError(f"expert_count: the counts sum to {n}, more than {most_what} = {most}")
+    return count, n
+
+
 class _Routing:
     """expert_index, slot, expert_count of a routing result, checked and converted."""
 
@@ -142,13 +154,11 @@ class _Routing:
             raise ValueError(f"expert_index: expected at least one choice per token, got shape "
                              f"{self.expert_index.shape}")
         self.slot = i64(result.slot, "slot", shape=(self.T, self.k))
-        self.expert_count = i64(result.expert_count, "expert_count", ndim=1)
+        self.expert_count, self.N = _expert_counts(result.expert_count, most=self.T * self.k,
+                                                   most_what="T*k, the choices")
         self.E = self.expert_count.shape[0]
         if self.E < 1:
             raise ValueError("expert_count: expected at least one expert")
-        if (self.expert_count < 0).any():
-            raise ValueError("expert_count: counts must be >= 0")
-        self.N = int(self.expert_count.sum())
 
     def args(self):
         return self.expert_index, self.slot, self.expert_count
@@ -251,11 +261,9 @@ def expert_ffn_forward(xe, expert_count, w1, b1, w2, b2, activation="gelu_tanh")
     """
     code = activation_code(activation)
     w1, b1, w2, b2, (E, D, F) = _expert_weights(w1, b1, w2, b2)
-    count = i64(expert_count, "expert_count", shape=(E,))
-    if (count < 0).any():
-        raise ValueError("expert_count: counts must be >= 0")
-    N = int(count.sum())
-    xe = f32(xe, "xe", shape=(N, D))
+    xe = f32(xe, "xe", ndim=2)
+    count, N = _expert_counts(expert_count, shape=(E,), most=xe.shape[0], most_what="the rows of xe")
+    xe = check_shape(xe, "xe", shape=(N, D))
     return _expert_ffn(xe, count, w1, b1, w2, b2, activation, code)
 
 

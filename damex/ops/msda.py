@@ -28,12 +28,13 @@ def _levels(spatial_shapes, level_start_index, S):
     L = shapes.shape[0]
     if (shapes < 1).any():
         raise ValueError(f"spatial_shapes: every (H, W) must be >= 1, got {shapes.tolist()}")
-    sizes = shapes[:, 0] * shapes[:, 1]
-    if int(sizes.sum()) != S:
-        raise ValueError(f"spatial_shapes: sum of H*W is {int(sizes.sum())}, but value has "
+    # H*W in Python ints: an int64 product can wrap (2**32 x 2**32 is 0)
+    sizes = [int(h) * int(w) for h, w in shapes.tolist()]
+    if sum(sizes) != S:
+        raise ValueError(f"spatial_shapes: sum of H*W is {sum(sizes)}, but value has "
                          f"S = {S} tokens (value[N, S, M, D])")
     start = i64(level_start_index, "level_start_index", shape=(L,))
-    expected = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    expected = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     if not np.array_equal(start, expected):
         raise ValueError(f"level_start_index: expected {expected.tolist()} (the exclusive cumsum "
                          f"of H*W), got {start.tolist()}")

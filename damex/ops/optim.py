@@ -14,6 +14,9 @@ from .._lib import _C
 from ._check import f32, float_arg, int_arg
 
 
+STEP_MAX = 2 ** 63 - 1  # adamw_step's count is a C int64
+
+
 def _state_array(x, name, shape=None):
     """An array adamw_step may write: float32, C-contiguous, writeable, no conversion."""
     if not isinstance(x, np.ndarray):
@@ -54,9 +57,9 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.99
     grad : ndarray, floating, same shape (read only; converted to float32)
     exp_avg, exp_avg_sq : ndarray, float32, C-contiguous, same shape; updated in
         place (start them at zero)
-    step : int >= 1
+    step : int in [1, 2**63 - 1]
         The number of this step, counting from 1 (PyTorch increments its step
-        count before the update).
+        count before the update); the kernel takes a 64-bit count.
     lr : float >= 0
     beta1, beta2 : float in [0, 1)
     eps, weight_decay : float >= 0
@@ -70,7 +73,7 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.99
     exp_avg = _state_array(exp_avg, "exp_avg", param.shape)
     exp_avg_sq = _state_array(exp_avg_sq, "exp_avg_sq", param.shape)
     grad = f32(grad, "grad", shape=param.shape)
-    step = int_arg(step, "step", lo=1)
+    step = int_arg(step, "step", lo=1, hi=STEP_MAX)
     lr = float_arg(lr, "lr", nonneg=True)
     beta1 = _beta(beta1, "beta1")
     beta2 = _beta(beta2, "beta2")
@@ -88,6 +91,9 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.99
 def _grad_list(grads):
     if isinstance(grads, np.ndarray):
         grads = [grads]
+    elif isinstance(grads, (str, bytes)) or not hasattr(grads, "__iter__"):
+        raise TypeError(f"grads: expected an ndarray or an iterable of ndarrays, "
+                        f"got {type(grads).__name__}")
     return [f32(g, f"grads[{i}]") for i, g in enumerate(grads) if g is not None]
 
 
@@ -112,7 +118,10 @@ def clip_grad_norm(grads, max_norm, error_if_nonfinite=False):
     """The clipping factor of ``torch.nn.utils.clip_grad_norm_`` (norm type 2).
 
     ``scale = min(max_norm / (total_norm + 1e-6), 1)``; the caller multiplies
-    every gradient by ``scale`` (the grads are not modified here).
+    every gradient by ``scale`` (the grads are not modified here) whenever
+    ``not scale >= 1``: a nan scale must be applied too (``scale < 1`` is false
+    for nan, which once left finite gradients unclipped beside nan ones);
+    ``damex.nn.utils.clip_grad_norm_`` does this.
 
     Parameters
     ----------
