@@ -3,8 +3,8 @@
 #include "activation.h"
 
 #include "activation_scalar.h"
-#include "fastmath.h"
 #include "status.h"
+#include "cpu.h"
 
 DAMEX_CLONES
 static void gelu_tanh_fwd(float *restrict y, const float *restrict x, long n)

@@ -11,13 +11,12 @@
 #include "fastmath.h"
 #include "reduce.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-/* Below this many multiply-adds the pairs run on the calling thread. */
-#define ATTN_PAR_MIN (1L << 20)
 
 /* One row of P in place: a[j] = -inf where am[j] or kpm[j] (either may be NULL),
  * then softmax; a row with every key blocked becomes 0.  Branch-free passes that
@@ -82,7 +81,7 @@ int attention_forward(float *out, float *attn, const float *q, const float *k, c
     const int d = C / H;
     const float scale = 1.0f / sqrtf((float)d);
     const long pairs = (long)N * H;
-    const int par = (long)N * H * Lq * Lk * d >= ATTN_PAR_MIN && pairs > 1;
+    const int par = (long)N * H * Lq * Lk * d >= PAR_MIN_ATTENTION && pairs > 1;
     if (par) blas_single_thread_begin();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (long nh = 0; nh < pairs; nh++) {
@@ -115,7 +114,7 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
     const float scale = 1.0f / sqrtf((float)d);
     const long pairs = (long)N * H;
     if (pairs == 0 || Lq == 0 || Lk == 0) return DAMEX_OK;
-    const int par = (long)N * H * Lq * Lk * d >= ATTN_PAR_MIN && pairs > 1;
+    const int par = (long)N * H * Lq * Lk * d >= PAR_MIN_ATTENTION && pairs > 1;
     int threads = 1;
 #ifdef _OPENMP
     if (par) threads = omp_get_max_threads();

@@ -1,9 +1,9 @@
-/* conv2d: shape checks, the choice of algorithm, and the bias gradient. */
+/* conv2d: shape checks, the choice of algorithm, and the forward pass.
+ * Calls go one way: conv_backward.c -> conv_dx.c -> this file. */
 #include "conv_impl.h"
 
 #include <stddef.h>
 
-#include "reduce.h"
 #include "status.h"
 
 int conv2d_shape_init(struct conv2d_shape *s)
@@ -24,40 +24,29 @@ int conv2d_shape_init(struct conv2d_shape *s)
  * of CONV2D_OWN_MIN_PIXELS or more.  Their blocks are 48 columns (pixels or
  * Winograd tiles) of one image, so smaller planes leave most of a block
  * empty: at 2x3 outputs a 3x3 conv ran 3x slower than OpenBLAS's products. */
-static int own_kernels(const struct conv2d_shape *s)
+int conv2d_own_kernels(const struct conv2d_shape *s)
 {
     return (long)s->Ho * s->Wo >= CONV2D_OWN_MIN_PIXELS && conv2d_direct_preferred();
 }
 
 /* The algorithm a call runs (never AUTO). */
-static int algorithm_of(const struct conv2d_shape *s, int forward)
+int conv2d_algorithm_of(const struct conv2d_shape *s, int forward)
 {
     int a = s->algorithm;
     if ((a == CONV2D_DIRECT || a == CONV2D_WINOGRAD) && !forward) return CONV2D_SHIFTED;
     if (a != CONV2D_AUTO) return a;
     if (conv2d_is_pointwise(s)) return CONV2D_IM2COL;
-    if (forward && own_kernels(s))
+    if (forward && conv2d_own_kernels(s))
         return conv2d_winograd_applies(s) && s->Cin >= CONV2D_WINOGRAD_MIN_CIN ? CONV2D_WINOGRAD
                                                                               : CONV2D_DIRECT;
     return s->Cin >= CONV2D_SHIFTED_MIN_CIN ? CONV2D_SHIFTED : CONV2D_IM2COL;
-}
-
-/* AUTO's backward where own_kernels holds: dw by damex's own kernel
- * (conv_dw.c), dx as forward convolutions (conv_dx.c) when Cin >= DX_MIN_CIN.
- * Those convolutions output Cin channels: a few (an RGB stem) would leave most
- * of the direct kernel's 8 rows empty, so dx then runs on the products. */
-#define DX_MIN_CIN 8
-
-static int direct_backward(const struct conv2d_shape *s)
-{
-    return s->algorithm == CONV2D_AUTO && !conv2d_is_pointwise(s) && own_kernels(s);
 }
 
 int conv2d_forward(float *y, const float *x, const float *w, const float *b,
                    const struct conv2d_shape *s)
 {
     if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_WINOGRAD) return DAMEX_EINVAL;
-    switch (algorithm_of(s, 1)) {
+    switch (conv2d_algorithm_of(s, 1)) {
     case CONV2D_WINOGRAD: return conv2d_forward_winograd(y, x, w, b, s);
     case CONV2D_DIRECT: return conv2d_forward_direct(y, x, w, b, s);
     case CONV2D_SHIFTED: return conv2d_forward_shifted(y, x, w, b, s);
@@ -65,27 +54,3 @@ int conv2d_forward(float *y, const float *x, const float *w, const float *b,
     }
 }
 
-int conv2d_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                    const float *w, const struct conv2d_shape *s)
-{
-    if (s->algorithm < CONV2D_AUTO || s->algorithm > CONV2D_WINOGRAD) return DAMEX_EINVAL;
-    const long P = (long)s->Ho * s->Wo, ys = (long)s->Cout * P;
-    if (db) {
-        /* db[co] += sum_{n,p} dy[n,co,p]      (inverts y += b) */
-#pragma omp parallel for schedule(static) if ((long)s->N * ys > CONV_PAR_MIN)
-        for (int co = 0; co < s->Cout; co++) {
-            double t = 0.0;
-            for (int n = 0; n < s->N; n++) t += dx_sum(dy + n * ys + (long)co * P, P);
-            db[co] += (float)t;
-        }
-    }
-    if (!dx && !dw) return DAMEX_OK;
-    if (direct_backward(s)) {
-        int status = dw ? conv2d_dw_direct(dw, dy, x, s) : DAMEX_OK;
-        if (status != DAMEX_OK || !dx) return status;
-        if (s->Cin >= DX_MIN_CIN) return conv2d_dx_by_forward(dx, dy, w, s);
-        dw = NULL;
-    }
-    return algorithm_of(s, 0) == CONV2D_SHIFTED ? conv2d_backward_shifted(dx, dw, dy, x, w, s)
-                                                : conv2d_backward_im2col(dx, dw, dy, x, w, s);
-}

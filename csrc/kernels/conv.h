@@ -1,5 +1,7 @@
-/* 2-D convolution, NCHW, groups = 1, no dilation, by one of two sgemm-based
- * algorithms (conv_im2col.c, conv_shifted.c; conv.c picks one). */
+/* 2-D convolution, NCHW, groups = 1, no dilation, by one of four algorithms:
+ * two on OpenBLAS's sgemm (conv_im2col.c, conv_shifted.c) and two on damex's
+ * own register-blocked kernel (conv_direct.c, conv_winograd.c); conv.c picks
+ * one for the forward, conv_backward.c for the backward. */
 #ifndef DAMEX_CONV_H
 #define DAMEX_CONV_H
 
@@ -8,7 +10,7 @@ struct conv2d_shape {
     int Cout, kh, kw;   /* weight w[Cout,Cin,kh,kw]              */
     int sh, sw, ph, pw; /* stride >= 1, zero padding >= 0        */
     int Ho, Wo;         /* output y[N,Cout,Ho,Wo], set by _init  */
-    int algorithm;      /* CONV2D_AUTO, CONV2D_IM2COL, CONV2D_SHIFTED */
+    int algorithm;      /* enum conv2d_algorithm */
 };
 
 /* AUTO: a 1x1 stride-1 unpadded conv multiplies x directly (IM2COL without a copy).

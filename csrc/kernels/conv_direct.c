@@ -27,17 +27,16 @@
 #include <string.h>
 
 #include "status.h"
+#include "parallel.h"
 
 #define CB CONV_BLOCK_ROWS
 #define COLS CONV_BLOCK_COLS
 #define VB (COLS / 16)  /* vectors of 16 columns per block */
-/* Multiply-adds from which a call forks threads (about 0.1 ms of one core). */
-#define DIRECT_PAR_MIN (1L << 22)
 #define BCAST(v) ((vf){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v})
 
 /* (conv_impl.h) Here k = (ci, tap) and koff[k] = tap_offset(tap) + ci*CS: one
  * flat loop however few the channels, 3 for an RGB stem. */
-DIRECT_CLONES
+DAMEX_CLONES_AVX512
 void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *restrict wb,
                      const long *restrict koff, int K, const float *restrict bias)
 {
@@ -79,7 +78,7 @@ static void store_block(float *y, const float *blk, int rows, int co0, long c0,
     }
 }
 
-#ifdef CONV_X86
+#ifdef DAMEX_X86
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -147,7 +146,7 @@ static void direct_block_store(float *y, long P, int rows, const float *xb, cons
 
 int conv2d_direct_preferred(void)
 {
-#ifdef CONV_X86
+#ifdef DAMEX_X86
     return __builtin_cpu_supports("avx512f");
 #else
     return 0;
@@ -164,7 +163,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     const int T = g.T, Cin = s->Cin, Cout = s->Cout, K = T * Cin, ncb = (Cout + CB - 1) / CB;
     const long Q = chunk_columns(s, &g, 1), nqb = (Q + COLS - 1) / COLS;
     const long P = (long)s->Ho * s->Wo, ys = (long)Cout * P;
-#ifdef CONV_X86
+#ifdef DAMEX_X86
     /* AVX-512 masked stores straight into y (rows of 16+ outputs, see plan_stores) */
     const int masked = s->Wo >= 16 && conv2d_direct_preferred();
 #endif
@@ -186,7 +185,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
     for (int ci = 0; ci < Cin; ci++)
         for (int t = 0; t < T; t++) koff[ci * T + t] = tap_offset(s, &g, t) + ci * g.CS;
     const long planes = (long)g.nph * Cin * s->N, tasks = (long)s->N * nqb * ncb;
-#pragma omp parallel if ((long)s->N * ncb * CB * Q * K > DIRECT_PAR_MIN)
+#pragma omp parallel if ((long)s->N * ncb * CB * Q * K > PAR_MIN_CONV_BLOCKED)
     {
         /* wp[cb][ci][t][r] = w[cb*CB + r][ci][t] (0 for padded channels) */
 #pragma omp for schedule(static) nowait
@@ -201,7 +200,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
         /* (img, column block) outer, channel blocks inner: a thread's run of
          * tasks reuses the same planes */
         float blk[CB * COLS];
-#ifdef CONV_X86
+#ifdef DAMEX_X86
         struct store_plan plan = {.c0 = -1};
 #endif
 #pragma omp for schedule(static)
@@ -209,7 +208,7 @@ int conv2d_forward_direct(float *y, const float *x, const float *w, const float 
             int cb = (int)(k % ncb), n = (int)(k / ncb / nqb);
             long c0 = k / ncb % nqb * COLS;
             int rows = Cout - cb * CB < CB ? Cout - cb * CB : CB;
-#ifdef CONV_X86
+#ifdef DAMEX_X86
             if (masked) { /* consecutive tasks share a column block, and its plan */
                 if (plan.c0 != c0) plan_stores(&plan, c0, s, g.Wq);
                 direct_block_store(y + n * ys + (long)cb * CB * P, P, rows, xq + n * g.IS + c0,

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "parallel.h"
 
 #define RB 4      /* output channels per block */
 #define KB 6      /* (ci, tap) rows per block */
@@ -31,7 +32,7 @@
 
 /* acc[r][m] += sum_{c0 <= c < c1} dyb[r*ld + c] * xb[koff[m] + c]   (16-lane partial sums;
  * c0, c1 multiples of 16) */
-DIRECT_CLONES
+DAMEX_CLONES_AVX512
 static void dw_block(vf *restrict acc, const float *restrict dyb, long ld,
                      const float *restrict xb, const long *restrict koff, long c0, long c1)
 {
@@ -84,7 +85,7 @@ int conv2d_dw_direct(float *dw, const float *dy, const float *x, const struct co
         koff[k] = k < K ? tap_offset(s, &g, k % T) + (long)(k / T) * g.CS : xq_n;
     const long planes = (long)g.nph * s->Cin * s->N;
     int status = DAMEX_OK;
-#pragma omp parallel if ((long)Cout * K * Q > (1L << 22))
+#pragma omp parallel if ((long)Cout * K * Q > PAR_MIN_CONV_BLOCKED)
     {
 #pragma omp for schedule(static) nowait
         for (long q = 0; q < planes; q++) fill_phase_plane(xq, x, s->N, s, &g, q);

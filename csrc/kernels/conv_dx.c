@@ -23,8 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 #define CB CONV_BLOCK_ROWS
 #define COLS CONV_BLOCK_COLS
@@ -51,7 +52,7 @@ static int dx_stride1(float *dx, const float *dy, const float *w, const struct c
                 wt[(ci * s->Cout + co) * T + k] = w[(co * s->Cin + ci) * T + T - 1 - k];
     int status = conv2d_forward(g, dy, wt, NULL, &t);
     if (status == DAMEX_OK) {
-#pragma omp parallel for schedule(static) if (nx > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (nx > PAR_MIN_CONV_COPY)
         for (long i = 0; i < nx; i++) dx[i] += g[i];
     }
     free(wt);
@@ -163,7 +164,7 @@ static int dx_strided(float *dx, const float *dy, const float *w, const struct c
     const long planes = (long)Cout * s->N, xs = (long)s->Cin * s->H * s->W;
     const long tasks = (long)s->N * maxq * ncb * nph;
     const float zero[CB] = {0};
-#pragma omp parallel if (tasks > 1 && (long)s->N * s->Cin * s->H * s->W * Cout > (1L << 20))
+#pragma omp parallel if (tasks > 1 && (long)s->N * s->Cin * s->H * s->W * Cout > PAR_MIN_CONV_DX)
     {
 #pragma omp for schedule(static)
         for (long q = 0; q < planes; q++) fill_phase_plane(xq, dy, s->N, &t, &g, q);

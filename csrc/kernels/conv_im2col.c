@@ -9,8 +9,9 @@
 #include <string.h>
 
 #include "blas.h"
-#include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 int conv2d_is_pointwise(const struct conv2d_shape *s)
 {
@@ -31,7 +32,7 @@ static void im2col(float *col, const float *x, const struct conv2d_shape *s)
 {
     const int K = s->Cin * s->kh * s->kw, Wo = s->Wo, Ho = s->Ho;
     const long P = (long)Ho * Wo;
-#pragma omp parallel for schedule(static) if ((long)K * P > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)K * P > PAR_MIN_CONV_COPY)
     for (int k = 0; k < K; k++) {
         int ci = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw, lo, hi;
         valid_range(Wo, s->W, s->sw, s->pw, j, &lo, &hi);
@@ -67,7 +68,7 @@ static void col2im_accumulate(float *dx, const float *dcol, const struct conv2d_
 {
     const int Wo = s->Wo, Ho = s->Ho;
     const long P = (long)Ho * Wo;
-#pragma omp parallel for schedule(static) if ((long)s->Cin * s->kh * s->kw * P > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)s->Cin * s->kh * s->kw * P > PAR_MIN_CONV_COPY)
     for (int ci = 0; ci < s->Cin; ci++) {
         float *xc = dx + (long)ci * s->H * s->W;
         for (int i = 0; i < s->kh; i++)
@@ -103,7 +104,7 @@ int conv2d_forward_im2col(float *y, const float *x, const float *w, const float 
     for (int n = 0; n < s->N; n++) {
         float *yn = y + n * ys;
         if (b) {
-#pragma omp parallel for schedule(static) if (ys > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (ys > PAR_MIN_CONV_COPY)
             for (int co = 0; co < s->Cout; co++)
                 for (int p = 0; p < P; p++) yn[(long)co * P + p] = b[co];
         }

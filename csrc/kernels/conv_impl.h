@@ -1,18 +1,11 @@
-/* Internal to the conv2d kernels: the two algorithms behind conv.c. */
+/* Internal to the conv2d kernels: the four algorithms behind conv.c and
+ * conv_backward.c, the phase planes they share, and the column ranges. */
 #ifndef DAMEX_CONV_IMPL_H
 #define DAMEX_CONV_IMPL_H
 
 #include "conv.h"
+#include "cpu.h"
 
-/* Element count from which the copies around the products (im2col, phase
- * fills, crops, bias sums) fork OpenMP threads.  They are memory-bound and
- * short, and a forked team keeps spinning into the sgemm that follows,
- * contending with OpenBLAS's own threads: on a loaded 2-core machine that
- * made the 2-thread conv several times slower than 1 thread.  Only copies of
- * several MB (large images) are worth a team. */
-#ifndef CONV_PAR_MIN
-#define CONV_PAR_MIN (1L << 21)
-#endif
 
 /* The indices c >= 0 with 0 <= c*step + off < n, as [*lo, *hi) (*hi >= *lo; empty
  * when none qualifies).  Where padding and stride leave a phase, a column or a
@@ -26,6 +19,11 @@ static inline void conv_span(long n, long off, int step, long *lo, long *hi)
     *lo = l;
     *hi = h > l ? h : l;
 }
+
+/* The algorithm a call runs (never AUTO), and whether AUTO runs damex's own
+ * kernels (AVX-512 and output planes of CONV2D_OWN_MIN_PIXELS+); conv.c. */
+int conv2d_algorithm_of(const struct conv2d_shape *s, int forward);
+int conv2d_own_kernels(const struct conv2d_shape *s);
 
 /* 1x1, stride 1, no padding: the image itself is the column matrix. */
 int conv2d_is_pointwise(const struct conv2d_shape *s);
@@ -42,14 +40,6 @@ int conv2d_backward_im2col(float *dx, float *dw, const float *dy, const float *x
 /* 16 floats (a zmm register with AVX-512), and the same for unaligned access */
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4), may_alias));
-/* CONV_X86: GCC on x86, where the AVX-512 paths (clones, intrinsics, the CPU
- * check of conv2d_direct_preferred) are compiled. */
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define CONV_X86 1
-#define DIRECT_CLONES __attribute__((target_clones("avx512f", "default")))
-#else
-#define DIRECT_CLONES
-#endif
 void conv_block_8x48(float *restrict yb, const float *restrict xb, const float *restrict wb,
                      const long *restrict koff, int K, const float *restrict bias);
 

@@ -4,7 +4,8 @@
 
 #include <string.h>
 
-#include "fastmath.h"
+#include "parallel.h"
+#include "cpu.h"
 
 struct phases phases_of(const struct conv2d_shape *s, int nb)
 {
@@ -79,7 +80,7 @@ void fill_phases(float *xq, const float *x, int cnt, const struct conv2d_shape *
                  const struct phases *g)
 {
     const long planes = (long)g->nph * s->Cin * cnt;
-#pragma omp parallel for schedule(static) if (planes * g->IS > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (planes * g->IS > PAR_MIN_CONV_COPY)
     for (long q = 0; q < planes; q++) fill_phase_plane(xq, x, cnt, s, g, q);
 }
 
@@ -89,7 +90,7 @@ void unfill_phases_accumulate(float *dx, const float *dxq, int cnt,
                               const struct conv2d_shape *s, const struct phases *g)
 {
     const long planes = (long)s->Cin * cnt;
-#pragma omp parallel for schedule(static) if (planes * s->H * s->W > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (planes * s->H * s->W > PAR_MIN_CONV_COPY)
     for (long q = 0; q < planes; q++) {
         int img = (int)(q / s->Cin), ci = (int)(q % s->Cin);
         const float *base = dxq + (long)ci * g->CS + (long)img * g->IS;

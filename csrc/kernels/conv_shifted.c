@@ -21,6 +21,7 @@
 
 #include "blas.h"
 #include "status.h"
+#include "parallel.h"
 
 /* Images per chunk: as many as keep the chunk's scratch under this many
  * floats; column tiles of the per-tap products: output blocks (rows x columns)
@@ -84,7 +85,7 @@ int conv2d_forward_shifted(float *y, const float *x, const float *w, const float
                          wt + (long)t * s->Cout * s->Cin, s->Cin, xq + tap_offset(s, &g, t) + c0,
                          (int)g.CS, t ? 1.0f : 0.0f, yq + c0, (int)g.CS);
         const long rows = (long)cnt * s->Cout;
-#pragma omp parallel for schedule(static) if (rows * P > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (rows * P > PAR_MIN_CONV_COPY)
         for (long q = 0; q < rows; q++) {
             int img = (int)(q / s->Cout), co = (int)(q % s->Cout);
             float bias = b ? b[co] : 0.0f;
@@ -120,7 +121,7 @@ int conv2d_backward_shifted(float *dx, float *dw, const float *dy, const float *
         /* dyq[co][img][oh*Wq + ow] = dy[img][co][oh][ow]; 0 in the wrapped columns
          * ow >= Wo and the rows oh >= Ho, so they add nothing below */
         const long rows = (long)cnt * s->Cout;
-#pragma omp parallel for schedule(static) if (rows * g.IS > CONV_PAR_MIN)
+#pragma omp parallel for schedule(static) if (rows * g.IS > PAR_MIN_CONV_COPY)
         for (long q = 0; q < rows; q++) {
             int img = (int)(q / s->Cout), co = (int)(q % s->Cout);
             float *dst = dyq + (long)co * g.CS + (long)img * g.IS;

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "parallel.h"
 
 #define CB CONV_BLOCK_ROWS
 #define NT CONV_BLOCK_COLS /* tiles per task */
@@ -67,7 +68,7 @@ static void transform_weights(float *up, const float *w, int cb, int ncb, int Ci
  * padded image is split into its even and odd columns (two phase planes,
  * conv_impl.h), so that the patch of tile j is columns j, j (odd), j+1, j+1
  * (odd) of rows 0..3 below q: unit strides, and the loop vectorises over tiles. */
-DIRECT_CLONES
+DAMEX_CLONES_AVX512
 static void transform_input_run(float *restrict v, const float *restrict q, long PB, long CS,
                                 int Wq, int n, int jo, int Cin)
 {
@@ -126,7 +127,7 @@ static void transform_input(float *v, const float *xq, const struct phases *g, i
 }
 
 /* o[a][j] = (A^T M A)[a] + bias for the NT tiles of one channel, m[e*EM + j] = M[e] */
-DIRECT_CLONES
+DAMEX_CLONES_AVX512
 static void transform_output_row(float (*restrict o)[NT], const float *restrict m, float bias)
 {
     const long EM = (long)CB * NT;
@@ -207,7 +208,7 @@ int conv2d_forward_winograd(float *y, const float *x, const float *w, const floa
     const float zero[CB] = {0};
     const long planes = 2L * Cin * s->N, tasks = (long)s->N * nblk;
     int status = DAMEX_OK;
-#pragma omp parallel if ((long)s->N * ntiles * Cout * Cin > (1L << 18))
+#pragma omp parallel if ((long)s->N * ntiles * Cout * Cin > PAR_MIN_WINOGRAD)
     {
 #pragma omp for schedule(static) nowait
         for (int cb = 0; cb < ncb; cb++) transform_weights(up, w, cb, ncb, Cin, Cout);

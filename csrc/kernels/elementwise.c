@@ -5,8 +5,9 @@
 
 #include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
-#define PAR_MIN 65536
 
 DAMEX_CLONES
 static void sigmoid_fwd(float *restrict y, const float *restrict x, long n)
@@ -18,7 +19,7 @@ int sigmoid_forward(float *y, const float *x, long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     const long blk = 16384;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i += blk) sigmoid_fwd(y + i, x + i, n - i < blk ? n - i : blk);
     return DAMEX_OK;
 }
@@ -34,7 +35,7 @@ int sigmoid_backward(float *dx, const float *dy, const float *y, long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     const long blk = 16384;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i += blk)
         sigmoid_bwd(dx + i, dy + i, y + i, n - i < blk ? n - i : blk);
     return DAMEX_OK;
@@ -43,7 +44,7 @@ int sigmoid_backward(float *dx, const float *dy, const float *y, long n)
 int inverse_sigmoid_forward(float *y, const float *x, long n, float eps)
 {
     if (n < 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         float v = x[i] < 0.0f ? 0.0f : (x[i] > 1.0f ? 1.0f : x[i]);
         float x1 = v > eps ? v : eps, x2 = 1.0f - v > eps ? 1.0f - v : eps;
@@ -55,7 +56,7 @@ int inverse_sigmoid_forward(float *y, const float *x, long n, float eps)
 int inverse_sigmoid_backward(float *dx, const float *dy, const float *x, long n, float eps)
 {
     if (n < 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         /* inverts y = log(max(v, eps) / max(1 - v, eps)),  v = clamp(x, 0, 1) */
         float xi = x[i];
@@ -97,7 +98,7 @@ int dropout_forward(float *y, uint8_t *keep, const float *x, long n, float p, ui
     uint32_t threshold = (uint32_t)llroundf(p * 16777216.0f);
     float scale = dropout_scale(p);
     const long blk = 16384;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i += blk)
         dropout_fwd(y + i, keep + i, x + i, i, n - i < blk ? n - i : blk, threshold, scale, seed);
     return DAMEX_OK;
@@ -114,7 +115,7 @@ int dropout_backward(float *dx, const float *dy, const uint8_t *keep, long n, fl
 {
     if (n < 0 || !(p >= 0.0f && p <= 1.0f)) return DAMEX_EINVAL;
     const long blk = 16384;
-#pragma omp parallel for schedule(static) if (n > PAR_MIN)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i += blk)
         dropout_bwd(dx + i, dy + i, keep + i, n - i < blk ? n - i : blk, dropout_scale(p));
     return DAMEX_OK;

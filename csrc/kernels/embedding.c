@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "parallel.h"
 
 static int ids_in_range(const int64_t *ids, long n, long V)
 {
@@ -17,7 +18,7 @@ int embedding_forward(float *out, const float *weight, const int64_t *ids, long 
 {
     if (n < 0 || V < 0 || D < 0) return DAMEX_EINVAL;
     if (!ids_in_range(ids, n, V)) return DAMEX_EINDEX;
-#pragma omp parallel for schedule(static) if (n * D > 32768)
+#pragma omp parallel for schedule(static) if (n * D > PAR_MIN_ROWS)
     for (long i = 0; i < n; i++) memcpy(out + i * D, weight + ids[i] * D, sizeof(float) * D);
     return DAMEX_OK;
 }
@@ -29,7 +30,7 @@ int embedding_backward(float *dweight, const float *dout, const int64_t *ids, lo
     if (!ids_in_range(ids, n, V)) return DAMEX_EINDEX;
     const long blk = 64;
     const long nblk = (D + blk - 1) / blk;
-#pragma omp parallel for schedule(static) if (n * D > 32768)
+#pragma omp parallel for schedule(static) if (n * D > PAR_MIN_ROWS)
     for (long b = 0; b < nblk; b++) {
         long d0 = b * blk, d1 = d0 + blk < D ? d0 + blk : D;
         for (long i = 0; i < n; i++) {

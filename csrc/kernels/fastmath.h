@@ -46,11 +46,4 @@ static inline float dx_erff(float x)
     return s * (1.0f - y * dx_expf(-a * a));
 }
 
-/* Vectorise hot loops for the widest unit the CPU has, chosen at load time. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define DAMEX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DAMEX_CLONES
-#endif
-
 #endif

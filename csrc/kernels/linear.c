@@ -6,6 +6,7 @@
 
 #include "blas.h"
 #include "status.h"
+#include "parallel.h"
 
 /* Rows of y filled with the bias per OpenMP chunk: the sgemm that follows
  * reads them back from cache. */
@@ -15,7 +16,7 @@ int linear_forward(float *y, const float *x, const float *w, const float *b, int
     if (N < 0 || Din < 0 || Dout < 0) return DAMEX_EINVAL;
     if (N == 0 || Dout == 0) return DAMEX_OK;
     if (b) {
-#pragma omp parallel for schedule(static) if ((long)N * Dout > 32768)
+#pragma omp parallel for schedule(static) if ((long)N * Dout > PAR_MIN_ROWS)
         for (long n = 0; n < N; n++) memcpy(y + n * Dout, b, sizeof(float) * Dout);
     }
     /* y = x @ w^T (+ y) */
@@ -29,7 +30,7 @@ void column_sums_accumulate(float *out, const float *a, long R, long C)
 {
     const long blk = 256;
     long nblk = (C + blk - 1) / blk;
-#pragma omp parallel for schedule(static) if (R * C > 32768)
+#pragma omp parallel for schedule(static) if (R * C > PAR_MIN_ROWS)
     for (long j = 0; j < nblk; j++) {
         long c0 = j * blk, c1 = c0 + blk < C ? c0 + blk : C;
         float acc[256];

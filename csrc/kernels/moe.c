@@ -18,13 +18,9 @@
 #include "activation.h"
 #include "activation_scalar.h"
 #include "blas.h"
-#include "fastmath.h"
 #include "status.h"
-
-/* Gather/scatter are memory-bound: a second thread gains little and, on a
- * busy machine, the region's closing barrier can wait a whole time slice for
- * a descheduled thread.  Only very large ones (floats moved) go parallel. */
-#define PAR_MIN (1L << 22)
+#include "parallel.h"
+#include "cpu.h"
 
 /* rows[T*k] = packed row of each choice, -1 where dropped; checks that every
  * kept choice is inside its expert's range and that the kept choices cover
@@ -106,7 +102,7 @@ int dispatch_forward(float *xe, const float *x, const int64_t *expert_index, con
     int status;
     int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
     if (!rows) return status;
-#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN_GATHER)
     for (int t = 0; t < T; t++)
         for (int j = 0; j < k; j++) {
             int64_t r = rows[(long)t * k + j];
@@ -125,7 +121,7 @@ int dispatch_backward(float *dx, const float *dxe, const int64_t *expert_index,
     int status;
     int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
     if (!rows) return status;
-#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN_GATHER)
     for (int t = 0; t < T; t++) {
         float *restrict d = dx + (long)t * D;
         for (int j = 0; j < k; j++) {
@@ -149,7 +145,7 @@ int combine_forward(float *y, const float *ye, const float *combine_weight,
     int status;
     int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
     if (!rows) return status;
-#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN_GATHER)
     for (int t = 0; t < T; t++) {
         float *restrict yt = y + (long)t * D;
         memset(yt, 0, (size_t)D * sizeof(float));
@@ -175,7 +171,7 @@ int combine_backward(float *dye, float *dcombine_weight, const float *dy, const 
     int status;
     int64_t *rows = new_routing_rows(&status, expert_index, slot, expert_count, T, k, E, N);
     if (!rows) return status;
-#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN)
+#pragma omp parallel for schedule(static) if ((long)T * D > PAR_MIN_GATHER)
     for (int t = 0; t < T; t++) {
         const float *restrict g = dy + (long)t * D;
         for (int j = 0; j < k; j++) {
@@ -282,9 +278,6 @@ static void add_row(float *restrict acc, const float *restrict v, int n)
 #define BLOCK_ROWS 256
 /* Columns of F per weight-gradient task. */
 #define BLOCK_COLS 256
-/* Below this many multiply-adds per GEMM pass the FFN runs on the calling
- * thread (a parallel region costs more than it saves, worst on a busy machine). */
-#define FFN_PAR_MIN (1L << 21)
 
 typedef struct {
     int e;    /* expert */
@@ -339,7 +332,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
     row_block *blk;
     long nblk = row_blocks(&blk, expert_count, E);
     if (nblk < 0) return DAMEX_ENOMEM;
-    int par = nblk > 1 && (long)N * D * F >= FFN_PAR_MIN;
+    int par = nblk > 1 && (long)N * D * F >= PAR_MIN_FFN;
     if (par) blas_single_thread_begin();
 #pragma omp parallel for schedule(dynamic, 1) if (par)
     for (long i = 0; i < nblk; i++) {
@@ -399,7 +392,7 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
         row0[e] = off;
         off += (long)expert_count[e];
     }
-    int par = (long)N * D * F >= FFN_PAR_MIN;
+    int par = (long)N * D * F >= PAR_MIN_FFN;
     if (par) blas_single_thread_begin();
 #pragma omp parallel if (par)
     {

@@ -19,8 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 /* GNU vector extension: 8 floats, one AVX register (two SSE registers in the
  * default clone), for the dot products of the backward. */
@@ -323,11 +324,10 @@ static void *scratch_alloc(scratch_t *t, int S, int D, int LP, int grad, const i
     return mem;
 }
 
-/* Threads only pay for themselves above ~0.1 ms of work (a parallel region costs
- * microseconds, far more on an oversubscribed machine). */
+/* Threads only pay for themselves above ~0.1 ms of work (parallel.h). */
 static int parallel_worth_it(int N, int M, int D, int Lq, int LP)
 {
-    return (double)N * M * Lq * LP * (D + 16) > 2e5;
+    return (double)N * M * Lq * LP * (D + 16) > PAR_MIN_MSDA;
 }
 
 static int check_sizes(const int64_t *shapes, const int64_t *starts, int N, int S, int M, int D,

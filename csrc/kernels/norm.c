@@ -9,9 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fastmath.h"
 #include "reduce.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -72,7 +73,7 @@ int layer_norm_forward(float *y, float *mean, float *rstd, const float *x, const
                        const float *beta, int N, int C, float eps)
 {
     if (N < 0 || C <= 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * C > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * C > PAR_MIN_NORM)
     for (long n = 0; n < N; n++) {
         if (row_moments(mean + n, rstd + n, x + n * C, C, eps))
             normalize_row(y + n * C, x + n * C, mean[n], rstd[n], gamma, beta, C);
@@ -110,7 +111,7 @@ int layer_norm_backward(float *dx, float *dgamma, float *dbeta, const float *dy,
                         const float *mean, const float *rstd, const float *gamma, int N, int C)
 {
     if (N < 0 || C <= 0) return DAMEX_EINVAL;
-    int T = (long)N * C > 16384 ? DX_THREADS() : 1;
+    int T = (long)N * C > PAR_MIN_NORM ? DX_THREADS() : 1;
     float *part = calloc((size_t)T * 2 * C, sizeof(float)); /* [T][dgamma C | dbeta C] */
     if (!part) return DAMEX_ENOMEM;
 #pragma omp parallel num_threads(T)
@@ -144,7 +145,7 @@ int group_norm_forward(float *y, float *mean, float *rstd, const float *x, const
     const int Cg = C / G;
     const long M = (long)Cg * HW;
     if (M == 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * C * HW > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * C * HW > PAR_MIN_NORM)
     for (long ng = 0; ng < (long)N * G; ng++) {
         const float *xg = x + ng * M;
         float m = (float)(dx_sum(xg, M) / M);
@@ -181,7 +182,7 @@ int group_norm_backward(float *dx, float *dgamma, float *dbeta, const float *dy,
     /* A[n,c] = sum_hw dy * xhat,  B[n,c] = sum_hw dy */
     double *A = malloc(sizeof(double) * 2 * ((size_t)N * C + 1)), *B = A + (size_t)N * C;
     if (!A) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) if ((long)N * C * HW > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * C * HW > PAR_MIN_NORM)
     for (long ng = 0; ng < (long)N * G; ng++) {
         const long base = ng * M;
         const float m = mean[ng], s = rstd[ng];
@@ -217,7 +218,7 @@ int frozen_batch_norm_forward(float *y, const float *x, const float *weight, con
                               long HW, float eps)
 {
     if (N < 0 || C < 0 || HW < 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * C * HW > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * C * HW > PAR_MIN_NORM)
     for (long nc = 0; nc < (long)N * C; nc++) {
         int c = (int)(nc % C);
         float scale = weight[c] * (1.0f / sqrtf(running_var[c] + eps));
@@ -236,7 +237,7 @@ int frozen_batch_norm_backward(float *dx, const float *dy, const float *weight,
                                const float *running_var, int N, int C, long HW, float eps)
 {
     if (N < 0 || C < 0 || HW < 0 || !(eps >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * C * HW > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * C * HW > PAR_MIN_NORM)
     for (long nc = 0; nc < (long)N * C; nc++) {
         int c = (int)(nc % C);
         /* inverts y = x * scale + shift,  scale = weight / sqrt(running_var + eps) */

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "status.h"
+#include "parallel.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
@@ -44,7 +45,7 @@ int adamw_step(float *param, float *exp_avg, float *exp_avg_sq, const float *gra
     const float neg_step_size = (float)(-(lr / bc1));
     const float bc2_sqrt = (float)sqrt(bc2);
     const float epsf = (float)eps;
-#pragma omp parallel for schedule(static) if (n > 32768)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ROWS)
     for (long i = 0; i < n; i++) {
         float p = param[i], g = grad[i], m = exp_avg[i], v = exp_avg_sq[i];
         if (decay_on) p = p * decay;
@@ -89,7 +90,7 @@ int sum_of_squares(double *out, const float *x, long n)
     }
     double *part = (double *)malloc((size_t)nb * sizeof(double));
     if (!part) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) if (nb >= 8)
+#pragma omp parallel for schedule(static) if (nb >= PAR_MIN_SSQ_BLOCKS)
     for (long b = 0; b < nb; b++) {
         long len = n - b * SSQ_BLOCK < SSQ_BLOCK ? n - b * SSQ_BLOCK : SSQ_BLOCK;
         part[b] = block_sum_of_squares(x + b * SSQ_BLOCK, len);

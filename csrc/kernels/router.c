@@ -22,6 +22,8 @@
 #include "blas.h"
 #include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 /* idx[1..k) = the rest of the top-k of g[0..E) in the order (descending value,
  * ascending index), idx[0] (the top-1) given.  The r-th choice is the largest
@@ -72,15 +74,6 @@ static void radix_sort_stable(int32_t *order, uint32_t *key, int32_t *tmp, uint3
     if (src != order) memcpy(order, src, (size_t)n * sizeof *order);
 }
 
-/* Clones for x86-64-v4 (AVX-512) and v3 (AVX2 + FMA): FMA matters to the
- * narrow GEMM, and the "avx2" clone of DAMEX_CLONES does not enable it. */
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    !defined(__SANITIZE_ADDRESS__)
-#define ROUTER_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ROUTER_CLONES
-#endif
-
 /* 8 floats: one AVX register, two SSE registers in the default clone. */
 typedef float v8f __attribute__((vector_size(32)));
 #define V8_LOAD(dst, p) memcpy(&(dst), (p), sizeof(dst))
@@ -90,7 +83,7 @@ typedef float v8f __attribute__((vector_size(32)));
  * reads each x row once, R rows at a time so that each wp vector loaded from
  * L1 feeds R independent FMAs, and sums over d in order like a plain dot. */
 #define DEFINE_LOGITS_NARROW(NV, R)                                                            \
-    ROUTER_CLONES                                                                              \
+    DAMEX_CLONES_FMA                                                                              \
     static void logits_narrow_##NV(float *restrict logits, const float *restrict x,            \
                                    const float *restrict wp, int t0, int t1, int D, int E)     \
     {                                                                                          \
@@ -146,7 +139,7 @@ static void router_logits(float *logits, const float *x, const float *w_router, 
     for (int d = 0; d < D; d++)
         for (int e = 0; e < ep; e++) wp[(long)d * ep + e] = e < E ? w_router[(long)d * E + e] : 0.0f;
     int nblocks = (T + LOGITS_BLOCK - 1) / LOGITS_BLOCK;
-#pragma omp parallel for schedule(static) if ((long)T * D * ep >= (1L << 22))
+#pragma omp parallel for schedule(static) if ((long)T * D * ep >= PAR_MIN_ROUTER_LOGITS)
     for (int b = 0; b < nblocks; b++) {
         int t0 = b * LOGITS_BLOCK, t1 = t0 + LOGITS_BLOCK < T ? t0 + LOGITS_BLOCK : T;
         if (ep == 8)
@@ -160,15 +153,11 @@ static void router_logits(float *logits, const float *x, const float *w_router, 
  * vectorises whatever E is. */
 #define ROUTER_BLOCK 64
 
-/* Fewest T*E elements for which the row passes use OpenMP.  At T=8192, E=8 a
- * pass takes ~0.1-0.2 ms on one core: less than waking a second thread costs
- * when the cores are busy (OpenBLAS threads spinning after the expert GEMMs). */
-#define ROUTER_OMP_MIN (1L << 18)
 
 /* For rows [t0, t1): noisy = logits + noise, probs = softmax(noisy),
  * expert_index = top-k.  Returns the number of rows with a NaN/inf logit or
  * noisy logit (their probs and expert_index are left unset). */
-ROUTER_CLONES
+DAMEX_CLONES_FMA
 static long softmax_topk_block(float *restrict noisy, float *restrict probs,
                                int64_t *restrict expert_index, const float *restrict logits,
                                const float *restrict noise, int t0, int t1, int E, int k)
@@ -224,7 +213,7 @@ static long softmax_topk_rows(float *noisy, float *probs, int64_t *expert_index,
 {
     long bad = 0;
     int nblocks = (T + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if ((long)T * E >= ROUTER_OMP_MIN)
+#pragma omp parallel for schedule(static) reduction(+ : bad) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nblocks; b++) {
         int t0 = b * ROUTER_BLOCK, t1 = t0 + ROUTER_BLOCK < T ? t0 + ROUTER_BLOCK : T;
         bad += softmax_topk_block(noisy, probs, expert_index, logits, noise, t0, t1, E, k);
@@ -333,7 +322,7 @@ int router_backward(float *dlogits, const float *dcombine_weight, const float *p
     for (long i = 0; i < (long)T * k; i++)
         if (expert_index[i] < 0 || expert_index[i] >= E) return DAMEX_EINDEX;
 
-#pragma omp parallel for schedule(static) if ((long)T * E >= ROUTER_OMP_MIN)
+#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int t = 0; t < T; t++) {
         const float *p = probs + (long)t * E;
         const float *dw = dcombine_weight + (long)t * k;

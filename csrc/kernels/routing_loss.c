@@ -15,16 +15,14 @@
 
 #include "fastmath.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define BLOCK 256          /* tokens per block: the unit of work and of summation */
-/* T*E from which OpenMP pays: below it a pass takes well under 0.5 ms on one
- * core, and on a busy machine a fork/join can wait for a descheduled thread
- * for a whole time slice (measured: 16 ms instead of 0.1 ms at T*E = 65536). */
-#define PAR_WORK 262144L
 #define INV_SQRT2 0.7071067811865476f
 #define INV_SQRT_2PI 0.3989422804014327f
 
@@ -347,7 +345,7 @@ static int importance_sums(double *imp, float *qsave, const float *logits, const
     int nb = nblocks(T), bad = 0;
     work w;
     if (work_alloc(&w, nb, E, E)) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         if (!rows_finite(logits, noise, t0, t1, E)) {
@@ -395,7 +393,7 @@ int importance_loss_backward(float *dlogits, double dloss, const float *logits,
     if (st) goto done;
     cv_squared(a, imp, E, variance);
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i]);
-#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         softmax_grad_rows(dlogits, q + (size_t)t0 * E, af, mask, t0, t1, E);
@@ -473,7 +471,7 @@ static int load_sums(double *load, float *gsave, int *jsave, const float *logits
     int nb = nblocks(T), bad = 0;
     work w;
     if (work_alloc(&w, nb, E, E)) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK / 2)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_MIN_ROUTER_ROWS / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         if (!rows_finite(logits, noise, t0, t1, E)) {
@@ -534,7 +532,7 @@ int load_loss_backward(float *dlogits, double dloss, const float *logits, const 
     cv_squared(a, load, E, variance);
     /* phi(z) / sigma = exp(-z^2/2) / (sqrt(2 pi) sigma) */
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma) * INV_SQRT_2PI;
-#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK / 2)
+#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         load_grad_rows(dlogits, gs + (size_t)t0 * E, js + t0, af, mask, t0, t1, E);
@@ -557,7 +555,7 @@ static int switch_sums(double *out, int with_probs, const float *logits, const u
     int nb = nblocks(T), bad = 0, kk = counts == DAMEX_COUNTS_TOPK ? k : 1;
     work w;
     if (work_alloc(&w, nb, 2 * E, E)) return DAMEX_ENOMEM;
-#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         if (!rows_finite(logits, NULL, t0, t1, E)) {
@@ -618,7 +616,7 @@ int switch_loss_backward(float *dlogits, double dloss, const float *logits, cons
     if (st || n == 0) goto done;
     double kk = counts == DAMEX_COUNTS_TOPK ? k : 1;
     for (int i = 0; i < E; i++) af[i] = (float)(dloss * E * sums[i] / (kk * (double)n * (double)n));
-#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         float *q = work_buf(&w), *rowv = q + (size_t)BLOCK * E;
@@ -647,7 +645,7 @@ static int lse_pass(double *total, float *dlogits, double scale, const float *lo
     work w;
     if (work_alloc(&w, nb, 1, E)) return DAMEX_ENOMEM;
     float sc = (float)scale;
-#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_WORK)
+#pragma omp parallel for schedule(static) reduction(| : bad) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
         if (!rows_finite(logits, NULL, t0, t1, E)) {

@@ -5,6 +5,8 @@
 #include "fastmath.h"
 #include "reduce.h"
 #include "status.h"
+#include "parallel.h"
+#include "cpu.h"
 
 DAMEX_CLONES
 static float row_max(const float *restrict x, long C)
@@ -38,7 +40,7 @@ static void row_scale(float *restrict y, float s, long C)
 int softmax_forward(float *y, const float *x, long R, long C)
 {
     if (R < 0 || C <= 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (R * C > 32768)
+#pragma omp parallel for schedule(static) if (R * C > PAR_MIN_ROWS)
     for (long r = 0; r < R; r++) {
         float *yr = y + r * C;
         row_exp(yr, x + r * C, row_max(x + r * C, C), C);
@@ -71,7 +73,7 @@ static void row_softmax_bwd(float *restrict dx, const float *restrict dy, const 
 int softmax_backward(float *dx, const float *dy, const float *y, long R, long C)
 {
     if (R < 0 || C <= 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (R * C > 32768)
+#pragma omp parallel for schedule(static) if (R * C > PAR_MIN_ROWS)
     for (long r = 0; r < R; r++)
         row_softmax_bwd(dx + r * C, dy + r * C, y + r * C, row_dot(dy + r * C, y + r * C, C), C);
     return DAMEX_OK;

@@ -32,6 +32,7 @@ def clip_grad_norm_(parameters, max_norm, error_if_nonfinite=False):
     total, scale = _ops.clip_grad_norm([p.grad for p in params], float(max_norm),
                                        error_if_nonfinite=error_if_nonfinite)
     if not scale >= 1.0:  # also nan
-        for p in params:
-            p.grad = p.grad * np.float32(scale)
+        with np.errstate(invalid="ignore"):  # inf * 0 is nan, as in PyTorch
+            for p in params:
+                p.grad = p.grad * np.float32(scale)
     return float(total)
