@@ -385,7 +385,7 @@ def moe(x, w_router, w1, b1, w2, b2, *, k=1, noise=None, capacity_factor=None, b
         if specs and daux != 0.0:
             dlogits = np.zeros_like(logits)
             for bwd, weight, args, kw in specs:
-                dlogits += bwd(logits, *args, **kw, grad=weight * daux)
+                dlogits += bwd(logits, *args, **kw, dy=weight * daux)
         g = _ops.moe_backward(dy, state, dlogits=dlogits)
         return g["x"], g["w_router"], g["w1"], g["b1"], g["w2"], g["b2"]
     y_t, aux_t = record((y, aux), params, backward, "moe")
@@ -401,7 +401,7 @@ def routing_loss(name, logits, weight=1.0, **kwargs):
     noise, k, mask = kwargs.pop("noise", None), kwargs.pop("k", 1), kwargs.pop("mask", None)
     args, kw = _loss_args(name, kwargs, noise=noise, k=k, mask=mask)
     val = np.asarray(weight * float(fwd(ld, *args, **kw)), np.float32)
-    return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, grad=weight * float(gs[0])),),
+    return record(val, [logits], lambda gs: (bwd(ld, *args, **kw, dy=weight * float(gs[0])),),
                   f"{name}_loss")
 
 

@@ -297,3 +297,21 @@ def test_empty_linear_with_2_31_rows_issue12_16():
     _, _, db = ops.linear_backward(np.ones((2, 3), np.float32), np.empty((2, 0), np.float32),
                                    np.empty((3, 0), np.float32))
     np.testing.assert_array_equal(db, [2, 2, 2])
+
+
+# ---- issue 11: the gradient of an op's output is spelled dy ------------------
+
+
+def test_backward_upstream_gradient_is_dy_issue11():
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((5, 3)).astype(np.float32)
+    a = ops.z_loss_backward(g, dy=2.0)
+    np.testing.assert_array_equal(a, ops.z_loss_backward(g, grad=2.0))  # the former name
+    np.testing.assert_allclose(a, 2.0 * ops.z_loss_backward(g), rtol=1e-6)
+    with pytest.raises(TypeError, match="dy and grad"):
+        ops.z_loss_backward(g, dy=2.0, grad=2.0)
+    ops.embedding_backward(dy=np.ones((3, 2), np.float32), ids=np.array([0, 1, 1]),
+                           num_embeddings=4)
+    q = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    _, attn = ops.attention_forward(q, q, q, num_heads=2)
+    ops.attention_backward(dy=q, q=q, k=q, v=q, attn=attn, num_heads=2)

@@ -55,16 +55,16 @@ def attention_forward(q, k, v, num_heads, attn_mask=None, key_padding_mask=None)
     return out, attn
 
 
-def attention_backward(dout, q, k, v, attn, num_heads):
-    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` given ``dout [N, Lq, C]``
+def attention_backward(dy, q, k, v, attn, num_heads):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` given ``dy [N, Lq, C]``
     and the ``attn`` it returned (masks are already inside ``attn``)."""
     q, k, v, H = _qkv(q, k, v, num_heads)
     N, Lq, C = q.shape
     Lk = k.shape[1]
-    dout = f32(dout, "dout", shape=(N, Lq, C))
+    dy = f32(dy, "dy", shape=(N, Lq, C))
     attn = f32(attn, "attn", shape=(N, H, Lq, Lk))
     dq = np.zeros_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
-    _C.attention_backward(dq, dk, dv, dout, attn, q, k, v, N, Lq, Lk, C, H)
+    _C.attention_backward(dq, dk, dv, dy, attn, q, k, v, N, Lq, Lk, C, H)
     return dq, dk, dv

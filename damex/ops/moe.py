@@ -209,12 +209,12 @@ def _dispatch(x, r):
     return xe
 
 
-def dispatch_backward(dxe, result, T):
-    """Gradient of :func:`dispatch_forward`: ``dx[t] = sum_{kept j} dxe[row(t, j)]``.
+def dispatch_backward(dy, result, T):
+    """Gradient of :func:`dispatch_forward`: ``dx[t] = sum_{kept j} dy[row(t, j)]``.
 
     Parameters
     ----------
-    dxe : ndarray [N, D]
+    dy : ndarray [N, D], the gradient of ``xe``
     result : RouterResult
     T : int, number of tokens (must match result.expert_index)
 
@@ -225,8 +225,8 @@ def dispatch_backward(dxe, result, T):
     r = _Routing(result)
     if int(T) != r.T:
         raise ValueError(f"T: expected {r.T} (rows of expert_index), got {T}")
-    dxe = f32(dxe, "dxe", shape=(r.N, None))
-    return _dispatch_backward(dxe, r)
+    dy = f32(dy, "dy", shape=(r.N, None))
+    return _dispatch_backward(dy, r)
 
 
 def _dispatch_backward(dxe, r):
@@ -277,12 +277,12 @@ def _expert_ffn(xe, count, w1, b1, w2, b2, activation, code):
     return ye, ExpertSaved(xe, h, a, count, w1, w2, activation)
 
 
-def expert_ffn_backward(dye, saved):
+def expert_ffn_backward(dy, saved):
     """Gradients of :func:`expert_ffn_forward`.
 
     Parameters
     ----------
-    dye : ndarray [N, D]
+    dy : ndarray [N, D], the gradient of ``ye``
     saved : ExpertSaved from the forward
 
     Returns
@@ -297,8 +297,8 @@ def expert_ffn_backward(dye, saved):
         raise TypeError(f"saved: expected the ExpertSaved of expert_ffn_forward, got "
                         f"{type(saved).__name__}")
     N, D = saved.xe.shape
-    dye = f32(dye, "dye", shape=(N, D))
-    return _expert_ffn_backward(dye, saved)
+    dy = f32(dy, "dy", shape=(N, D))
+    return _expert_ffn_backward(dy, saved)
 
 
 def _expert_ffn_backward(dye, s):

@@ -514,14 +514,14 @@ def embedding_forward(weight, ids):
     return out
 
 
-def embedding_backward(dout, ids, num_embeddings):
-    """dweight[V, D] with ``dweight[ids[i]] += dout[i]`` (repeated ids add up)."""
+def embedding_backward(dy, ids, num_embeddings):
+    """dweight[V, D] with ``dweight[ids[i]] += dy[i]``, dy of shape ids.shape + (D,) (repeated ids add up)."""
     v = int_arg(num_embeddings, "num_embeddings", lo=0)
     ids = _ids(ids, v)
-    dout = f32(dout, "dout", ndim=ids.ndim + 1)
-    if dout.shape[:-1] != ids.shape:
-        raise ValueError(f"dout: expected shape {ids.shape + ('D',)}, got {dout.shape}")
-    d = dout.shape[-1]
+    dy = f32(dy, "dy", ndim=ids.ndim + 1)
+    if dy.shape[:-1] != ids.shape:
+        raise ValueError(f"dy: expected shape {ids.shape + ('D',)}, got {dy.shape}")
+    d = dy.shape[-1]
     dweight = np.zeros((v, d), np.float32)
-    _C.embedding_backward(dweight, dout, ids, v, d)
+    _C.embedding_backward(dweight, dy, ids, v, d)
     return dweight

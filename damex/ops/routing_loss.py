@@ -2,7 +2,7 @@
 
 All losses take the *clean* router logits ``g[T, E]`` (``T`` tokens, ``E``
 experts) and return a Python float; each ``NAME_backward`` returns
-``grad * dL/dlogits`` as a new float32 ``[T, E]`` array.  Per-token work
+``dy * dL/dlogits`` as a new float32 ``[T, E]`` array.  Per-token work
 (softmax, logsumexp, top-k, the normal tail) runs in float32, sums over tokens
 in float64, in fixed blocks of tokens reduced in order, so the result does not
 depend on the number of threads.
@@ -32,7 +32,7 @@ Conventions shared by every loss:
 * NaN or inf in ``logits`` or ``noise`` raises ValueError.
 * The seed configuration ``L_imp + L_load / 2`` and the V-MoE/Tutel balance
   loss ``0.5 L_imp + 0.5 L_load`` are weighted sums: call both losses and pass
-  the weight as ``grad`` to each backward.
+  the weight as ``dy`` to each backward.
 """
 import numpy as np
 
@@ -71,7 +71,13 @@ def _variance(variance, E):
     return v
 
 
-def _grad(grad):
+def _dy(dy, grad):
+    """The upstream gradient of a loss: ``dy``, or ``grad``, its former name
+    (still accepted as a keyword alias)."""
+    if grad is None:
+        return float_arg(dy, "dy")
+    if dy != 1.0:
+        raise TypeError("dy and grad: give one of them (grad is the former name of dy)")
     return float_arg(grad, "grad")
 
 
@@ -122,10 +128,10 @@ def importance_loss_forward(logits, *, mask=None, noise=None, probs="clean", var
 
 
 def importance_loss_backward(logits, *, mask=None, noise=None, probs="clean", variance="population",
-                             grad=1.0):
+                             dy=1.0, grad=None):
     """Gradient of :func:`importance_loss_forward` w.r.t. the clean logits.
 
-    ``dlogits(x) = grad * q(x) * (a - q(x) . a)``, ``a_i = dL/dImp_i
+    ``dlogits(x) = dy * q(x) * (a - q(x) . a)``, ``a_i = dL/dImp_i
     = 2 (Imp_i - mu) / (E' mu^2) - 2 var / (E mu^3)`` (``E'`` = ``E`` or
     ``E - 1``); padding rows are 0.
 
@@ -133,7 +139,7 @@ def importance_loss_backward(logits, *, mask=None, noise=None, probs="clean", va
     -------
     dlogits : ndarray, float32, shape (T, E)
     """
-    gr = _grad(grad)
+    gr = _dy(dy, grad)
     g, n, m, T, E, v = _importance_args(logits, mask, noise, probs, variance)
     d = np.zeros_like(g)
     _C.importance_loss_backward(d, gr, g, n, m, T, E, v)
@@ -187,7 +193,8 @@ def load_loss_forward(logits, noise, sigma, k, *, mask=None, variance="populatio
     return _C.load_loss_forward(g, n, m, T, E, kk, s, v)
 
 
-def load_loss_backward(logits, noise, sigma, k, *, mask=None, variance="population", grad=1.0):
+def load_loss_backward(logits, noise, sigma, k, *, mask=None, variance="population", dy=1.0,
+                       grad=None):
     """Gradient of :func:`load_loss_forward` w.r.t. the clean logits, noise held fixed.
 
     With ``j(x)`` the index of the k-th noisy logit, ``z_i = (g~_j - g_i) /
@@ -203,7 +210,7 @@ def load_loss_backward(logits, noise, sigma, k, *, mask=None, variance="populati
     -------
     dlogits : ndarray, float32, shape (T, E)
     """
-    gr = _grad(grad)
+    gr = _dy(dy, grad)
     g, n, m, T, E, kk, s, v = _load_args(logits, noise, sigma, k, mask, variance)
     d = np.zeros_like(g)
     _C.load_loss_backward(d, gr, g, n, m, T, E, kk, s, v)
@@ -252,16 +259,16 @@ def switch_loss_forward(logits, *, k=1, mask=None, counts="top1"):
     return _C.switch_loss_forward(g, m, T, E, kk, c)
 
 
-def switch_loss_backward(logits, *, k=1, mask=None, counts="top1", grad=1.0):
+def switch_loss_backward(logits, *, k=1, mask=None, counts="top1", dy=1.0, grad=None):
     """Gradient of :func:`switch_loss_forward`; only through ``q`` (``f`` is
-    piecewise constant): ``dlogits(x) = grad * q(x) * (a - q(x) . a)``,
+    piecewise constant): ``dlogits(x) = dy * q(x) * (a - q(x) . a)``,
     ``a_i = E f_i / |M|``.
 
     Returns
     -------
     dlogits : ndarray, float32, shape (T, E)
     """
-    gr = _grad(grad)
+    gr = _dy(dy, grad)
     g, m, T, E, kk, c = _switch_args(logits, k, mask, counts)
     d = np.zeros_like(g)
     _C.switch_loss_backward(d, gr, g, m, T, E, kk, c)
@@ -285,14 +292,14 @@ def z_loss_forward(logits, *, mask=None):
     return _C.z_loss_forward(g, mask_u8(mask, "mask", T), T, E)
 
 
-def z_loss_backward(logits, *, mask=None, grad=1.0):
-    """Gradient of :func:`z_loss_forward`: ``dlogits(x) = grad * 2 lse(x) q(x) / |M|``.
+def z_loss_backward(logits, *, mask=None, dy=1.0, grad=None):
+    """Gradient of :func:`z_loss_forward`: ``dlogits(x) = dy * 2 lse(x) q(x) / |M|``.
 
     Returns
     -------
     dlogits : ndarray, float32, shape (T, E)
     """
-    gr = _grad(grad)
+    gr = _dy(dy, grad)
     g = _logits(logits)
     T, E = g.shape
     d = np.zeros_like(g)
@@ -334,15 +341,15 @@ def damex_loss_forward(logits, expert_target, *, mask=None):
     return _C.damex_loss_forward(g, y, m, T, E)
 
 
-def damex_loss_backward(logits, expert_target, *, mask=None, grad=1.0):
+def damex_loss_backward(logits, expert_target, *, mask=None, dy=1.0, grad=None):
     """Gradient of :func:`damex_loss_forward`:
-    ``dlogits(x) = grad * (q(x) - onehot(target(x))) / |M|``.
+    ``dlogits(x) = dy * (q(x) - onehot(target(x))) / |M|``.
 
     Returns
     -------
     dlogits : ndarray, float32, shape (T, E)
     """
-    gr = _grad(grad)
+    gr = _dy(dy, grad)
     g, y, m, T, E = _damex_args(logits, expert_target, mask)
     d = np.zeros_like(g)
     _C.damex_loss_backward(d, gr, g, y, m, T, E)
