@@ -6,7 +6,6 @@
 #include "conv.h"
 #include "cpu.h"
 
-
 /* The indices c >= 0 with 0 <= c*step + off < n, as [*lo, *hi) (*hi >= *lo; empty
  * when none qualifies).  Where padding and stride leave a phase, a column or a
  * tap past the image, n - off is negative: C's division truncates that toward

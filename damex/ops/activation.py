@@ -2,7 +2,9 @@
 
 ``gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (PyTorch
 ``approximate="tanh"``), ``gelu(x) = x Phi(x)`` (the erf form, PyTorch's
-default), ``relu(x) = max(x, 0)``.
+default), ``relu(x) = max(x, 0)``.  ReLU keeps NaN (its gradient passes ``dy``
+there), as PyTorch.  Past ``|x| = 10`` both GELUs return ``x`` or ``-0`` and
+their derivatives exactly 1 or 0 (csrc/kernels/activation_scalar.h).
 """
 import numpy as np
 

@@ -110,6 +110,9 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
     """Layer norm over the last axis (biased variance, as PyTorch).
 
     ``y = (x - mean) * rstd * gamma + beta``, ``rstd = 1 / sqrt(var + eps)``.
+    A row whose float32 moments overflow (entries past ~1e19) is computed in
+    float64, so every finite row gives its normalised values (PyTorch's float32
+    kernel returns NaN or 0 there); a row holding NaN or inf gives NaN.
 
     Parameters
     ----------
