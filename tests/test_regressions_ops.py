@@ -315,3 +315,12 @@ def test_backward_upstream_gradient_is_dy_issue11():
     q = rng.standard_normal((1, 2, 4)).astype(np.float32)
     _, attn = ops.attention_forward(q, q, q, num_heads=2)
     ops.attention_backward(dy=q, q=q, k=q, v=q, attn=attn, num_heads=2)
+
+
+def test_nan_reaching_the_router_is_a_non_finite_input_error_issue12_3():
+    # relu now lets NaN through, so a NaN batch reaches the router, which has no
+    # NaN result: its error is a ValueError the trainer can tell apart
+    x = np.full((3, 4), np.nan, np.float32)
+    with pytest.raises(ops.NonFiniteInputError, match="router_forward: x contains NaN or inf"):
+        ops.router_forward(x, np.ones((4, 2), np.float32))
+    assert issubclass(ops.NonFiniteInputError, ValueError)

@@ -213,12 +213,16 @@ class Trainer:
         b = self.batch(self.step)
         ctx = ForwardContext(b["dataset_ids"], use_labels=True, seed=tc.seed, step=self.step,
                              root=self.model)
-        outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
-        loss, terms = self.criterion(outputs, b["targets"])
+        try:
+            outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
+            loss, terms = self.criterion(outputs, b["targets"])
+            loss_value, refused = float(loss.data), None
+        except ops.NonFiniteInputError as e:  # NaN reached an op without a NaN result (routing)
+            loss, terms, loss_value, refused = None, {}, math.nan, e
         self.optimizer.zero_grad()
-        loss_value, grad_norm, bad = float(loss.data), math.nan, None
+        grad_norm, bad = math.nan, None
         if not math.isfinite(loss_value):
-            bad = f"the loss is {loss_value}"
+            bad = f"the loss is {loss_value}" + (f" ({refused})" if refused else "")
         else:
             loss.backward()
             bad, grad_norm = self._check_gradients()

@@ -4,6 +4,7 @@ Every function takes NumPy arrays (floating arrays are computed in float32,
 index arrays in int64), checks its arguments with messages that name them,
 never modifies its inputs, and returns new arrays.
 """
+from ._check import NonFiniteInputError  # noqa: F401
 from .activation import ACTIVATIONS, activation_backward, activation_forward  # noqa: F401
 from .router import NORMALIZE, RouterResult, router_backward, router_forward, router_logits_backward  # noqa: F401
 from .moe import (combine_backward, combine_forward, dispatch_backward, dispatch_forward,  # noqa: F401

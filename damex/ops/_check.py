@@ -9,6 +9,13 @@ a conversion copies, and the C kernels only read their inputs.
 import numpy as np
 
 
+class NonFiniteInputError(ValueError):
+    """NaN or inf in an input of an op that has no defined result for it (the
+    router's top-k, the routing and box losses).  Ops that compute through NaN
+    (matmuls, activations, norms) propagate it instead, as PyTorch; a caller
+    such as the trainer can take this error for a non-finite loss."""
+
+
 def contiguous(a, dtype):
     """``a`` as a C-contiguous array of ``dtype``, copied only if needed, with its
     shape kept (``np.ascontiguousarray`` turns a 0-d array into shape (1,))."""
@@ -45,7 +52,7 @@ def f32(x, name, shape=None, ndim=None, finite=False):
     check_shape(a, name, shape, ndim)
     a = contiguous(a, np.float32)
     if finite and not np.isfinite(a).all():
-        raise ValueError(f"{name}: contains NaN or inf")
+        raise NonFiniteInputError(f"{name}: contains NaN or inf")
     return a
 
 

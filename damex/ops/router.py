@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .._lib import _C
-from ._check import f32, float_arg, int_arg, mask_u8
+from ._check import NonFiniteInputError, f32, float_arg, int_arg, mask_u8
 
 NORMALIZE = (False, True, "before_drop", "after_drop")
 _NORM_CODE = {"none": 0, "before_drop": 1, "after_drop": 2}
@@ -168,7 +168,7 @@ def router_forward(x, w_router, *, k=1, noise=None, capacity_factor=None, bpr=Fa
                             expert_count, offset, x, noise, mask8, w_router,
                             T, D, E, k, c_capacity, bpr, _NORM_CODE[norm])
     if bad:
-        raise ValueError(_nonfinite_message(x, w_router, noise))
+        raise NonFiniteInputError(_nonfinite_message(x, w_router, noise))
     return RouterResult(logits, noisy, probs, expert_index, combine_weight, slot, expert_count,
                         offset, capacity, k, capacity_factor, bpr, norm,
                         None if mask8 is None else mask8.astype(bool))
