@@ -86,8 +86,9 @@ def _cmd_train(args):
         trainer = Trainer(cfg)
     fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
     last = trainer.history[-1] if trainer.history else {}
-    print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; "
-          f"checkpoint {fit['checkpoint']}")
+    if trainer.is_main:
+        print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.4f}; "
+              f"checkpoint {fit['checkpoint']}")
     return 0
 
 
@@ -328,8 +329,12 @@ def main(argv=None):
         build_parser().error("train: give a CONFIG or --resume CHECKPOINT, not both")
     from .engine.train import TrainingInterrupted
 
+    func = args.func
+    if args.command == "train":   # under mpiexec: a failing rank ends the job (no hang)
+        from .engine.distributed import guard_ranks
+        func = guard_ranks(func)
     try:
-        return args.func(args)
+        return func(args)
     except TrainingInterrupted as e:   # Ctrl-C in training: a checkpoint was written
         print(f"\ndamex {args.command}: interrupted at step {e.step}; checkpoint {e.checkpoint}\n"
               f"resume with:\n  {_resume_command(e.checkpoint, e.steps)}", file=sys.stderr)

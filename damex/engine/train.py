@@ -22,7 +22,7 @@ from ..models.criterion import SetCriterion
 from ..models.dino import DINO
 from ..nn.context import ForwardContext
 from ..routing import dropped_fraction, expert_map, routing_accuracy
-from . import rundir
+from . import distributed, rundir
 from .checkpoint import load_checkpoint, remove_stale_temp, restore, save_checkpoint
 from .config import RunConfig, finalize, run_config_from_dict
 
@@ -194,6 +194,14 @@ class Trainer:
         self.history = []
         self.val_set = None
         self.best_mean_ap = None
+        self.world = distributed.world()   # None in one process (no MPI import)
+        if self.world is not None:
+            self.world.check_run(cfg)
+
+    @property
+    def is_main(self):
+        """Whether this process logs and writes (rank 0, or the only process)."""
+        return self.world is None or self.world.is_main
 
     # -- one step ----------------------------------------------------------------
 
@@ -211,21 +219,26 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         b = self.batch(self.step)
-        ctx = ForwardContext(b["dataset_ids"], use_labels=True, seed=tc.seed, step=self.step,
-                             root=self.model)
-        try:
-            outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
-            loss, terms = self.criterion(outputs, b["targets"])
-            loss_value, refused = float(loss.data), None
-        except ops.NonFiniteInputError as e:  # NaN reached an op without a NaN result (routing)
-            loss, terms, loss_value, refused = None, {}, math.nan, e
-        self.optimizer.zero_grad()
-        grad_norm, bad = math.nan, None
-        if not math.isfinite(loss_value):
-            bad = f"the loss is {loss_value}" + (f" ({refused})" if refused else "")
-        else:
-            loss.backward()
-            bad, grad_norm = self._check_gradients()
+        if self.world is None:
+            ctx = ForwardContext(b["dataset_ids"], use_labels=True, seed=tc.seed, step=self.step,
+                                 root=self.model)
+            try:
+                outputs = self.model(b["images"], b["mask"], b["dataset_ids"], b["targets"], ctx=ctx)
+                loss, terms = self.criterion(outputs, b["targets"])
+                loss_value, refused = float(loss.data), None
+            except ops.NonFiniteInputError as e:  # NaN reached an op without a NaN result (routing)
+                loss, terms, loss_value, refused = None, {}, math.nan, e
+            self.optimizer.zero_grad()
+            grad_norm, bad = math.nan, None
+            if not math.isfinite(loss_value):
+                bad = f"the loss is {loss_value}" + (f" ({refused})" if refused else "")
+            else:
+                loss.backward()
+                bad, grad_norm = self._check_gradients()
+        else:   # this rank's slice of the batch; loss, terms and gradients summed over the ranks
+            loss_value, terms, ctx, _ = self.world.forward_backward(self, b)
+            bad, grad_norm = (f"the loss is {loss_value}", math.nan) if not math.isfinite(loss_value) \
+                else self._check_gradients()   # the same decision on every rank
         if bad is None:
             if tc.clip_max_norm > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm)
@@ -283,22 +296,25 @@ class Trainer:
         steps = tc.steps if steps is None else steps
         check_steps(steps, self.step)
         out = tc.out_dir
-        if self.step == 0:
-            rundir.claim(out, overwrite)
-        else:
-            rundir.cut_log(out, self.history, self.step)
+        main = self.is_main    # with several ranks only rank 0 logs, validates and writes
+        if main:
+            if self.step == 0:
+                rundir.claim(out, overwrite)
+            else:
+                rundir.cut_log(out, self.history, self.step)
         log_path = os.path.join(out, rundir.LOG)
-        for name in (rundir.LATEST, rundir.BEST):   # temporaries left by a save that was killed
+        for name in (rundir.LATEST, rundir.BEST) if main else ():   # temporaries of a killed save
             remove_stale_temp(os.path.join(out, name))
         t0 = time.perf_counter()
-        bar = tqdm(total=steps, initial=self.step, desc="train", disable=not progress,
+        bar = tqdm(total=steps, initial=self.step, desc="train", disable=not (progress and main),
                    dynamic_ncols=True)
         saved = None
-        events = rundir.EventWriter(out) if tc.tensorboard else None
-        with _StopOnSigint() as stop, _open_log(log_path, self.step) as logf:
-            while self.step < steps and not stop.requested:
+        events = rundir.EventWriter(out) if tc.tensorboard and main else None
+        with _StopOnSigint() as stop, \
+                (_open_log(log_path, self.step) if main else open(os.devnull, "w")) as logf:
+            while self.step < steps and not self._stop(stop.requested):
                 rec = self.train_step()
-                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
+                if main and tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
                     rec["val"] = self.validate()
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
@@ -306,28 +322,40 @@ class Trainer:
                     events.add(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                if tc.log_every and self.step % tc.log_every == 0 and not progress:
+                if main and tc.log_every and self.step % tc.log_every == 0 and not progress:
                     log(f"step {self.step}: loss {rec['loss']:.4f}")
                 if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or \
                         ("val" in rec and self._is_best(rec["val"])):
-                    os.fsync(logf.fileno())   # the log holds every step the checkpoint has
+                    if main:
+                        os.fsync(logf.fileno())   # the log holds every step the checkpoint has
                     self.checkpoint()
                     saved = self.step
-            os.fsync(logf.fileno())
+            if main:
+                os.fsync(logf.fileno())
         bar.close()
         if events is not None:
             events.close()
         if saved != self.step:
             self.checkpoint()
         latest = os.path.join(out, rundir.LATEST)
+        if self.world is not None and self.step < steps:
+            stop.requested = True      # another rank was interrupted
         if stop.requested:
             raise TrainingInterrupted(self.step, latest, steps)
         return {"checkpoint": latest, "seconds": time.perf_counter() - t0, "history": self.history}
 
+    def _stop(self, requested):
+        """Whether to stop before the next step: this process's Ctrl-C, or any rank's."""
+        return requested if self.world is None else self.world.any(requested)
+
     def checkpoint(self):
         """Write the numbered checkpoint of this step, update ``checkpoint.npz`` (and
-        ``best.npz`` when this step's validation is the best so far), prune old ones."""
+        ``best.npz`` when this step's validation is the best so far), prune old ones.
+        With several ranks only rank 0 writes (the weights are equal on every rank): one
+        file, read back by any number of ranks."""
         out = self.cfg.train.out_dir
+        if not self.is_main:
+            return os.path.join(out, rundir.LATEST)
         val = self.history[-1].get("val") if self.history else None
         best = val is not None and self._is_best(val)
         if best:

@@ -68,8 +68,12 @@ class SetCriterion:
         idx = hungarian_match(out["pred_logits"].data, out["pred_boxes"].data, targets, **self.match_cost)
         return self._set_losses(out["pred_logits"], out["pred_boxes"], targets, idx, num_boxes)
 
-    def __call__(self, outputs, targets):
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+    def __call__(self, outputs, targets, num_boxes=None):
+        """``num_boxes`` (default: the objects of ``targets``) normalises the box terms; data
+        parallel training passes the global batch's count, as DINO all-reduces it."""
+        if num_boxes is None:
+            num_boxes = float(sum(len(t["labels"]) for t in targets))
+        num_boxes = max(float(num_boxes), 1.0)
         sets = {"": outputs}
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             sets[f"_{i}"] = aux

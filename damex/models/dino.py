@@ -195,7 +195,7 @@ class DINO(nn.Module):
                           for m in masks], 1).astype(np.float32)             # [B, L, 2] (w, h)
         return cat(flat, 1), cat(pos, 1), mask_flat, shapes, starts, valid_ratios
 
-    def forward(self, images, mask, dataset_ids=None, targets=None, ctx=None):
+    def forward(self, images, mask, dataset_ids=None, targets=None, ctx=None, dn_queries=None):
         """Run the detector.
 
         Parameters
@@ -211,6 +211,9 @@ class DINO(nn.Module):
         ctx : ForwardContext, optional
             The per-forward context (random streams from its seed and step); by default
             one with ``dataset_ids``, labels used in training, ``cfg.seed`` and a call count.
+        dn_queries : DenoisingQueries, optional
+            Use these denoising queries instead of preparing them from ``targets`` (data
+            parallel training: this rank's images' part of the global batch's queries).
 
         Returns
         -------
@@ -237,7 +240,9 @@ class DINO(nn.Module):
         B = images.shape[0]
         tgt = self.tgt_embed.weight.reshape(1, cfg.num_queries, cfg.d_model).expand(B, cfg.num_queries, cfg.d_model)
         dn = None
-        if self.training and targets is not None and cfg.dn_number > 0:
+        if dn_queries is not None:   # prepared over a larger batch (data parallel: this rank's part)
+            dn = dn_queries
+        elif self.training and targets is not None and cfg.dn_number > 0:
             dn = prepare_cdn(targets, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
                              rng=ctx.rng("denoising"), dn_number=cfg.dn_number,
                              label_noise_ratio=cfg.dn_label_noise_ratio,

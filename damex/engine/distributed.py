@@ -1,0 +1,251 @@
+"""Data-parallel training over MPI (through mpi4py): ``mpiexec -n N damex train CONFIG``.
+
+The scheme is the simplest exact one.  Every rank builds the same collated
+global batch of a step (:meth:`Trainer.batch`: same images, order, padding and
+augmentation, all drawn per (seed, step, image)) and runs its contiguous slice
+of ``batch_size / N`` images.  What couples the images of a batch is taken from
+the global batch, so a rank's loss is its images' share of the single-process
+loss:
+
+* the box terms are normalised by the GLOBAL box count (as DINO all-reduces
+  ``num_boxes``);
+* the denoising queries are prepared once over the global targets, from the
+  same stream as in one process (their group count depends on the batch's max
+  object count), and each rank takes its images' rows;
+* the routing loss (a mean over tokens) is weighted by the rank's share of the
+  images (exact when every image has the same number of routed tokens, as in
+  the decoder's MoE layers).
+
+The gradients are summed over the ranks (bucketed flat float32 buffers,
+``Allreduce`` in place), then every rank clips and steps AdamW identically, so
+the weights stay equal on every rank without a broadcast.
+
+Per-rank, as in Tutel's or DeepSpeed's pure data parallelism: the MoE gate
+noise is drawn over the rank's tokens and the expert capacity is computed from
+them (and dropout / drop-path masks over the rank's slice).  A step equals the
+single-process one up to float summation order when the gate noise is 0, the
+capacity dropless (``capacity_factor: null``) and dropout 0; otherwise it is the
+same training procedure with different noise draws.
+
+Without an MPI launch (no ``PMI_SIZE``/``OMPI_COMM_WORLD_SIZE`` > 1 in the
+environment) nothing here imports mpi4py: world size 1 is the plain path.
+Every collective waits at most ``DAMEX_MPI_TIMEOUT`` seconds (default 600);
+past that, or on any exception on a rank, the job is aborted with a message
+naming the rank, so a dead or stuck rank never hangs the others.
+"""
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..nn.context import ForwardContext
+
+__all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice"]
+
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
+BUCKET_BYTES = 4 << 20
+_WORLD = None
+
+
+def launched_size():
+    """The world size an MPI launcher announced in the environment (1 without one)."""
+    for var in _SIZE_VARS:
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    return 1
+
+
+def _timeout():
+    return float(os.environ.get("DAMEX_MPI_TIMEOUT", "600"))
+
+
+class World:
+    """The ranks of one job: MPI ``COMM_WORLD`` and the collectives of data parallel training."""
+
+    def __init__(self, comm=None):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RuntimeError("launched under MPI (e.g. mpiexec -n N) but mpi4py is not installed: "
+                               "pip install 'damex[mpi]'") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.comm_seconds = 0.0    # time spent in collectives (waits included)
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    # -- bounded collectives --------------------------------------------------------
+
+    def _wait(self, req, what):
+        t0 = time.perf_counter()
+        deadline = t0 + _timeout()
+        while not req.Test():
+            if time.perf_counter() > deadline:
+                self.abort(f"no answer from the other ranks within {_timeout():g} s during {what} "
+                           "(a rank died or hangs)")
+            time.sleep(0.0002)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def allreduce_(self, buf, what="allreduce"):
+        """Sum ``buf`` (a contiguous NumPy array) over the ranks, in place."""
+        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), what)
+        return buf
+
+    def allgather_bytes(self, data, what="allgather"):
+        """Every rank's fixed-length ``data`` (bytes), as a list in rank order."""
+        send = np.frombuffer(data, np.uint8).copy()
+        recv = np.empty(self.size * send.size, np.uint8)
+        self._wait(self.comm.Iallgather(send, recv), what)
+        return [recv[i * send.size:(i + 1) * send.size].tobytes() for i in range(self.size)]
+
+    def abort(self, message, code=1):
+        """Print ``message`` naming this rank and end the whole job."""
+        print(f"damex: rank {self.rank} of {self.size}: {message}; aborting the job",
+              file=sys.stderr, flush=True)
+        self.comm.Abort(code)
+
+    # -- start checks ---------------------------------------------------------------
+
+    def check_run(self, cfg):
+        """Refuse a batch the ranks do not divide and configs that differ across ranks."""
+        bs = int(cfg.data.batch_size)
+        if bs % self.size:
+            raise ValueError(f"data parallel: the global batch_size {bs} is not divisible by the "
+                             f"{self.size} ranks (choose N dividing {bs}, or data.batch_size a "
+                             f"multiple of {self.size})")
+        text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).digest()
+        hashes = self.allgather_bytes(digest, "the config check")
+        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        if bad:
+            raise ValueError(f"data parallel: rank(s) {bad} have a different run config than rank 0 "
+                             "(every rank must run the same config and flags)")
+
+    # -- one step -------------------------------------------------------------------
+
+    def forward_backward(self, trainer, b):
+        """This rank's part of one step on the global batch ``b``: gradients summed over the
+        ranks in the parameters' ``.grad``; returns ``(loss, terms, ctx, images)`` with the
+        loss and terms of the global batch (as one process logs them)."""
+        from ..models.denoising import prepare_cdn
+
+        tc, mc = trainer.cfg.train, trainer.model.cfg
+        B = len(b["targets"])
+        lo, hi = local_slice(B, self.rank, self.size)
+        part = {k: b[k][lo:hi] for k in ("images", "mask", "dataset_ids", "targets")}
+        num_boxes = float(sum(len(t["labels"]) for t in b["targets"]))
+        dn = None
+        if mc.dn_number > 0:   # the global batch's queries, from the single-process stream
+            dn = prepare_cdn(b["targets"], num_classes=mc.num_classes, num_queries=mc.num_queries,
+                             rng=ForwardContext(seed=tc.seed, step=trainer.step).rng("denoising"),
+                             dn_number=mc.dn_number, label_noise_ratio=mc.dn_label_noise_ratio,
+                             box_noise_scale=mc.dn_box_noise_scale)
+            if dn is not None:
+                dn = copy.copy(dn)
+                dn.labels, dn.box_logits = dn.labels[lo:hi], dn.box_logits[lo:hi]
+                dn.positive = dn.positive[lo:hi]
+        share = (hi - lo) / B
+        criterion = copy.copy(trainer.criterion)
+        criterion.routing_weight = trainer.criterion.routing_weight * share
+        ctx = ForwardContext(part["dataset_ids"], use_labels=True, seed=tc.seed, step=trainer.step,
+                             root=trainer.model)
+        from .. import ops
+        try:
+            outputs = trainer.model(part["images"], part["mask"], part["dataset_ids"], part["targets"],
+                                    ctx=ctx, dn_queries=dn)
+            loss, terms = criterion(outputs, part["targets"], num_boxes=num_boxes)
+            refused = None
+        except ops.NonFiniteInputError as e:   # NaN reached an op: this step is bad on every rank
+            refused = e
+        trainer.optimizer.zero_grad()
+        if self.any(refused is not None):
+            if refused is not None:
+                print(f"damex: rank {self.rank}: {refused}", file=sys.stderr, flush=True)
+            return math.nan, {}, ForwardContext(seed=tc.seed, step=trainer.step), B
+        loss.backward()
+        self.reduce_gradients(trainer.model.parameters())
+        terms = {k: v * share if k == "loss_routing" else v for k, v in terms.items()}
+        keys = sorted(terms)
+        scalars = np.array([float(loss.data)] + [terms[k] for k in keys], np.float64)
+        self.allreduce_(scalars, "the loss reduction")
+        return float(scalars[0]), dict(zip(keys, scalars[1:].tolist())), ctx, B
+
+    def reduce_gradients(self, params):
+        """Sum every parameter's gradient over the ranks through flat float32 buckets of about
+        :data:`BUCKET_BYTES`; a parameter no rank has a gradient for keeps ``grad = None``."""
+        params = list(params)
+        has = np.array([p.grad is not None for p in params], np.int32)
+        self.allreduce_(has, "the gradient flags")
+        live = [p for p, h in zip(params, has) if h]
+        start = 0
+        while start < len(live):
+            stop, nbytes = start, 0
+            while stop < len(live) and (stop == start or nbytes + live[stop].data.nbytes <= BUCKET_BYTES):
+                nbytes += live[stop].data.size * 4
+                stop += 1
+            group = live[start:stop]
+            buf = np.empty(sum(p.data.size for p in group), np.float32)
+            o = 0
+            for p in group:
+                n = p.data.size
+                buf[o:o + n] = 0.0 if p.grad is None else np.asarray(p.grad, np.float32).reshape(-1)
+                o += n
+            self.allreduce_(buf, "the gradient all-reduce")
+            o = 0
+            for p in group:
+                n = p.data.size
+                p.grad = buf[o:o + n].reshape(p.data.shape).copy()
+                o += n
+            start = stop
+
+    def any(self, flag, what="a stop request"):
+        """True on every rank if ``flag`` is true on any rank."""
+        return bool(self.allreduce_(np.array([int(bool(flag))], np.int32), what)[0])
+
+
+def local_slice(batch, rank, size):
+    """``(lo, hi)``: the contiguous images of ``rank`` in a global batch of ``batch``."""
+    per = batch // size
+    return rank * per, (rank + 1) * per
+
+
+def world():
+    """The :class:`World` of an MPI-launched job of more than one rank, else None (and
+    mpi4py is not imported)."""
+    global _WORLD
+    if _WORLD is None and launched_size() > 1:
+        _WORLD = World()
+        if _WORLD.size == 1:
+            _WORLD = None
+    return _WORLD
+
+
+def guard_ranks(func):
+    """``func`` for a command run by several ranks: an exception on any rank ends the
+    whole job (MPI_Abort) with a message naming the rank, instead of leaving the others
+    waiting in a collective.  ``func`` itself when not launched under MPI."""
+    if launched_size() <= 1:
+        return func
+
+    def guarded(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:   # noqa: BLE001 - any failure must end every rank
+            if isinstance(e, SystemExit) and e.code in (0, None):
+                raise
+            w = world()
+            if w is None:
+                raise
+            w.abort(f"{type(e).__name__}: {e}")
+    return guarded
