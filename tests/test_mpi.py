@@ -1,0 +1,146 @@
+"""Data-parallel training under ``mpiexec -n 2`` (the mpich wheel on loopback).
+
+Every test launches real processes: ``mpiexec -n 2 python -m damex train``.  Exact
+equality with one process needs the per-rank randomness off (gate noise 0, a
+capacity factor >= num_experts, i.e. dropless; see damex.engine.distributed).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from damex.engine.distributed import launched_size, local_slice
+
+pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install 'damex[mpi]')")
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+if MPIEXEC is None:
+    pytest.skip("no mpiexec (pip install mpich)", allow_module_level=True)
+
+MODEL = {"preset": "tiny", "d_model": 32, "d_ffn": 64, "n_heads": 2, "n_points": 2,
+         "enc_layers": 1, "dec_layers": 2, "num_queries": 12, "moe_decoder_layers": [0],
+         "num_experts": 4, "moe_hidden": 64, "backbone_widths": [8, 16, 32, 32],
+         "stem_width": 8, "dn_number": 12, "routing": "damex",
+         "gate_noise": 0.0, "capacity_factor": 4.0}   # per-rank randomness off: exact equality
+RTOL = 1e-4
+TIMEOUT = 240
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _train(root, out, n, *extra, steps=3, timeout=TIMEOUT, script=None):
+    cmd = [sys.executable] + ([str(script)] if script else ["-m", "damex"])
+    cmd += ["train", *extra, "--no-progress"]
+    if "--resume" not in extra:
+        cmd += [str(root / "cfg.json"), "--out", str(out)]
+    cmd += ["--steps", str(steps)]
+    if n > 1:
+        cmd = [MPIEXEC, "-n", str(n)] + cmd
+    return subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(p):
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(run):
+    with np.load(run / "checkpoint.npz") as z:
+        return {k: z[k].astype(np.float64) for k in z.files if k.startswith("model.")}
+
+
+def _assert_same_run(a, b):
+    la, lb = _log(a), _log(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        for key in ra:
+            if key.startswith("loss") or key == "grad_norm":
+                np.testing.assert_allclose(rb[key], ra[key], rtol=RTOL, atol=1e-7, err_msg=f"{key} at {ra['step']}")
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    va = np.concatenate([wa[k].ravel() for k in sorted(wa)])
+    vb = np.concatenate([wb[k].ravel() for k in sorted(wa)])
+    # relative over the whole model: parameters whose exact gradient is 0 (a bias before a
+    # GroupNorm) get Adam steps of lr size from float noise, in one process as in two
+    assert np.linalg.norm(va - vb) / np.linalg.norm(va) < RTOL
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mpi")
+    cfg = {"model": MODEL,
+           "data": {"synthetic": {"root": str(root / "data"), "preset": "tiny"}, "batch_size": 4,
+                    "min_size": 48, "max_size": 64},
+           "train": {"steps": 4, "threads": 1, "lr": 4e-4, "lr_backbone": 4e-4, "clip_max_norm": 0.1}}
+    (root / "cfg.json").write_text(json.dumps(cfg))
+    _ok(_train(root, root / "one", 1, steps=4))
+    return root
+
+
+def test_local_slice_and_no_mpi_in_one_process():
+    assert [local_slice(4, r, 2) for r in range(2)] == [(0, 2), (2, 4)]
+    assert launched_size() == 1    # pytest itself is not an MPI launch: the plain path
+    out = subprocess.run([sys.executable, "-c", "import sys, damex.engine.train; "
+                          "print('mpi4py' in sys.modules)"], env=_env(), capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_two_ranks_equal_one_process(runs):
+    p = _ok(_train(runs, runs / "two", 2, steps=4))
+    assert p.stdout.count("step 4: loss") == 1      # only rank 0 reports
+    _assert_same_run(runs / "one", runs / "two")
+
+
+def test_checkpoint_of_two_ranks_resumes_in_one(runs):
+    _ok(_train(runs, runs / "half", 2, steps=2))
+    assert len(_log(runs / "half")) == 2      # one log, written by rank 0 only
+    _ok(_train(runs, None, 1, "--resume", str(runs / "half" / "checkpoint.npz"), steps=4))
+    _assert_same_run(runs / "one", runs / "half")
+
+
+def test_batch_not_divisible_is_refused(runs):
+    p = _train(runs, runs / "three", 3, steps=1, timeout=120)
+    assert p.returncode != 0
+    assert "batch_size 4 is not divisible by the 3 ranks" in p.stderr
+
+
+def test_different_configs_across_ranks_are_refused(runs):
+    base = [sys.executable, "-m", "damex", "train", str(runs / "cfg.json"), "--no-progress",
+            "--out", str(runs / "mixed"), "--steps", "1"]
+    p = subprocess.run([MPIEXEC, "-n", "1", *base, ":", "-n", "1", *base, "--set", "train.lr=1e-3"],
+                       cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "rank(s) [1] have a different run config than rank 0" in p.stderr
+
+
+def test_killed_rank_ends_the_job(runs, tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys\n"
+        "from damex.engine import train\n"
+        "step = train.Trainer.train_step\n"
+        "def dying(self):\n"
+        "    if self.step == 1 and self.world.rank == 1:\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "    return step(self)\n"
+        "train.Trainer.train_step = dying\n"
+        "from damex.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    t0 = time.perf_counter()
+    p = _train(runs, runs / "dead", 2, steps=3, timeout=120, script=script)
+    assert p.returncode != 0
+    assert time.perf_counter() - t0 < 120
+    assert "BAD TERMINATION" in p.stdout + p.stderr or "rank" in p.stderr
