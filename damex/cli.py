@@ -6,7 +6,7 @@
     damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
     damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
     damex demo [--mode damex|balance|both]              one MoE layer on a generated token mixture
-    damex bench backbone|moe|msda|nn|routing_loss|train [...]  benchmarks from bench/
+    damex bench backbone|moe|mpi|msda|nn|routing_loss|train [...]  benchmarks from bench/
     damex convert SRC DST --from KIND                   other programs' weights -> .safetensors
 """
 import argparse
@@ -17,7 +17,7 @@ import sys
 
 
 # the benchmarks in bench/ (bench_NAME.py); README and both helps list these
-BENCHMARKS = ("backbone", "moe", "msda", "nn", "routing_loss", "train")
+BENCHMARKS = ("backbone", "moe", "mpi", "msda", "nn", "routing_loss", "train")
 
 
 def _cmd_run(args):

@@ -29,7 +29,7 @@ same training procedure with different noise draws.
 
 Without an MPI launch (no ``PMI_SIZE``/``OMPI_COMM_WORLD_SIZE`` > 1 in the
 environment) nothing here imports mpi4py: world size 1 is the plain path.
-Every collective waits at most ``DAMEX_MPI_TIMEOUT`` seconds (default 600);
+Every collective of a step waits at most ``DAMEX_MPI_TIMEOUT`` seconds (default 600);
 past that, or on any exception on a rank, the job is aborted with a message
 naming the rank, so a dead or stuck rank never hangs the others.
 """
@@ -85,12 +85,12 @@ class World:
 
     # -- bounded collectives --------------------------------------------------------
 
-    def _wait(self, req, what):
+    def _wait(self, req, what, bounded=True):
         t0 = time.perf_counter()
-        deadline = t0 + _timeout()
+        limit = _timeout()
         while not req.Test():
-            if time.perf_counter() > deadline:
-                self.abort(f"no answer from the other ranks within {_timeout():g} s during {what} "
+            if bounded and time.perf_counter() - t0 > limit:
+                self.abort(f"no answer from the other ranks within {limit:g} s during {what} "
                            "(a rank died or hangs)")
             time.sleep(0.0002)
         self.comm_seconds += time.perf_counter() - t0
@@ -139,6 +139,7 @@ class World:
         from ..models.denoising import prepare_cdn
 
         tc, mc = trainer.cfg.train, trainer.model.cfg
+        self.comm_seconds = 0.0
         B = len(b["targets"])
         lo, hi = local_slice(B, self.rank, self.size)
         part = {k: b[k][lo:hi] for k in ("images", "mask", "dataset_ids", "targets")}
@@ -207,9 +208,14 @@ class World:
                 o += n
             start = stop
 
-    def any(self, flag, what="a stop request"):
-        """True on every rank if ``flag`` is true on any rank."""
-        return bool(self.allreduce_(np.array([int(bool(flag))], np.int32), what)[0])
+    def any(self, flag):
+        """True on every rank if ``flag`` is true on any rank.  Unbounded: called before
+        every step, it also waits while rank 0 validates or writes a checkpoint (a rank that
+        dies meanwhile still ends the job: the MPI launcher kills the others)."""
+        buf = np.array([int(bool(flag))], np.int32)
+        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "the stop check",
+                   bounded=False)
+        return bool(buf[0])
 
 
 def local_slice(batch, rank, size):

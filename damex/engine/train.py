@@ -257,6 +257,8 @@ class Trainer:
                   **step_rate(len(b["targets"]), time.perf_counter() - t0)}
         if bad is not None:
             record["skipped"] = bad
+        if self.world is not None:
+            record["comm_time"] = self.world.comm_seconds   # this step's collectives, waits included
         self.history.append(record)
         return record
 

@@ -1,0 +1,74 @@
+"""Data parallel over MPI against threads, side by side in one run.
+
+    python bench/bench_mpi.py                 # tiny model, batch 4, 2 warm-up + 6 timed steps
+    python bench/bench_mpi.py --steps 10 --batch-size 8
+
+Trains the same config (a shrunk ``tiny`` DINO-DAMEX on the embedded synthetic
+mixture) twice through the CLI: 1 process x 2 threads, then ``mpiexec -n 2``
+processes x 1 thread each.  It prints, per setting, the median seconds per step
+and images per second over the timed steps (from the run's ``log.jsonl``), and
+for the MPI run the median time per step spent in collectives (waits for the
+slower rank included) and the parallel efficiency against the threaded run.
+
+Wall clock on a possibly shared machine: the load average is printed; trust a
+run only when it was low.  Needs ``mpiexec`` (``pip install 'damex[mpi]'``).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+MODEL = {"preset": "tiny", "d_model": 32, "d_ffn": 64, "n_heads": 2, "n_points": 2,
+         "enc_layers": 1, "dec_layers": 2, "num_queries": 12, "moe_decoder_layers": [0],
+         "num_experts": 4, "moe_hidden": 64, "backbone_widths": [8, 16, 32, 32],
+         "stem_width": 8, "dn_number": 12, "routing": "damex"}
+
+
+def run(root, name, n, threads, steps, env):
+    out = os.path.join(root, name)
+    cmd = [sys.executable, "-m", "damex", "train", os.path.join(root, "cfg.json"), "--no-progress",
+           "--out", out, "--steps", str(steps), "--threads", str(threads)]
+    if n > 1:
+        cmd = [shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + env["PATH"]),
+               "-n", str(n)] + cmd
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    total = args.warmup + args.steps
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    with tempfile.TemporaryDirectory() as root:
+        cfg = {"model": MODEL,
+               "data": {"synthetic": {"root": os.path.join(root, "data"), "preset": "tiny"},
+                        "batch_size": args.batch_size, "min_size": 48, "max_size": 64},
+               "train": {"steps": total}}
+        with open(os.path.join(root, "cfg.json"), "w") as f:
+            json.dump(cfg, f)
+        rows = []
+        for name, n, threads in (("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)):
+            log = run(root, name.replace(" ", "_"), n, threads, total, env)[args.warmup:]
+            t = statistics.median(r["time"] for r in log)
+            comm = statistics.median(r["comm_time"] for r in log) if n > 1 else 0.0
+            rows.append((name, t, args.batch_size / t, comm))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"batch {args.batch_size}, median over {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'setting':<24} {'s/step':>8} {'images/s':>9} {'comm s/step':>12} {'vs threads':>11}")
+    for name, t, ips, comm in rows:
+        print(f"{name:<24} {t:8.3f} {ips:9.2f} {comm:12.3f} {rows[0][1] / t:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
