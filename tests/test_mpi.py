@@ -31,7 +31,7 @@ TIMEOUT = 240
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MV2_"))}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -144,3 +144,13 @@ def test_killed_rank_ends_the_job(runs, tmp_path):
     assert p.returncode != 0
     assert time.perf_counter() - t0 < 120
     assert "BAD TERMINATION" in p.stdout + p.stderr or "rank" in p.stderr
+
+
+@pytest.mark.skipif(os.environ.get("DAMEX_MPI_N4") != "1",
+                    reason="4 ranks on loopback: a manual run (DAMEX_MPI_N4=1 pytest tests/test_mpi.py)")
+def test_four_ranks_and_resume_from_two_at_four(runs):
+    _ok(_train(runs, runs / "four", 4, steps=4))
+    _assert_same_run(runs / "one", runs / "four")
+    _ok(_train(runs, runs / "half4", 2, steps=2))
+    _ok(_train(runs, None, 4, "--resume", str(runs / "half4" / "checkpoint.npz"), steps=4))
+    _assert_same_run(runs / "one", runs / "half4")

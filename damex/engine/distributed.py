@@ -27,8 +27,8 @@ single-process one up to float summation order when the gate noise is 0, the
 capacity dropless (``capacity_factor: null``) and dropout 0; otherwise it is the
 same training procedure with different noise draws.
 
-Without an MPI launch (no ``PMI_SIZE``/``OMPI_COMM_WORLD_SIZE`` > 1 in the
-environment) nothing here imports mpi4py: world size 1 is the plain path.
+Without an MPI launch (no ``PMI_SIZE``/``OMPI_COMM_WORLD_SIZE``/``MV2_COMM_WORLD_SIZE``
+> 1 in the environment) nothing here imports mpi4py: world size 1 is the plain path.
 Every collective of a step waits at most ``DAMEX_MPI_TIMEOUT`` seconds (default 600);
 past that, or on any exception on a rank, the job is aborted with a message
 naming the rank, so a dead or stuck rank never hangs the others.
@@ -47,7 +47,7 @@ from ..nn.context import ForwardContext
 
 __all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice"]
 
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")   # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_BYTES = 4 << 20
 _WORLD = None
 
@@ -250,7 +250,10 @@ def guard_ranks(func):
         except BaseException as e:   # noqa: BLE001 - any failure must end every rank
             if isinstance(e, SystemExit) and e.code in (0, None):
                 raise
-            w = world()
+            try:
+                w = world()
+            except RuntimeError:    # no mpi4py: nothing to abort, every rank fails alike
+                w = None
             if w is None:
                 raise
             w.abort(f"{type(e).__name__}: {e}")
