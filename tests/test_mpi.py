@@ -66,8 +66,9 @@ def _assert_same_run(a, b):
     la, lb = _log(a), _log(b)
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for ra, rb in zip(la, lb):
+        assert set(ra) - {"time", "images_per_s"} <= set(rb)
         for key in ra:
-            if key.startswith("loss") or key == "grad_norm":
+            if key.startswith(("loss", "dropped_fraction", "routing_accuracy")) or key == "grad_norm":
                 np.testing.assert_allclose(rb[key], ra[key], rtol=RTOL, atol=1e-7, err_msg=f"{key} at {ra['step']}")
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()

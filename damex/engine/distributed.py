@@ -180,6 +180,28 @@ class World:
         self.allreduce_(scalars, "the loss reduction")
         return float(scalars[0]), dict(zip(keys, scalars[1:].tolist())), ctx, B
 
+    def routing_log(self, ctx, mapping):
+        """:func:`damex.engine.train.routing_log` of the global batch: every layer's kept and
+        routed slots and routing hits summed over the ranks."""
+        from ..routing import dropped_fraction, routing_accuracy
+
+        names, vals = [], []
+        for name, rec in ctx.records:
+            v, hits, n = rec["valid"], 0.0, 0.0
+            if mapping and rec["dataset_ids"] is not None and v.any():
+                n = float(v.sum())
+                hits = round(routing_accuracy(rec["dataset_ids"][v], rec["top1"][v], mapping)[0] * n)
+            names.append(name)
+            vals += [rec["kept"], rec["routed"], hits, n]
+        buf = self.allreduce_(np.array(vals, np.float64), "the routing statistics")
+        out = {}
+        for i, name in enumerate(names):
+            kept, routed, hits, n = buf[4 * i:4 * i + 4]
+            out[f"dropped_fraction/{name}"] = dropped_fraction(kept, routed)
+            if n > 0:
+                out[f"routing_accuracy/{name}"] = float(hits / n)
+        return out
+
     def reduce_gradients(self, params):
         """Sum every parameter's gradient over the ranks through flat float32 buckets of about
         :data:`BUCKET_BYTES`; a parameter no rank has a gradient for keeps ``grad = None``."""

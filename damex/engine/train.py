@@ -253,7 +253,8 @@ class Trainer:
         self.step += 1
         record = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm,
                   "lr": self.optimizer.param_groups[-1]["lr"], **terms,
-                  **routing_log(ctx, self.model.cfg.dataset_to_expert),
+                  **(routing_log if self.world is None else self.world.routing_log)(
+                      ctx, self.model.cfg.dataset_to_expert),
                   **step_rate(len(b["targets"]), time.perf_counter() - t0)}
         if bad is not None:
             record["skipped"] = bad
