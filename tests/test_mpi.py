@@ -127,24 +127,46 @@ def test_different_configs_across_ranks_are_refused(runs):
     assert "rank(s) [1] have a different run config than rank 0" in p.stderr
 
 
-def test_killed_rank_ends_the_job(runs, tmp_path):
-    script = tmp_path / "die.py"
-    script.write_text(
-        "import os, sys\n"
+def _rank1_script(path, action):
+    """A ``damex`` entry point whose rank 1 does ``action`` at the start of step 1."""
+    path.write_text(
+        "import os, sys, time\n"
         "from damex.engine import train\n"
         "step = train.Trainer.train_step\n"
-        "def dying(self):\n"
+        "def patched(self):\n"
         "    if self.step == 1 and self.world.rank == 1:\n"
-        "        os.kill(os.getpid(), 9)\n"
+        f"        {action}\n"
         "    return step(self)\n"
-        "train.Trainer.train_step = dying\n"
+        "train.Trainer.train_step = patched\n"
         "from damex.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
+    return path
+
+
+def test_killed_rank_ends_the_job(runs, tmp_path):
+    script = _rank1_script(tmp_path / "die.py", "os.kill(os.getpid(), 9)")
     t0 = time.perf_counter()
     p = _train(runs, runs / "dead", 2, steps=3, timeout=120, script=script)
     assert p.returncode != 0
     assert time.perf_counter() - t0 < 120
-    assert "BAD TERMINATION" in p.stdout + p.stderr or "rank" in p.stderr
+    assert "BAD TERMINATION" in p.stdout + p.stderr   # mpich's mpiexec reports it and kills the rest
+
+
+def test_exception_on_one_rank_aborts_naming_it(runs, tmp_path):
+    script = _rank1_script(tmp_path / "fail.py", "raise RuntimeError('boom')")
+    p = _train(runs, runs / "failed", 2, steps=3, timeout=120, script=script)
+    assert p.returncode != 0
+    assert "rank 1 of 2: RuntimeError: boom" in p.stderr
+
+
+def test_stuck_rank_times_out(runs, tmp_path, monkeypatch):
+    script = _rank1_script(tmp_path / "stuck.py", "time.sleep(60)")
+    monkeypatch.setenv("DAMEX_MPI_TIMEOUT", "3")
+    t0 = time.perf_counter()
+    p = _train(runs, runs / "stuck", 2, steps=3, timeout=120, script=script)
+    assert p.returncode != 0
+    assert time.perf_counter() - t0 < 55
+    assert "rank 0 of 2: no answer from the other ranks within 3 s" in p.stderr
 
 
 @pytest.mark.skipif(os.environ.get("DAMEX_MPI_N4") != "1",
