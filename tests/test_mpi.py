@@ -177,3 +177,10 @@ def test_four_ranks_and_resume_from_two_at_four(runs):
     _ok(_train(runs, runs / "half4", 2, steps=2))
     _ok(_train(runs, None, 4, "--resume", str(runs / "half4" / "checkpoint.npz"), steps=4))
     _assert_same_run(runs / "one", runs / "half4")
+
+
+def test_other_commands_refuse_several_ranks(runs):
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "eval", "missing.npz"],
+                       cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "only `damex train` runs on several MPI ranks" in p.stderr
