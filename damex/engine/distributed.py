@@ -16,7 +16,8 @@ loss:
   images (exact when every image has the same number of routed tokens, as in
   the decoder's MoE layers).
 
-The gradients are summed over the ranks (bucketed flat float32 buffers,
+The logged losses, dropped fraction and routing accuracy are those of the
+global batch (summed over the ranks).  The gradients are summed over the ranks (bucketed flat float32 buffers,
 ``Allreduce`` in place), then every rank clips and steps AdamW identically, so
 the weights stay equal on every rank without a broadcast.
 
