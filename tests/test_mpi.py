@@ -99,6 +99,20 @@ def test_local_slice_and_no_mpi_in_one_process():
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_every_per_image_denoising_field_is_sliced():
+    import dataclasses
+
+    from damex.engine.distributed import _DN_PER_IMAGE
+    from damex.models.denoising import prepare_cdn
+
+    targets = [{"boxes": np.full((n, 4), 0.25), "labels": np.zeros(n, np.int64)} for n in (1, 2, 3, 1, 2)]
+    dn = prepare_cdn(targets, num_classes=3, num_queries=7, rng=np.random.default_rng(0), dn_number=6)
+    per_image = {f.name for f in dataclasses.fields(dn)
+                 if f.name != "attn_mask" and hasattr(getattr(dn, f.name), "__len__")
+                 and len(getattr(dn, f.name)) == len(targets)}
+    assert per_image == set(_DN_PER_IMAGE)
+
+
 def test_two_ranks_equal_one_process(runs):
     p = _ok(_train(runs, runs / "two", 2, steps=4))
     assert p.stdout.count("step 4: loss") == 1      # only rank 0 reports

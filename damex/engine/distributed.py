@@ -50,6 +50,8 @@ __all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")   # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_BYTES = 4 << 20
+# the fields of damex.models.denoising.DenoisingQueries with one entry per image
+_DN_PER_IMAGE = ("labels", "box_logits", "valid", "positive")
 _WORLD = None
 
 
@@ -151,10 +153,11 @@ class World:
                              rng=ForwardContext(seed=tc.seed, step=trainer.step).rng("denoising"),
                              dn_number=mc.dn_number, label_noise_ratio=mc.dn_label_noise_ratio,
                              box_noise_scale=mc.dn_box_noise_scale)
-            if dn is not None:
+            if dn is not None:   # this rank's images' rows (attn_mask, sizes and groups are shared)
                 dn = copy.copy(dn)
-                dn.labels, dn.box_logits = dn.labels[lo:hi], dn.box_logits[lo:hi]
-                dn.positive = dn.positive[lo:hi]
+                for name in _DN_PER_IMAGE:
+                    if hasattr(dn, name):
+                        setattr(dn, name, getattr(dn, name)[lo:hi])
         share = (hi - lo) / B
         criterion = copy.copy(trainer.criterion)
         criterion.routing_weight = trainer.criterion.routing_weight * share
