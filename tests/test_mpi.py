@@ -198,3 +198,25 @@ def test_other_commands_refuse_several_ranks(runs):
                        cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "only `damex train` runs on several MPI ranks" in p.stderr
+
+
+def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):
+    """NaN in one rank's images: one decision for all ranks (skip the step everywhere)."""
+    script = tmp_path / "nan.py"
+    script.write_text(
+        "import sys\n"
+        "import numpy as np\n"
+        "from damex.engine import train\n"
+        "batch = train.Trainer.batch\n"
+        "def patched(self, step):\n"
+        "    b = batch(self, step)\n"
+        "    if step == 1:\n"
+        "        b['images'][2:] = np.nan   # rank 1's images only\n"
+        "    return b\n"
+        "train.Trainer.batch = patched\n"
+        "from damex.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    _ok(_train(runs, runs / "nan", 2, "--set", "train.nonfinite=\"skip\"", steps=3, script=script))
+    log = _log(runs / "nan")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert "skipped" in log[1] and "skipped" not in log[0] and "skipped" not in log[2]

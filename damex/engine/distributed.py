@@ -172,7 +172,8 @@ class World:
         except ops.NonFiniteInputError as e:   # NaN reached an op: this step is bad on every rank
             refused = e
         trainer.optimizer.zero_grad()
-        if self.any(refused is not None):
+        flag = np.array([int(refused is not None)], np.int32)
+        if self.allreduce_(flag, "the forward check")[0]:
             if refused is not None:
                 print(f"damex: rank {self.rank}: {refused}", file=sys.stderr, flush=True)
             return math.nan, {}, ForwardContext(seed=tc.seed, step=trainer.step), B
