@@ -87,7 +87,7 @@ MODEL_RULES = {
 
 def _model_type(key):
     """The JSON type of a model key: DINOConfig's annotation, tuples as lists of
-    integers, Optional when the default is None."""
+    integers, Optional when the annotation or the default says so."""
     tp = typing.get_type_hints(DINOConfig)[key]
     if tp is tuple:
         tp = List[int]

@@ -10,6 +10,7 @@ turns the returned outputs into the loss.
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -53,8 +54,8 @@ class DINOConfig:
     num_experts: int = 4
     moe_hidden: int = 256
     moe_k: int = 1
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = None     # None: dropless at evaluation and prediction
+    capacity_factor: Optional[float] = 1.25   # None: dropless training
+    eval_capacity_factor: Optional[float] = None   # None: dropless at evaluation and prediction
     bpr: bool = True
     gate_noise: float = 1.0
     moe_activation: str = "gelu_tanh"
