@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from damex.testing.reference import finite_difference as numeric_grad  # noqa: F401 (re-exported)
+
 
 def torch_or_skip():
     """Return the torch module, or skip the test cleanly where it is absent."""
@@ -25,23 +27,6 @@ def assert_close(actual, expected, atol=1e-5, rtol=1e-4, name="value"):
             f"{name}: max abs err {err.max():.3e}, max rel err {rel.max():.3e}, "
             f"{(~ok).sum()} of {ok.size} out of tolerance (atol={atol}, rtol={rtol}); "
             f"worst at {i}: got {actual[i]!r}, expected {expected[i]!r}")
-
-
-def numeric_grad(f, x, eps=1e-6):
-    """Central differences of the scalar float64 function f at x (float64 array)."""
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    flat = x.reshape(-1)
-    gf = g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f(x)
-        flat[i] = old - eps
-        fm = f(x)
-        flat[i] = old
-        gf[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 def unchanged(*arrays):

@@ -7,17 +7,8 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from damex.testing.reference import activation as ref_forward
 
-ERF = np.vectorize(math.erf)
-
-
-def ref_forward(x, act):
-    x = np.asarray(x, np.float64)
-    if act == "gelu_tanh":
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    if act == "gelu":
-        return 0.5 * x * (1 + ERF(x / math.sqrt(2)))
-    return np.maximum(x, 0)
 
 
 @pytest.mark.parametrize("act", ops.ACTIVATIONS)

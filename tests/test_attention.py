@@ -7,30 +7,7 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
-
-
-def ref_attention(q, k, v, H, attn_mask=None, kpm=None):
-    """float64 reference: (out, attn)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    N, Lq, C = q.shape
-    Lk, d = k.shape[1], C // H
-    qh = q.reshape(N, Lq, H, d).transpose(0, 2, 1, 3)
-    kh = k.reshape(N, Lk, H, d).transpose(0, 2, 1, 3)
-    vh = v.reshape(N, Lk, H, d).transpose(0, 2, 1, 3)
-    s = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(d)
-    blocked = np.zeros((N, 1, Lq, Lk), bool)
-    if attn_mask is not None:
-        blocked |= attn_mask[None, None]
-    if kpm is not None:
-        blocked |= kpm[:, None, None, :]
-    s = np.where(blocked, -np.inf, s)
-    m = s.max(-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(blocked, 0.0, np.exp(s - m))
-    den = e.sum(-1, keepdims=True)
-    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    out = (p @ vh).transpose(0, 2, 1, 3).reshape(N, Lq, C)
-    return out, p
+from damex.testing.reference import attention as ref_attention
 
 
 def qkv(N=2, Lq=5, Lk=7, C=8, seed=0):

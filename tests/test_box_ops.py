@@ -8,56 +8,12 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing.reference import (box_iou as ref_box_iou, cxcywh_to_xyxy as ref_cxcywh_to_xyxy,
+                                     generalized_box_iou as ref_giou, sigmoid_focal_loss as ref_focal,
+                                     xyxy_to_cxcywh as ref_xyxy_to_cxcywh)
 
 
 # ---- float64 NumPy references ---------------------------------------------
-
-def ref_cxcywh_to_xyxy(b):
-    cx, cy, w, h = np.moveaxis(np.asarray(b, np.float64), -1, 0)
-    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
-
-
-def ref_xyxy_to_cxcywh(b):
-    x0, y0, x1, y1 = np.moveaxis(np.asarray(b, np.float64), -1, 0)
-    return np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
-
-
-def ref_box_iou(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = inter / (union + 1e-6)                     # DINO's epsilon
-    return iou, union
-
-
-def ref_giou(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    iou, union = ref_box_iou(a, b)
-    lt = np.minimum(a[:, None, :2], b[None, :, :2])
-    rb = np.maximum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    area = wh[..., 0] * wh[..., 1]
-    pen = (area - union) / (area + 1e-6)
-    return iou - pen
-
-
-def ref_focal(x, t, alpha=0.25, gamma=2.0):
-    x = np.asarray(x, np.float64)
-    t = np.asarray(t, np.float64)
-    p = 1 / (1 + np.exp(-x))
-    q = 1 / (1 + np.exp(x))
-    ce = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
-    m = p * (1 - t) + q * t
-    w = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else 1.0
-    return w * ce * m ** gamma
-
 
 # ---- DETR / torchvision in PyTorch ------------------------------------------
 

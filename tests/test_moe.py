@@ -11,106 +11,14 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing.reference import (expert_ffn as expert_ref, moe_combine as combine_ref,
+                                     moe_dispatch as dispatch_ref, moe_layer as layer_ref,
+                                     moe_route as route_ref, packed_rows as rows_of)
 
-ERF = np.vectorize(math.erf, otypes=[np.float64])
 ACTS = ("gelu_tanh", "gelu", "relu")
 
 
 # ---- float64 references ------------------------------------------------------
-
-def act_ref(h, act):
-    if act == "gelu_tanh":
-        return 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
-    if act == "gelu":
-        return 0.5 * h * (1 + ERF(h / math.sqrt(2)))
-    return np.maximum(h, 0)
-
-
-def rows_of(route):
-    """Packed row of each choice, -1 where dropped."""
-    count = np.asarray(route.expert_count)
-    offset = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    slot = np.asarray(route.slot)
-    return np.where(slot >= 0, offset[np.asarray(route.expert_index)] + slot, -1)
-
-
-def dispatch_ref(x, route):
-    rows = rows_of(route)
-    xe = np.zeros((int(np.sum(route.expert_count)), x.shape[1]))
-    for (t, j), r in np.ndenumerate(rows):
-        if r >= 0:
-            xe[r] = x[t]
-    return xe
-
-
-def expert_ref(xe, count, w1, b1, w2, b2, act):
-    ye = np.zeros((xe.shape[0], w2.shape[2]))
-    off = 0
-    for e, n in enumerate(count):
-        xr = xe[off:off + n]
-        ye[off:off + n] = act_ref(xr @ w1[e] + b1[e], act) @ w2[e] + b2[e]
-        off += n
-    return ye
-
-
-def combine_ref(ye, cw, route):
-    rows = rows_of(route)
-    y = np.zeros((rows.shape[0], ye.shape[1]))
-    for (t, j), r in np.ndenumerate(rows):
-        if r >= 0:
-            y[t] += cw[t, j] * ye[r]
-    return y
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
-
-
-def route_ref(logits, k, capacity_factor=None, bpr=False, mask=None):
-    """The routing decisions of docs/ops.md, from (noisy) logits in float64."""
-    T, E = logits.shape
-    p = softmax(logits)
-    ei = np.argsort(-p, axis=1, kind="stable")[:, :k]
-    valid = np.ones(T, bool) if mask is None else np.asarray(mask, bool)
-    t_valid = int(valid.sum())
-    cap = None if capacity_factor is None else math.ceil(capacity_factor * k * t_valid / E)
-    order = np.arange(T)
-    if bpr:
-        order = np.argsort(-p[np.arange(T), ei[:, 0]], kind="stable")
-    slot = -np.ones((T, k), np.int64)
-    count = np.zeros(E, np.int64)
-    for j in range(k):
-        for t in order:
-            if not valid[t]:
-                continue
-            e = ei[t, j]
-            if cap is None or count[e] < cap:
-                slot[t, j] = count[e]
-                count[e] += 1
-    return SimpleNamespace(expert_index=ei.astype(np.int64), slot=slot, expert_count=count)
-
-
-def gates_ref(logits, noise, route, normalize=False):
-    """Combine weights as a function of the logits, routing decisions held fixed."""
-    p = softmax(logits + noise)
-    w = np.take_along_axis(p, route.expert_index, axis=1)
-    kept = route.slot >= 0
-    if normalize in (True, "before_drop"):
-        w = w / w.sum(axis=1, keepdims=True)
-    w = w * kept
-    if normalize == "after_drop":
-        s = w.sum(axis=1, keepdims=True)
-        w = np.where(s > 0, w / np.where(s > 0, s, 1), 0)
-    return w
-
-
-def layer_ref(x, wr, w1, b1, w2, b2, route, act, noise, normalize=False):
-    cw = gates_ref(x @ wr, noise, route, normalize)
-    ye = expert_ref(dispatch_ref(x, route), route.expert_count, w1, b1, w2, b2, act)
-    return combine_ref(ye, cw, route)
-
 
 # ---- inputs --------------------------------------------------------------------
 

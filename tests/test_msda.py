@@ -8,34 +8,7 @@ import pytest
 from damex import ops
 from damex._lib import _C
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
-
-
-def ref_forward(value, shapes, loc, attw):
-    """float64 reference: out[N, Lq, M*D]."""
-    value, loc, attw = (np.asarray(a, np.float64) for a in (value, loc, attw))
-    N, S, M, D = value.shape
-    Lq, P = loc.shape[1], loc.shape[4]
-    out = np.zeros((N, Lq, M, D))
-    n_i = np.arange(N)[:, None, None, None]
-    m_i = np.arange(M)[None, None, :, None]
-    start = 0
-    for l, (H, W) in enumerate(np.asarray(shapes).tolist()):
-        v = value[:, start:start + H * W]
-        x = loc[:, :, :, l, :, 0] * W - 0.5
-        y = loc[:, :, :, l, :, 1] * H - 0.5
-        with np.errstate(invalid="ignore"):
-            x0, y0 = np.floor(x), np.floor(y)
-        fx, fy = x - x0, y - y0
-        for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
-                          (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-            xi, yi = x0 + dx, y0 + dy
-            with np.errstate(invalid="ignore"):
-                ok = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)
-            idx = np.where(ok, yi * W + xi, 0).astype(np.int64)
-            wt = np.where(ok, w * attw[:, :, :, l], 0.0)
-            out += (wt[..., None] * v[n_i, idx, m_i]).sum(3)
-        start += H * W
-    return out.reshape(N, Lq, M * D)
+from damex.testing.reference import ms_deform_attn as ref_forward
 
 
 def level_index(shapes):

@@ -9,6 +9,10 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from damex.testing.reference import (conv2d as ref_conv2d, frozen_batch_norm as ref_frozen_bn,
+                                     group_norm as ref_group_norm, inverse_sigmoid as ref_inverse_sigmoid,
+                                     layer_norm as ref_layer_norm, linear as ref_linear,
+                                     sigmoid as ref_sigmoid, softmax as ref_softmax)
 
 RNG = np.random.default_rng(12345)
 
@@ -32,59 +36,6 @@ def check_grads(ref, args, dy, got, atol=2e-4, rtol=2e-3):
 
 
 # ---- float64 references ----------------------------------------------------
-
-def ref_linear(x, w, b):
-    return x @ w.T + b
-
-
-def ref_layer_norm(x, g, b, eps=1e-5):
-    m = x.mean(-1, keepdims=True)
-    v = ((x - m) ** 2).mean(-1, keepdims=True)
-    return (x - m) / np.sqrt(v + eps) * g + b
-
-
-def ref_group_norm(x, g, b, groups, eps=1e-5):
-    n, c, h, w = x.shape
-    xg = x.reshape(n, groups, -1)
-    m = xg.mean(-1, keepdims=True)
-    v = ((xg - m) ** 2).mean(-1, keepdims=True)
-    y = ((xg - m) / np.sqrt(v + eps)).reshape(x.shape)
-    return y * g[None, :, None, None] + b[None, :, None, None]
-
-
-def ref_frozen_bn(x, w, b, rm, rv, eps=1e-5):
-    scale = w / np.sqrt(rv + eps)
-    return x * scale[None, :, None, None] + (b - rm * scale)[None, :, None, None]
-
-
-def ref_conv2d(x, w, b, stride, padding):
-    sh, sw = stride
-    ph, pw = padding
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    y = np.zeros((n, o, ho, wo)) + b[None, :, None, None]
-    for u in range(kh):
-        for v in range(kw):
-            patch = xp[:, :, u:u + sh * (ho - 1) + 1:sh, v:v + sw * (wo - 1) + 1:sw]
-            y += np.einsum("oc,nchw->nohw", w[:, :, u, v], patch)
-    return y
-
-
-def ref_sigmoid(x):
-    return 1 / (1 + np.exp(-x))
-
-
-def ref_inverse_sigmoid(x, eps=1e-5):
-    v = np.clip(x, 0, 1)
-    return np.log(np.maximum(v, eps) / np.maximum(1 - v, eps))
-
-
-def ref_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
 
 # ---- linear -------------------------------------------------------------------
 

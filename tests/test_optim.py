@@ -8,18 +8,9 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, assert_memory_flat, torch_or_skip, unchanged
+from damex.testing.reference import adamw as ref_adamw
 
 SHAPES = [(1,), (7,), (4, 5), (3, 2, 33)]
-
-
-def ref_adamw(p, g, m, v, step, lr, beta1, beta2, eps, wd):
-    """The documented update in float64 (returns new arrays)."""
-    p, g, m, v = (np.asarray(a, np.float64) for a in (p, g, m, v))
-    p = p * (1 - lr * wd)
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    denom = np.sqrt(v) / math.sqrt(1 - beta2 ** step) + eps
-    return p - lr / (1 - beta1 ** step) * m / denom, m, v
 
 
 def run_both(torch, steps, lr, betas, eps, wd, lrs=None, seed=0):

@@ -10,6 +10,8 @@ import pytest
 from damex import ops
 from damex._lib import _C
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing.reference import combine_weights as ref_combine, router as ref_router
+from damex.testing.reference import softmax as softmax64
 
 NORMS = (False, True, "before_drop", "after_drop")
 NORM_NAME = {False: "none", True: "before_drop", "before_drop": "before_drop",
@@ -17,60 +19,6 @@ NORM_NAME = {False: "none", True: "before_drop", "before_drop": "before_drop",
 
 
 # ---- float64 reference ----------------------------------------------------
-
-def softmax64(g):
-    g = np.asarray(g, np.float64)
-    e = np.exp(g - g.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def ref_combine(noisy, idx, kept, normalize):
-    """combine_weight[T,k] as a function of the (noisy) logits, decisions fixed."""
-    p = softmax64(noisy)
-    pe = np.take_along_axis(p, idx, axis=1)
-    keptf = kept.astype(np.float64)
-    if normalize == "none":
-        return pe * keptf
-    if normalize == "before_drop":
-        return pe / pe.sum(axis=1, keepdims=True) * keptf
-    s = (pe * keptf).sum(axis=1, keepdims=True)
-    return np.where(s > 0, pe * keptf / np.where(s > 0, s, 1.0), 0.0)
-
-
-def ref_router(x, w, k=1, noise=None, capacity_factor=None, bpr=False, normalize=False,
-               mask=None, bpr_probs=None):
-    """A plain, slow float64 router following SPEC section 2 word by word.
-
-    bpr_probs: probs to order BPR by (default the float64 ones).  With thousands
-    of tokens some top-1 probs differ by one float32 ulp and the float32 kernel
-    may order them the other way; passing its probs checks the rest exactly."""
-    normalize = NORM_NAME[normalize]
-    logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    noisy = logits if noise is None else logits + np.asarray(noise, np.float64)
-    probs = softmax64(noisy)
-    T, E = logits.shape
-    # descending probability, ties to the lower index (stable sort of -p)
-    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int64)
-    valid = np.ones(T, bool) if mask is None else np.asarray(mask, bool)
-    t_valid = int(valid.sum())
-    cap = -1 if capacity_factor is None else math.ceil(capacity_factor * k * t_valid / E)
-    order = [t for t in range(T) if valid[t]]
-    if bpr:
-        key = probs if bpr_probs is None else np.asarray(bpr_probs, np.float64)
-        order = sorted(order, key=lambda t: -key[t, idx[t, 0]])  # sorted() is stable
-    slot = np.full((T, k), -1, np.int64)
-    count = np.zeros(E, np.int64)
-    for r in range(k):
-        for t in order:
-            e = idx[t, r]
-            if cap < 0 or count[e] < cap:
-                slot[t, r] = count[e]
-                count[e] += 1
-    cw = ref_combine(noisy, idx, slot >= 0, normalize)
-    offset = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    return dict(logits=logits, noisy_logits=noisy, probs=probs, expert_index=idx,
-                combine_weight=cw, slot=slot, expert_count=count, offset=offset, capacity=cap)
-
 
 def assert_matches_ref(res, ref, name=""):
     assert_close(res.logits, ref["logits"], atol=2e-5, rtol=1e-5, name=name + "logits")

@@ -9,104 +9,13 @@ import pytest
 
 from damex import _C, ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
-
-ERFC = np.vectorize(math.erfc)
+from damex.testing.reference import (_mask as _m, damex_loss as ref_damex, importance_loss as ref_importance,
+                                     kth_index, logsumexp as lse,
+                                     load_loss as ref_load, load_loss_grad as ref_load_grad,
+                                     softmax, switch_loss as ref_switch, z_loss as ref_z)
 
 
 # ---- float64 references ------------------------------------------------
-
-def _m(mask, T):
-    return np.ones(T, bool) if mask is None else np.asarray(mask, bool)
-
-
-def softmax(v):
-    e = np.exp(v - v.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def cv2(S, variance):
-    if S.mean() <= 0:
-        return 0.0
-    return S.var(ddof=1 if variance == "unbiased" else 0) / S.mean() ** 2
-
-
-def ref_importance(g, mask=None, noise=None, probs="clean", variance="population"):
-    g = np.asarray(g, np.float64)
-    v = g + np.asarray(noise, np.float64) if probs == "noisy" else g
-    m = _m(mask, len(g))
-    if not m.any():
-        return 0.0
-    return cv2(softmax(v)[m].sum(0), variance)
-
-
-def kth_index(gn, k):
-    """Index of the k-th largest per row, ties to the lower index."""
-    return np.argsort(-gn, axis=1, kind="stable")[:, k - 1]
-
-
-def ref_load(g, noise, sigma, k, mask=None, variance="population"):
-    g = np.asarray(g, np.float64)
-    gn = g + np.asarray(noise, np.float64)
-    m = _m(mask, len(g))
-    if not m.any():
-        return 0.0
-    eta = gn[np.arange(len(g)), kth_index(gn, k)]
-    P = 0.5 * ERFC((eta[:, None] - g) / sigma / math.sqrt(2))
-    return cv2(P[m].sum(0), variance)
-
-
-def ref_load_grad(g, noise, sigma, k, mask=None, variance="population"):
-    """The analytic gradient with j from the tie rule (valid at ties too)."""
-    g = np.asarray(g, np.float64)
-    gn = g + np.asarray(noise, np.float64)
-    T, E = g.shape
-    m = _m(mask, T)
-    j = kth_index(gn, k)
-    z = (gn[np.arange(T), j][:, None] - g) / sigma
-    L = (0.5 * ERFC(z / math.sqrt(2)))[m].sum(0)
-    mu, Ed = L.mean(), E - (variance == "unbiased")
-    a = 2 * (L - mu) / (Ed * mu ** 2) - 2 * L.var(ddof=E - Ed) / (E * mu ** 3)
-    c = a * np.exp(-0.5 * z ** 2) / math.sqrt(2 * math.pi) / sigma
-    d = c.copy()
-    d[np.arange(T), j] -= c.sum(1)
-    d[~m] = 0
-    return d
-
-
-def ref_switch(g, k=1, mask=None, counts="top1"):
-    g = np.asarray(g, np.float64)
-    T, E = g.shape
-    m = _m(mask, T)
-    if not m.any():
-        return 0.0
-    order = np.argsort(-g, axis=1, kind="stable")
-    kk = k if counts == "topk" else 1
-    f = np.zeros(E)
-    for row in order[m]:
-        f[row[:kk]] += 1
-    f /= kk * m.sum()
-    return E * (f * softmax(g)[m].mean(0)).sum()
-
-
-def lse(g):
-    mx = g.max(axis=1)
-    return mx + np.log(np.exp(g - mx[:, None]).sum(1))
-
-
-def ref_z(g, mask=None):
-    g = np.asarray(g, np.float64)
-    m = _m(mask, len(g))
-    return float((lse(g)[m] ** 2).mean()) if m.any() else 0.0
-
-
-def ref_damex(g, target, mask=None):
-    g = np.asarray(g, np.float64)
-    m = _m(mask, len(g))
-    if not m.any():
-        return 0.0
-    logq = g - lse(g)[:, None]
-    return float(-logq[np.arange(len(g)), target][m].mean())
-
 
 # ---- the cases: (name, forward, backward, reference) ---------------------
 
