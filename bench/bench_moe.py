@@ -23,7 +23,6 @@ round, round after round, so all of them see the same background load; the
 load average is printed before and after.  Trust a run only when it was low.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import _C, ops  # noqa: E402
+from damex.testing import torch_twins  # noqa: E402
 
 SHAPES = [
     dict(name="A", T=4096, D=256, F=1024, E=8, k=1, capacity_factor=1.25, bpr=True),
@@ -180,40 +180,6 @@ def gemm_jobs(s, inp, state):
 
 # ---- PyTorch eager -------------------------------------------------------------------
 
-def torch_layer(torch, x, wr, w1, b1, w2, b2, k, capacity_factor, bpr):
-    """The same maths as damex.ops.moe_forward (GELU tanh form, p not renormalised)."""
-    T, D = x.shape
-    E = wr.shape[1]
-    probs = torch.softmax(x @ wr, dim=1)
-    topv, topi = torch.topk(probs, k, dim=1)
-    if capacity_factor is None:
-        kept = torch.ones_like(topi, dtype=torch.bool)
-    else:
-        cap = math.ceil(capacity_factor * k * T / E)
-        with torch.no_grad():
-            order = torch.argsort(-topv[:, 0], stable=True) if bpr else torch.arange(T)
-            kept = torch.zeros((T, k), dtype=torch.bool)
-            base = torch.zeros(E, dtype=torch.long)
-            rows = torch.arange(T)
-            for j in range(k):
-                e = topi[order, j]
-                onehot = torch.nn.functional.one_hot(e, E)
-                pos = (onehot.cumsum(0) - 1)[rows, e] + base[e]
-                kept[order, j] = pos < cap
-                base = torch.clamp(base + onehot.sum(0), max=cap)
-    w = topv * kept
-    y = torch.zeros_like(x)
-    for e in range(E):
-        tok, j = torch.nonzero((topi == e) & kept, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        h = torch.nn.functional.gelu(torch.addmm(b1[e], x.index_select(0, tok), w1[e]),
-                                     approximate="tanh")
-        ye = torch.addmm(b2[e], h, w2[e])
-        y = y.index_add(0, tok, ye * w[tok, j].unsqueeze(1))
-    return y
-
-
 def torch_jobs(torch, s, inp):
     names = ("x", "w_router", "w1", "b1", "w2", "b2")
     opts = (s["k"], s["capacity_factor"], s["bpr"])
@@ -222,12 +188,12 @@ def torch_jobs(torch, s, inp):
 
     def fwd():
         with torch.no_grad():
-            return torch_layer(torch, *params, *opts)
+            return torch_twins.moe_layer(*params, *opts)
 
     def fwd_bwd():
         for p in params:
             p.grad = None
-        torch_layer(torch, *params, *opts).backward(dy)
+        torch_twins.moe_layer(*params, *opts).backward(dy)
 
     return fwd, fwd_bwd
 

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import ops  # noqa: E402
+from damex.testing import torch_twins  # noqa: E402
 from damex._lib import _C  # noqa: E402
 
 
@@ -57,22 +58,6 @@ def compare(torch, name, ours, theirs, reps):
 
 # ---- MSDA ---------------------------------------------------------------
 
-def torch_msda(torch, value, shapes, loc, attw):
-    """Deformable-DETR's grid_sample formulation (ms_deform_attn_core_pytorch)."""
-    F = torch.nn.functional
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
-    grids = 2 * loc - 1
-    sampled = []
-    for l, (v, (H, W)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
-        v = v.flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
-        g = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))
-    a = attw.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    return (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1).view(N, M * D, Lq).transpose(1, 2)
-
-
 def bench_msda(torch, name, N, M, D, levels, Lq, P, reps):
     rng = np.random.default_rng(0)
     shapes = np.array(levels, np.int64)
@@ -97,11 +82,11 @@ def bench_msda(torch, name, N, M, D, levels, Lq, P, reps):
 
     def torch_fwd():
         with torch.no_grad():
-            torch_msda(torch, tv, lv, tl, ta)
+            torch_twins.ms_deform_attn(tv, lv, tl, ta)
 
     def torch_fwd_bwd():
         tv.grad = tl.grad = ta.grad = None
-        torch_msda(torch, tv, lv, tl, ta).backward(tg)
+        torch_twins.ms_deform_attn(tv, lv, tl, ta).backward(tg)
 
     tag = f"{name} N={N} M={M} D={D} Lq={Lq} S={S} L={L} P={P}"
     print(tag)

@@ -8,9 +8,9 @@ import damex.autograd as ag
 import damex.functional as F
 from damex.autograd import Tensor
 from helpers import assert_close, torch_or_skip
+from damex.testing import torch_twins
 
 torch = torch_or_skip()
-
 
 
 def check_op(shapes, damex_fn, torch_fn, *, low=-2.0, high=2.0, atol=1e-5, rtol=1e-4, seed=0,
@@ -353,22 +353,6 @@ def test_attention(masks):
     assert not attn.requires_grad
 
 
-def torch_ms_deform_attn(value, shapes, locations, weights):
-    """Deformable-DETR's grid_sample reference (align_corners=False, zero padding)."""
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    values = value.split([int(h) * int(w) for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    samples = []
-    for lid, (h, w) in enumerate(shapes):
-        v = values[lid].flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
-        g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
-        samples.append(tf().grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    a = weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(N, M * D, Lq)
-    return out.transpose(1, 2)
-
-
 @pytest.mark.parametrize("shapes", [[(4, 5)], [(6, 4), (3, 2)]])
 def test_ms_deform_attn(shapes):
     shapes = np.array(shapes, np.int64)
@@ -380,7 +364,7 @@ def test_ms_deform_attn(shapes):
     loc = rng.uniform(-0.1, 1.1, (N, Lq, M, L, P, 2)).astype(np.float32)   # some off the map
     w = rng.uniform(0, 1, (N, Lq, M, L, P)).astype(np.float32)
     check_op(None, lambda v, l_, a: F.ms_deform_attn(v, shapes, start, l_, a),
-             lambda v, l_, a: torch_ms_deform_attn(v, shapes, l_, a), inputs=[value, loc, w], atol=1e-4)
+             lambda v, l_, a: torch_twins.ms_deform_attn(v, shapes, l_, a), inputs=[value, loc, w], atol=1e-4)
 
 
 def t_cxcywh_to_xyxy(b):
@@ -451,25 +435,6 @@ def test_focal_and_l1(reduction):
 
 # ------------------------------------------------------------------------- MoE
 
-def torch_moe(x, wr, w1, b1, w2, b2, expert_index, noise=None, act="gelu_tanh", normalize=False):
-    """The MoE layer written in torch, given the (piecewise-constant) expert choices;
-    dropless. Returns y and the clean logits."""
-    logits = x @ wr
-    noisy = logits + (torch.tensor(noise) if noise is not None else 0)
-    probs = torch.softmax(noisy, -1)
-    idx = torch.tensor(expert_index)
-    cw = probs.gather(1, idx)
-    if normalize:
-        cw = cw / cw.sum(1, keepdim=True)
-    a = {"gelu_tanh": lambda h: tf().gelu(h, approximate="tanh"), "gelu": tf().gelu, "relu": tf().relu}[act]
-    y = torch.zeros_like(x)
-    for j in range(idx.shape[1]):
-        e = idx[:, j]
-        h = a(torch.einsum("td,tdf->tf", x, w1[e]) + b1[e])
-        y = y + cw[:, j:j + 1] * (torch.einsum("tf,tfd->td", h, w2[e]) + b2[e])
-    return y, logits, noisy
-
-
 def torch_routing_losses(logits, noisy, names, target=None, sigma=None, k=1, mask=None):
     m = torch.ones(logits.shape[0], dtype=torch.bool) if mask is None else torch.tensor(mask)
     g, gn = logits[m], noisy[m]
@@ -526,7 +491,7 @@ def test_moe_op_and_routing_loss_gradients(case):
     ((y * up).sum() + aux).backward()
 
     tts = [torch.tensor(a, requires_grad=True) for a in [x] + params]
-    ty, logits, noisy = torch_moe(*tts, state.router.expert_index, noise, case["act"], case["normalize"])
+    ty, logits, noisy = torch_twins.moe_layer_on_choices(*tts, state.router.expert_index, noise, case["act"], case["normalize"])
     if mask is not None:
         ty = ty * torch.tensor(mask, dtype=torch.float32)[:, None]
     vals = torch_routing_losses(logits, noisy, case["losses"], target, 0.25, k, mask)

@@ -8,6 +8,7 @@ import damex.nn as nn
 import damex.functional as F
 from damex.autograd import Tensor, cat
 from helpers import assert_close, torch_or_skip
+from damex.testing import torch_twins
 
 torch = torch_or_skip()
 tnn, tF = torch.nn, torch.nn.functional
@@ -45,19 +46,6 @@ class Net(nn.Module):
         return self.head(tokens + y)
 
 
-def torch_msda_core(value, shapes, locations, weights):
-    N, _, M, D = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    values = value.split([int(h) * int(w) for h, w in shapes], dim=1)
-    samples = []
-    for lid, (h, w) in enumerate(shapes):
-        v = values[lid].flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
-        g = (2 * locations[:, :, :, lid] - 1).transpose(1, 2).flatten(0, 1)
-        samples.append(tF.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    a = weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    return (torch.stack(samples, -2).flatten(-2) * a).sum(-1).view(N, M * D, Lq).transpose(1, 2)
-
-
 class TorchMSDA(tnn.Module):
     """Deformable-DETR's MSDeformAttn.forward with the grid_sample core."""
 
@@ -78,7 +66,7 @@ class TorchMSDA(tnn.Module):
         t_shapes = torch.tensor(shapes)
         normalizer = torch.stack([t_shapes[:, 1], t_shapes[:, 0]], -1).float()
         loc = ref[:, :, None, :, None, :] + off / normalizer[None, None, None, :, None, :]
-        return self.output_proj(torch_msda_core(value, shapes, loc, aw))
+        return self.output_proj(torch_twins.ms_deform_attn(value, shapes, loc, aw))
 
 
 class TorchMoE(tnn.Module):

@@ -8,6 +8,7 @@ import pytest
 from damex import ops
 from damex._lib import _C
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing import torch_twins
 from damex.testing.reference import ms_deform_attn as ref_forward
 
 
@@ -42,24 +43,6 @@ def special_locations(loc, shapes, rng):
             p = rng.integers(flat.shape[2])
             flat[r, l, p, j % 2] = c
     return loc
-
-
-def torch_reference(torch, value, shapes, loc, attw):
-    """The grid_sample formulation of Deformable-DETR (ms_deform_attn_core_pytorch)."""
-    F = torch.nn.functional
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = loc.shape
-    sizes = [int(h * w) for h, w in shapes.tolist()]
-    grids = 2 * loc - 1
-    sampled = []
-    for l, (v, (H, W)) in enumerate(zip(value.split(sizes, dim=1), shapes.tolist())):
-        v = v.flatten(2).transpose(1, 2).reshape(N * M, D, H, W)
-        g = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # [N*M, D, Lq, P]
-    a = attw.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1).view(N, M * D, Lq)
-    return out.transpose(1, 2).contiguous()
 
 
 CASES = [  # N, Lq, M, D, shapes, P
@@ -123,7 +106,7 @@ def test_parity_with_torch_grid_sample(case):
     # float64 torch on the very float32 inputs: the truth grid_sample defines
     tv, tl, ta = (torch.tensor(a, dtype=torch.float64, requires_grad=True)
                   for a in (value, loc, attw))
-    tout = torch_reference(torch, tv, shapes, tl, ta)
+    tout = torch_twins.ms_deform_attn(tv, shapes, tl, ta)
     tout.backward(torch.tensor(gout, dtype=torch.float64))
     out = ops.ms_deform_attn_forward(value, shapes, start, loc, attw)
     gv, gl, ga = ops.ms_deform_attn_backward(gout, value, shapes, start, loc, attw)
