@@ -18,7 +18,11 @@ def xfail_kernels(item):
 
 
 def floats(lo=-4.0, hi=4.0):
-    return st.floats(lo, hi, width=32, allow_nan=False, allow_infinity=False)
+    """Finite float32 values in [lo, hi] (bounds rounded inward to float32)."""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    lo32 = lo32 if lo32 >= lo else np.nextafter(lo32, np.float32(np.inf))
+    hi32 = hi32 if hi32 <= hi else np.nextafter(hi32, np.float32(-np.inf))
+    return st.floats(float(lo32), float(hi32), width=32, allow_nan=False, allow_infinity=False)
 
 
 def f32_arrays(shape, lo=-4.0, hi=4.0):
