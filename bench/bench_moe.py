@@ -25,13 +25,12 @@ load average is printed before and after.  Trust a run only when it was low.
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import _C, ops  # noqa: E402
-from damex.testing import torch_twins  # noqa: E402
+from damex.testing import timing, torch_twins  # noqa: E402
 
 SHAPES = [
     dict(name="A", T=4096, D=256, F=1024, E=8, k=1, capacity_factor=1.25, bpr=True),
@@ -41,29 +40,16 @@ THREADS = (1, 2)
 STAT = np.median
 
 
-def interleaved(jobs, repeats, warmup=1):
-    """jobs: {name: (threads, fn)}.  Runs every job once per round (threads set
-    untimed before each call) and returns {name: statistic of its times, s}."""
-    times = {name: [] for name in jobs}
-    for r in range(warmup + repeats):
-        for name, (threads, fn) in jobs.items():
-            set_threads(threads)
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[name].append(dt)
-    set_threads(max(THREADS))
-    return {name: float(STAT(v)) for name, v in times.items()}
-
-
 _torch = None
 
 
-def set_threads(n):
-    _C.set_num_threads(n)
-    if _torch is not None:
-        _torch.set_num_threads(n)
+def interleaved(jobs, repeats):
+    return timing.interleaved(jobs, repeats, stat=STAT)
+
+
+def best(times, key):
+    """(seconds, threads) of the fastest thread count for `key`."""
+    return timing.best_of_threads(times, key, THREADS)
 
 
 def make_inputs(s, seed=0):
@@ -84,15 +70,6 @@ def layer_flop(s, N, backward):
     T, D, F, E = s["T"], s["D"], s["F"], s["E"]
     router, experts = 2.0 * T * D * E, 4.0 * N * D * F
     return 3 * (router + experts) if backward else router + experts
-
-
-def sgemm_job():
-    M, N, K = 4096, 1024, 256
-    rng = np.random.default_rng(0)
-    a = rng.random((M, K), dtype=np.float32)
-    b = rng.random((K, N), dtype=np.float32)
-    c = np.empty((M, N), np.float32)
-    return 2.0 * M * N * K, lambda: _C.sgemm(c, a, b, M, N, K), lambda: a @ b
 
 
 # ---- damex --------------------------------------------------------------------
@@ -200,18 +177,13 @@ def torch_jobs(torch, s, inp):
 
 # ---- report ---------------------------------------------------------------------------
 
-def best(times, key):
-    """(seconds, threads) of the fastest thread count for `key`."""
-    return min((times[(key, th)], th) for th in THREADS)
-
-
 def bench_shape(s, repeats, torch):
     inp = make_inputs(s)
     d_fwd, d_all = damex_jobs(s, inp)
     y, state = d_fwd()
     N = int(state.router.expert_count.sum())
     g_fwd, g_all = gemm_jobs(s, inp, state)
-    flop_sgemm, sgemm, _ = sgemm_job()
+    flop_sgemm, sgemm, _ = timing.sgemm_job()
     jobs = {}
     for th in THREADS:
         jobs[("sgemm", th)] = (th, sgemm)

@@ -13,13 +13,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import ops  # noqa: E402
-from damex.testing import torch_twins  # noqa: E402
+from damex.testing import timing, torch_twins  # noqa: E402
 from damex._lib import _C  # noqa: E402
 
 
@@ -27,29 +26,9 @@ def compare(torch, name, ours, theirs, reps):
     """Time damex (`ours`) and torch (`theirs`) at 1 and 2 threads each, the four
     configurations interleaved round by round (the machine's load drifts); print the
     median of the faster configuration of each side and the ratio."""
-    torch_before, damex_before = torch.get_num_threads(), _C.get_num_threads()[1]
-    configs = [("damex", t, ours) for t in (1, 2)] + [("torch", t, theirs) for t in (1, 2)]
-
-    def run(side, threads, fn):
-        if side == "damex":
-            _C.set_num_threads(threads)
-        else:
-            torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    try:
-        for c in configs:  # warm up
-            run(*c)
-        times = {c[:2]: [] for c in configs}
-        for _ in range(reps):
-            for c in configs:
-                times[c[:2]].append(run(*c))
-    finally:
-        torch.set_num_threads(torch_before)
-        _C.set_num_threads(damex_before)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    t = timing.interleaved(timing.thread_jobs({"damex": ours, "torch": theirs}), reps,
+                           stat=statistics.median)
+    med = {k: v * 1e3 for k, v in t.items()}
     d = min((med[("damex", t)], t) for t in (1, 2))
     p = min((med[("torch", t)], t) for t in (1, 2))
     print(f"{name:<44s} damex {d[0]:9.2f} ms ({d[1]}T)   torch {p[0]:9.2f} ms ({p[1]}T)   "

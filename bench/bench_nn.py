@@ -15,7 +15,6 @@ fairest reading on a shared machine.  ratio = torch time / damex time
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import damex  # noqa: E402
 from damex import ops  # noqa: E402
 from damex._lib import _C  # noqa: E402
+from damex.testing import timing  # noqa: E402
 
 try:
     import torch
@@ -30,43 +30,10 @@ except ImportError:  # the sgemm share is still printed
     torch = None
 
 
-def timed(fn, min_time=0.002):
-    """Seconds per call of fn: one call, or the mean of a batch filling
-    min_time for calls shorter than that (timer resolution)."""
-    t0 = time.perf_counter()
-    k = 0
-    while True:
-        fn()
-        k += 1
-        el = time.perf_counter() - t0
-        if el >= min_time:
-            return el / k
-
-
-def set_threads(side, n):
-    if side == "torch":
-        torch.set_num_threads(n)
-    else:
-        damex.set_num_threads(n)
-
-
-def race(cases, repeats, threads=(1, 2)):
-    """cases: {side: fn}; returns {side: (seconds, threads)}: the minimum over
-    repeats and thread counts, the sides alternating call batch by call batch
-    so that both see the same load."""
-    cases = {k: f for k, f in cases.items() if f is not None}
-    out = {}
-    for n in threads:
-        for side, fn in cases.items():
-            set_threads(side, n)
-            fn()  # warm up at this thread count
-        for _ in range(repeats):
-            for side, fn in cases.items():
-                set_threads(side, n)
-                t = timed(fn)
-                if side not in out or t < out[side][0]:
-                    out[side] = (t, n)
-    return out
+def race(cases, repeats):
+    """{side: fn} -> {side: (seconds, threads)}: the minimum over repeats and thread
+    counts, the sides interleaved so that both see the same load."""
+    return timing.race(cases, repeats, stat=np.min, min_time=0.002)
 
 
 def line(name, res, flops=None):

@@ -12,24 +12,17 @@ only when it was low (thread CPU time is less sensitive to other processes).
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import _C, ops  # noqa: E402
+from damex.testing import timing  # noqa: E402
 
 
 def best(fn, repeats, inner):
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.thread_time()
-        for _ in range(inner):
-            fn()
-        wall.append((time.perf_counter() - w) / inner)
-        cpu.append((time.thread_time() - c) / inner)
-    return min(wall), min(cpu)
+    """(wall, thread CPU) seconds per call: the minimum over repeats of `inner` calls."""
+    return timing.interleaved({"fn": (None, fn)}, repeats, stat=np.min, inner=inner, cpu=True)["fn"]
 
 
 def damex_cases(g, noise, target, sigma, k):
