@@ -9,14 +9,6 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 from damex.testing import reference  # noqa: E402,F401  (re-exported for the tests)
 
 ERRORS = (TypeError, ValueError)
-XFAIL_KERNELS = "fixed on branch kernels"
-
-
-def xfail_kernels(item):
-    """Known defect of issue 12, fixed on branch kernels: the lead removes the mark after merging."""
-    return pytest.mark.xfail(strict=False, reason=f"issue 12 #{item}, {XFAIL_KERNELS}")
-
-
 def floats(lo=-4.0, hi=4.0):
     """Finite float32 values in [lo, hi] (bounds rounded inward to float32)."""
     lo32, hi32 = np.float32(lo), np.float32(hi)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from property_support import (ERRORS, Unchanged, close, dims, f32_arrays, layouts, reference,
-                              st, xfail_kernels)
+                              st)
 from hypothesis import assume, given
 
 from damex import ops
@@ -52,7 +52,6 @@ def test_layer_norm(data, lead, c, eps, scale):
     keep.check()
 
 
-@xfail_kernels(19)
 @given(st.data(), dims(2, 8), st.floats(1e29, 1e31))
 def test_layer_norm_of_huge_rows_is_not_beta(data, c, scale):
     """Rows ~1e30 overflow the float32 variance: torch returns NaN, never plain beta."""
@@ -103,8 +102,8 @@ def conv_cases(draw, big_column_stride=False):
     ph, pw = draw(dims(0, 3)), draw(dims(0, 3))
     sh, sw = draw(dims(1, 5)), draw(dims(1, 9))
     assume(h + 2 * ph >= kh and w + 2 * pw >= kw)
-    # issue 12 #1 (fixed on branch kernels): column stride > W + padding gives wrong
-    # values; those cases live in test_conv2d_column_stride_past_the_image (xfail)
+    # issue 12 #1: column stride > W + padding gave wrong values and read past the
+    # input; those cases have their own test (test_conv2d_column_stride_past_the_image)
     assume((sw > w + pw) == big_column_stride)
     algorithm = draw(st.sampled_from(ops.CONV2D_ALGORITHMS))
     if algorithm == "winograd":
@@ -142,7 +141,6 @@ def test_conv2d_every_algorithm(data, case):
     _check_conv(data, case)
 
 
-@xfail_kernels(1)
 @given(st.data(), conv_cases(big_column_stride=True))
 def test_conv2d_column_stride_past_the_image(data, case):
     _check_conv(data, case)
