@@ -244,8 +244,10 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="the main job: generate data, train tiny DAMEX, evaluate, pictures")
-    r.add_argument("--config", help="a run config (default: the shipped tiny_damex.json)")
+    r = sub.add_parser("run", help="the main job: train dense and damex side by side on the embedded "
+                                   "mixture, evaluate, compare, pictures")
+    r.add_argument("--config", help="a run config (default: the shipped tiny_damex.json); "
+                                    "its model.routing is replaced by dense and damex")
     r.add_argument("--steps", type=int)
     r.add_argument("--out", help="output folder (default: the config's out_dir)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")

@@ -56,37 +56,48 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
 
 # Per dataset: image (width, height), categories, objects per image, object side
-# as a fraction of min(width, height), rendering style, per-class base colours.
+# as a fraction of min(width, height), rendering style, the palette instance
+# colours are drawn from (any class takes any colour of its dataset's palette:
+# the class is in the shape, not in the colour), unlabelled distractor strokes
+# per image.
 _DATASETS = [
     dict(name="flat", size=(64, 64),
          categories=[(1, "circle"), (2, "square"), (3, "triangle")],
-         objects=(1, 3), scale=(0.30, 0.50), style="flat", empty_fraction=0.0,
-         colours={"circle": (220, 40, 40), "square": (40, 70, 210),
-                  "triangle": (30, 160, 60)}),
+         objects=(1, 4), scale=(0.22, 0.42), style="flat", empty_fraction=0.0,
+         palette=[(220, 40, 40), (40, 70, 210), (30, 160, 60), (200, 120, 20)],
+         distractors=(0, 1)),
     dict(name="noise", size=(64, 64),
          categories=[(1, "circle"), (2, "cross")],
-         objects=(1, 3), scale=(0.22, 0.38), style="noise", empty_fraction=0.06,
-         colours={"circle": (235, 215, 50), "cross": (60, 220, 230)}),
+         objects=(1, 4), scale=(0.18, 0.32), style="noise", empty_fraction=0.06,
+         palette=[(235, 215, 50), (60, 220, 230), (200, 90, 200)],
+         distractors=(1, 3)),
     dict(name="stripes", size=(80, 64),
          categories=[(10, "ring"), (20, "diamond")],
-         objects=(2, 4), scale=(0.16, 0.25), style="stripes", empty_fraction=0.0,
-         colours={"ring": (245, 245, 245), "diamond": (250, 140, 20)}),
+         objects=(2, 6), scale=(0.13, 0.22), style="stripes", empty_fraction=0.0,
+         palette=[(245, 245, 245), (250, 140, 20), (40, 40, 40)],
+         distractors=(0, 2)),
     dict(name="sketch", size=(64, 64),
          categories=[(1, "triangle"), (2, "star")],
-         objects=(1, 2), scale=(0.35, 0.55), style="sketch", empty_fraction=0.0,
-         colours={"triangle": (20, 20, 30), "star": (20, 30, 110)}),
+         objects=(1, 3), scale=(0.30, 0.50), style="sketch", empty_fraction=0.0,
+         palette=[(20, 20, 30), (20, 30, 110), (90, 30, 20)],
+         distractors=(0, 2)),
+    dict(name="camo", size=(72, 72),
+         categories=[(1, "star"), (2, "cross"), (3, "hexagon")],
+         objects=(1, 4), scale=(0.17, 0.30), style="camo", empty_fraction=0.0,
+         palette=[(120, 140, 90), (150, 125, 85), (95, 110, 120)],
+         distractors=(1, 3)),
 ]
 
 PRESETS = {
     # images per dataset: (train, val)
     "default": {"flat": (160, 40), "noise": (160, 40), "stripes": (160, 40),
-                "sketch": (24, 16)},
+                "sketch": (24, 16), "camo": (160, 40)},
     "tiny": {"flat": (6, 3), "noise": (6, 3), "stripes": (6, 3),
-             "sketch": (3, 2)},
+             "sketch": (3, 2), "camo": (6, 3)},
 }
 
 
@@ -100,6 +111,11 @@ def _unit_polygon(shape):
         ang = -np.pi / 2 + np.arange(10) * np.pi / 5
         rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
         xy = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)
+        xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0))
+        pts = [tuple(p) for p in xy]
+    elif shape == "hexagon":
+        ang = np.arange(6) * np.pi / 3
+        xy = np.stack([np.cos(ang), np.sin(ang)], 1)
         xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0))
         pts = [tuple(p) for p in xy]
     elif shape == "cross":
@@ -177,7 +193,30 @@ def _background(style, size, rng):
         base = rng.uniform(232, 250) + np.array([4.0, 2.0, -6.0])
         grain = rng.normal(0, 4, size=(H, W, 1))
         return np.broadcast_to(base, (H, W, 3)) + grain
+    if style == "camo":  # blotches: low-frequency noise thresholded into three muted tones
+        tones = np.array([(105, 120, 80), (140, 120, 85), (85, 95, 100)], np.float32)
+        tones = tones + rng.uniform(-15, 15, size=(1, 3))
+        coarse = rng.normal(size=(3, H // 8 + 2, W // 8 + 2))
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) / 8.0
+        y0, x0 = yy.astype(int), xx.astype(int)
+        fy, fx = yy - y0, xx - x0
+        field = (coarse[:, y0, x0] * (1 - fy) * (1 - fx) + coarse[:, y0 + 1, x0] * fy * (1 - fx)
+                 + coarse[:, y0, x0 + 1] * (1 - fy) * fx + coarse[:, y0 + 1, x0 + 1] * fy * fx)
+        return tones[np.argmax(field, axis=0)] + rng.normal(0, 5, size=(H, W, 1))
     raise ValueError(f"unknown style {style!r}")
+
+
+def _stroke_mask(size, rng, width):
+    """Anti-aliased coverage [H, W] of one random line segment (an unlabelled distractor)."""
+    s = SUPERSAMPLE
+    W, H = size
+    m = Image.new("L", (W * s, H * s), 0)
+    x0, y0 = rng.uniform(0, W), rng.uniform(0, H)
+    length = rng.uniform(0.25, 0.6) * min(W, H)
+    ang = rng.uniform(0, 2 * np.pi)
+    ImageDraw.Draw(m).line([x0 * s, y0 * s, (x0 + length * np.cos(ang)) * s,
+                            (y0 + length * np.sin(ang)) * s], fill=255, width=max(1, int(width * s)))
+    return np.asarray(m.resize((W, H), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
 def _place_boxes(n, size, scale, rng, max_tries=60):
@@ -205,6 +244,11 @@ def _render_image(spec, rng):
     size = spec["size"]
     style = spec["style"]
     img = np.array(_background(style, size, rng), dtype=np.float32)
+    palette = np.array(spec["palette"], np.float32)
+    for _ in range(int(rng.integers(spec["distractors"][0], spec["distractors"][1] + 1))):
+        colour = np.clip(palette[int(rng.integers(len(palette)))] + rng.uniform(-25, 25, size=3), 0, 255)
+        alpha = _stroke_mask(size, rng, rng.uniform(1.0, 2.5))[..., None]
+        img = img * (1 - alpha) + colour * alpha
     if rng.uniform() < spec["empty_fraction"]:
         n = 0
     else:
@@ -212,12 +256,13 @@ def _render_image(spec, rng):
     objects = []
     for box in _place_boxes(n, size, spec["scale"], rng):
         cat_id, name = spec["categories"][int(rng.integers(len(spec["categories"])))]
-        colour = np.clip(np.array(spec["colours"][name], np.float32)
-                         + rng.uniform(-25, 25, size=3), 0, 255)
+        colour = np.clip(palette[int(rng.integers(len(palette)))] + rng.uniform(-25, 25, size=3), 0, 255)
         outline = 0.0
         if style == "sketch":
             outline = rng.uniform(1.6, 2.4)
         alpha = _shape_mask(name, box, size, outline)[..., None]
+        if style == "camo":  # objects blend in: partly transparent
+            alpha = alpha * rng.uniform(0.55, 0.85)
         img = img * (1 - alpha) + colour * alpha
         if style == "stripes":  # a thin dark rim keeps small shapes off the texture
             rim_shape = "circle" if name == "ring" else name  # a ring gets its outer edge only
@@ -225,7 +270,7 @@ def _render_image(spec, rng):
             img = img * (1 - rim) + 20.0 * rim
         objects.append((box, cat_id))
     if style == "noise":
-        img = img + rng.normal(0, 18, size=img.shape)
+        img = img + rng.normal(0, 24, size=img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), objects
 
 
@@ -292,6 +337,38 @@ def _relative(desc):
     return out
 
 
+def _holds(root, desc):
+    """True when ``root`` already holds the mixture described by ``desc``."""
+    try:
+        with open(os.path.join(root, "mixture.json"), encoding="utf-8") as f:
+            return json.load(f) == _relative(desc)
+    except (OSError, ValueError):
+        return False
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(parent, base):
+    """Delete ``.BASE.tmp-PID-*`` / ``.BASE.old-*`` folders left by a generation that was
+    killed midway (its process is gone); those of a live process are left alone."""
+    for entry in os.listdir(parent):
+        if entry.startswith(f".{base}.tmp-"):
+            pid = entry[len(f".{base}.tmp-"):].split("-", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+        elif not entry.startswith(f".{base}.old-"):
+            continue
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def make_mixture(root, *, seed=0, preset="default", overwrite=False):
     """Write the synthetic mixture of COCO-format datasets under ``root``.
 
@@ -340,7 +417,8 @@ def make_mixture(root, *, seed=0, preset="default", overwrite=False):
 
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    _remove_stale_temporaries(parent, os.path.basename(root))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-{os.getpid()}-", dir=parent)
     try:
         counts = PRESETS[preset]
         for index, spec in enumerate(_DATASETS):
@@ -352,6 +430,9 @@ def make_mixture(root, *, seed=0, preset="default", overwrite=False):
                 coco = _write_split(spec, split, counts[spec["name"]][split_index], rng, ds_dir)
                 _write_json(os.path.join(ds_dir, "annotations", f"{split}.json"), coco)
         _write_json(os.path.join(tmp, "mixture.json"), _relative(desc))
+        if not overwrite and _holds(root, desc):  # another process wrote the same mixture meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            return desc
         if os.path.exists(root):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
             os.rename(root, os.path.join(old, "x"))
