@@ -52,12 +52,18 @@ def test_generator_same_seed_same_bytes(tmp_path, tiny):
 
 def test_generator_layout_and_properties(tiny):
     names = [d["name"] for d in tiny["datasets"]]
-    assert names == ["flat", "noise", "stripes", "sketch"]
+    assert names == ["flat", "noise", "stripes", "sketch", "camo"]
     label_sets = {d["name"]: {c["name"] for c in d["categories"]} for d in tiny["datasets"]}
     # overlapping and disjoint label sets
     assert label_sets["flat"] & label_sets["noise"] == {"circle"}
     assert label_sets["flat"] & label_sets["sketch"] == {"triangle"}
     assert not label_sets["stripes"] & (label_sets["flat"] | label_sets["noise"] | label_sets["sketch"])
+    assert label_sets["camo"] & label_sets["sketch"] == {"star"}
+    assert label_sets["camo"] & label_sets["noise"] == {"cross"}
+    assert "hexagon" in label_sets["camo"] - set().union(*(v for k, v in label_sets.items() if k != "camo"))
+    # more datasets than the tiny model's experts: the map h is many-to-one
+    from damex.models.dino import preset
+    assert len(names) > preset("tiny").num_experts
     mean_side = {}
     for d in tiny["datasets"]:
         for split in ("train", "val"):
@@ -288,7 +294,8 @@ def test_label_space_merges_by_name():
 
 def test_mixture_dataset_joint_labels(tiny):
     mix = MixtureDataset([CocoDetection(d["name"], d["train"], d["img_dir"]) for d in tiny["datasets"]])
-    assert mix.label_space.names == ["circle", "square", "triangle", "cross", "ring", "diamond", "star"]
+    assert mix.label_space.names == ["circle", "square", "triangle", "cross", "ring", "diamond", "star",
+                                     "hexagon"]
     assert len(mix) == sum(mix.sizes)
     for d, ds in enumerate(mix.datasets):
         _, t = mix[d, 0]
@@ -352,7 +359,7 @@ def test_collate_mixes_datasets(tiny):
     assert [t["dataset_id"] for t in batch["targets"]] == [0, 2, 3]
     batches = list(iterate_batches(mix, MixtureSampler(mix.sizes, "uniform", seed=0), 4))
     assert sum(len(b["targets"]) for b in batches) == len(mix)
-    assert len({int(d) for b in batches for d in b["dataset_ids"]}) == 4
+    assert len({int(d) for b in batches for d in b["dataset_ids"]}) == len(mix.datasets) == 5
 
 
 # ---------------------------------------------------------------- config
@@ -360,12 +367,12 @@ def test_collate_mixes_datasets(tiny):
 def test_config_loads_and_rejects_unknown_keys(tmp_path, tiny):
     good = tmp_path / "run.json"
     good.write_text(json.dumps({"data": {"synthetic": {"root": tiny["root"], "preset": "tiny"},
-                                         "sampler": "weighted", "weights": [1, 1, 1, 2],
+                                         "sampler": "weighted", "weights": [1, 1, 1, 2, 1],
                                          "batch_size": 2}, "model": {"anything": 1}}))
     cfg = load_data_config(good)
     assert cfg.sampler == "weighted" and cfg.batch_size == 2 and cfg.synthetic.preset == "tiny"
     mix = build_mixture(cfg, "val")
-    assert mix.names == ["flat", "noise", "stripes", "sketch"]
+    assert mix.names == ["flat", "noise", "stripes", "sketch", "camo"]
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": {"batch_size": 2, "bach_size": 3}}))
@@ -398,7 +405,8 @@ def test_config_resolves_relative_paths(tmp_path):
 def test_default_preset_is_the_documented_mixture(tmp_path):
     desc = make_mixture(tmp_path / "default", seed=0)
     counts = {d["name"]: (d["num_train"], d["num_val"]) for d in desc["datasets"]}
-    assert counts == {"flat": (160, 40), "noise": (160, 40), "stripes": (160, 40), "sketch": (24, 16)}
+    assert counts == {"flat": (160, 40), "noise": (160, 40), "stripes": (160, 40), "sketch": (24, 16),
+                      "camo": (160, 40)}
     for d in desc["datasets"]:
         for split in ("train", "val"):
             coco = json.load(open(d[split]))

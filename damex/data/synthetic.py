@@ -67,7 +67,7 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
 _DATASETS = [
     dict(name="flat", size=(64, 64),
          categories=[(1, "circle"), (2, "square"), (3, "triangle")],
-         objects=(1, 4), scale=(0.22, 0.42), style="flat", empty_fraction=0.0,
+         objects=(1, 4), scale=(0.22, 0.42), style="flat", empty_fraction=0.0, occlusion=0.3,
          palette=[(220, 40, 40), (40, 70, 210), (30, 160, 60), (200, 120, 20)],
          distractors=(0, 1)),
     dict(name="noise", size=(64, 64),
@@ -219,8 +219,9 @@ def _stroke_mask(size, rng, width):
     return np.asarray(m.resize((W, H), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
-def _place_boxes(n, size, scale, rng, max_tries=60):
-    """Up to ``n`` non-overlapping boxes (x, y, w, h), integer pixels, one gap apart."""
+def _place_boxes(n, size, scale, rng, max_tries=60, occlusion=0.0):
+    """Up to ``n`` boxes (x, y, w, h), integer pixels: one gap apart, or, with
+    ``occlusion`` > 0, overlapping by at most that share of the smaller box's area."""
     W, H = size
     side = min(W, H)
     boxes = []
@@ -233,8 +234,12 @@ def _place_boxes(n, size, scale, rng, max_tries=60):
         h = int(round(np.clip(s / np.sqrt(aspect), 6, H - 2)))
         x = int(rng.integers(1, W - w))
         y = int(rng.integers(1, H - h))
-        if all(x + w + 1 <= bx or bx + bw + 1 <= x or y + h + 1 <= by or by + bh + 1 <= y
-               for bx, by, bw, bh in boxes):
+        def ok(bx, by, bw, bh):
+            if x + w + 1 <= bx or bx + bw + 1 <= x or y + h + 1 <= by or by + bh + 1 <= y:
+                return True
+            inter = max(0, min(x + w, bx + bw) - max(x, bx)) * max(0, min(y + h, by + bh) - max(y, by))
+            return inter <= occlusion * min(w * h, bw * bh)
+        if all(ok(*b) for b in boxes):
             boxes.append((x, y, w, h))
     return boxes
 
@@ -254,7 +259,7 @@ def _render_image(spec, rng):
     else:
         n = int(rng.integers(spec["objects"][0], spec["objects"][1] + 1))
     objects = []
-    for box in _place_boxes(n, size, spec["scale"], rng):
+    for box in _place_boxes(n, size, spec["scale"], rng, occlusion=spec.get("occlusion", 0.0)):
         cat_id, name = spec["categories"][int(rng.integers(len(spec["categories"])))]
         colour = np.clip(palette[int(rng.integers(len(palette)))] + rng.uniform(-25, 25, size=3), 0, 255)
         outline = 0.0

@@ -216,9 +216,10 @@ def plan_runs(conf, out_dir, modes, seeds, steps=None, subsample=None, datasets=
             rc["data"]["datasets"] = seed_sets
             rc["data"]["seed"] = seed
             rc["train"].update(seed=seed, out_dir=run_dir, threads=1)
-            if steps is not None:
+            if steps is not None:  # a shorter (longer) budget keeps the schedule's shape
+                full = rc["train"]["steps"]
+                rc["train"]["lr_drop"] = [int(round(s * steps / full)) for s in rc["train"].get("lr_drop", [])]
                 rc["train"]["steps"] = int(steps)
-                rc["train"]["lr_drop"] = [s for s in rc["train"].get("lr_drop", []) if s < steps]
             run_config_from_dict(copy.deepcopy(rc), source=f"{run_dir}/config.json")
             os.makedirs(run_dir, exist_ok=True)
             path = os.path.join(run_dir, "config.json")
@@ -287,7 +288,7 @@ def _truncate_log(path, step):
 def _train_dropped(history, tail=0.2):
     """Mean over the last ``tail`` of training of each logged ``*dropped*`` series, or {}."""
     rows = history[-max(1, int(len(history) * tail)):] if history else []
-    keys = sorted({k for r in rows for k, v in r.items() if "dropped" in k
+    keys = sorted({k for r in rows for k, v in r.items() if k.startswith("dropped_fraction/")
                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
@@ -448,16 +449,29 @@ def paired_bootstrap(ap, modes, seeds, image_counts, pairs, n_boot=1000, seed=0)
 
 # ------------------------------------------------------------------ summary
 
-def _run_record(mode, seed, run_dir):
-    from .routing_analysis import routing_purity
+def many_to_one_purity(matrix):
+    """Routing purity of a row-normalised ``[D, E]`` matrix when each expert may host up
+    to ``ceil(D / E)`` datasets (h many-to-one), datasets weighted equally: the share of
+    tokens on their dataset's expert under the best such map.  Equals
+    :func:`damex.routing.routing_purity` (one-to-one) when D <= E."""
+    from ..routing import routing_purity
 
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.sum(1, keepdims=True)
+    m = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    cap = -(-m.shape[0] // m.shape[1])
+    # tiling repeats every row cap times in the total, so scale back (NaN without tokens)
+    return routing_purity(np.tile(m, (1, cap))) * cap
+
+
+def _run_record(mode, seed, run_dir):
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         r = json.load(f)
     layers = []
     train_drop = r.get("train_dropped_fraction", {})
     for i, layer in enumerate(r["routing"]["layers"]):
-        purity, _ = routing_purity(layer["matrix"])
-        tdrop = [v for k, v in train_drop.items() if layer["name"] in k or k.endswith(f"_{i}")]
+        purity = many_to_one_purity(layer["matrix"])
+        tdrop = [v for k, v in train_drop.items() if k == f"dropped_fraction/{layer['name']}"]
         layers.append({"name": layer["name"], "accuracy": layer["accuracy"], "purity": purity,
                        "load": layer["load"], "dropped_fraction": layer.get("dropped_fraction"),
                        "train_dropped_fraction": tdrop[0] if len(tdrop) == 1 else None,
