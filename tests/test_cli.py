@@ -40,12 +40,12 @@ def test_eval_json_and_pictures(run_dir, capsys):
     assert main(["eval", str(run_dir / "run" / "checkpoint.npz"), "--json", str(out),
                  "--pictures", str(pics), "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert set(res["datasets"]) == {"flat", "noise", "stripes", "sketch"}
+    assert set(res["datasets"]) == {"flat", "noise", "stripes", "sketch", "camo"}
     assert 0.0 <= res["mean_ap"] <= 1.0
     assert all({"ap", "ap50", "ap75"} <= set(v) for v in res["datasets"].values())
     assert 0.0 <= res["routing"]["accuracy"] <= 1.0
     layer = res["routing"]["layers"][0]
-    assert len(layer["matrix"]) == 4 and len(layer["matrix"][0]) == 4
+    assert len(layer["matrix"]) == 5 and len(layer["matrix"][0]) == 4
     assert "mean" in capsys.readouterr().out
     assert any(p.name.startswith("routing_") for p in pics.iterdir())
     assert any(p.name.startswith("detections_") for p in pics.iterdir())
