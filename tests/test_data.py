@@ -124,6 +124,17 @@ def test_generator_failure_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # neither root nor a temporary directory
 
 
+def test_generator_removes_temporaries_of_a_killed_generation(tmp_path):
+    dead = tmp_path / ".mix.tmp-999999999-abc"       # no such process: left by a killed run
+    (dead / "flat").mkdir(parents=True)
+    old = tmp_path / ".mix.old-xyz"
+    old.mkdir()
+    live = tmp_path / f".mix.tmp-{os.getpid()}-def"   # a generation still running: kept
+    live.mkdir()
+    make_mixture(tmp_path / "mix", preset="tiny")
+    assert sorted(os.listdir(tmp_path)) == sorted(["mix", live.name])
+
+
 def test_generator_overwrite_replaces_atomically(tmp_path):
     root = tmp_path / "mix"
     make_mixture(root, seed=0, preset="tiny")

@@ -1,44 +1,54 @@
 """The embedded default: a small, deterministic mixture of COCO-format datasets.
 
-``make_mixture(root)`` writes four datasets that differ the way UODB's do, but
-small enough that a tiny detector learns them on a CPU in minutes:
+``make_mixture(root)`` writes five datasets that differ the way UODB's do, in
+miniature, small enough that a tiny detector learns them on a CPU in minutes
+and hard enough that it does not saturate them:
 
-=========  ==========  ==============================  ============  =================  =========================
-name       image size  classes (COCO id: name)         objects/img   object side (px)   domain
-=========  ==========  ==============================  ============  =================  =========================
-flat       64 x 64     1 circle, 2 square, 3 triangle  1-3           19-32 (large)      flat pastel background,
-                                                                                        filled saturated shapes
-noise      64 x 64     1 circle, 2 cross               0-3           14-24 (medium)     dark background, colour
-                                                                                        sensor noise over all
-stripes    80 x 64     10 ring, 20 diamond             2-4           10-16 (small)      striped texture of random
-                                                                                        angle/period/colours
-sketch     64 x 64     1 triangle, 2 star              1-2           22-35 (large)      off-white paper grain,
-                                                                                        dark outlines only
-=========  ==========  ==============================  ============  =================  =========================
+=========  ==========  ===================================  ===========  ==============  ==============================
+name       image size  classes (COCO id: name)              objects/img  object side     domain
+=========  ==========  ===================================  ===========  ==============  ==============================
+flat       64 x 64     1 circle, 2 square, 3 triangle       1-4          22-42 % large   flat pastel background, filled
+                                                                                         shapes that may occlude (30 %)
+noise      64 x 64     1 circle, 2 cross                    0-4          18-32 % medium  dark, strong colour sensor
+                                                                                         noise, distractor strokes
+stripes    80 x 64     10 ring, 20 diamond                  2-6          13-22 % small   striped texture of random
+                                                                                         angle / period / colours
+sketch     64 x 64     1 triangle, 2 star                   1-3          30-50 % large   off-white paper grain, dark
+                                                                                         outlines only
+camo       72 x 72     1 star, 2 cross, 3 hexagon           1-4          17-30 % medium  camouflage blotches in muted
+                                                                                         tones, half-transparent objects
+=========  ==========  ===================================  ===========  ==============  ==============================
 
 How they differ:
 
 * **domain** - colour, texture and style differ per dataset (flat colour,
-  sensor noise, stripes texture, line drawing); the same class looks different
-  in two datasets (a red filled circle in ``flat``, a noisy yellow one in
-  ``noise``).
+  sensor noise, stripes texture, line drawing, camouflage); the same class
+  looks different in two datasets (a filled circle in ``flat``, a noisy one in
+  ``noise``). Within a dataset an object's colour comes from the dataset's
+  palette whatever its class, so the class is in the shape, not the colour;
+  unlabelled line strokes (distractors) cross some images.
 * **label set** - ``circle`` is shared by ``flat`` and ``noise``, ``triangle``
-  by ``flat`` and ``sketch`` (overlapping names merge in the joint label
-  space), ``ring`` and ``diamond`` appear only in ``stripes``, ``cross`` only
-  in ``noise``, ``star`` only in ``sketch``: 7 joint classes. Category ids are
-  each dataset's own (``stripes`` uses 10 and 20), as in real COCO files.
+  by ``flat`` and ``sketch``, ``star`` by ``sketch`` and ``camo``, ``cross``
+  by ``noise`` and ``camo`` (names merge in the joint label space, unless
+  ``merge_labels_by_name`` is false); ``square`` only in ``flat``, ``ring``
+  and ``diamond`` only in ``stripes``, ``hexagon`` only in ``camo``: 8 joint
+  classes. Category ids are each dataset's own (``stripes`` uses 10 and 20).
 * **size** - ``sketch`` has few images (24 train / 16 val in the default
   preset against 160 / 40 for the others).
-* **object scale** - large in ``flat`` and ``sketch``, medium in ``noise``,
-  small in ``stripes``.
+* **object scale** - large in ``flat`` and ``sketch``, medium in ``noise`` and
+  ``camo``, small in ``stripes``.
+* **more datasets than experts** - five datasets for the ``tiny`` model's four
+  experts, so DAMEX's map h (default ``d mod E``: ``camo`` shares ``flat``'s
+  expert) is many-to-one.
 * ``noise`` has some training images without any object (allowed by COCO).
 
-Presets: ``"default"`` (544 train + 136 val images) and ``"tiny"`` (a few
+Presets: ``"default"`` (664 train + 176 val images) and ``"tiny"`` (a few
 images per dataset, for tests). The output is a function of ``(seed, preset)``
 only: the same seed gives the same bytes (PNG written by Pillow without
 metadata, JSON with sorted keys). The mixture is written into a temporary
 directory next to ``root`` and renamed into place, so a failure never leaves a
-half-written ``root`` behind.
+half-written ``root`` behind; temporary folders of a generation that was killed
+(its process gone) are removed by the next call.
 
 Layout::
 

@@ -295,16 +295,27 @@ def _train_dropped(history, tail=0.2):
 
 # ------------------------------------------------------------------ scheduling
 
-def run_all(plan, jobs=None, log=print, pictures=False):
+def _last_step(run_dir):
+    try:
+        with open(os.path.join(run_dir, "log.jsonl"), "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            return json.loads(f.read().splitlines()[-1]).get("step", 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def run_all(plan, jobs=None, log=print, pictures=False, progress_every=60.0):
     """Run the unfinished runs of ``plan``, ``jobs`` worker processes at a time, one
-    thread each.  Finished runs (``result.json`` present) are skipped."""
+    thread each.  Finished runs (``result.json`` present) are skipped.  Every
+    ``progress_every`` seconds the running runs' steps are logged."""
     jobs = max(1, int(jobs or os.cpu_count() or 1))
     todo = [p for p in plan if not os.path.exists(os.path.join(p[2], "result.json"))]
     if len(todo) < len(plan):
         log(f"study: {len(plan) - len(todo)} of {len(plan)} runs already finished, skipped")
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     running, failed = [], []
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -317,6 +328,11 @@ def run_all(plan, jobs=None, log=print, pictures=False):
                 running.append((proc, err, mode, seed, run_dir))
                 log(f"study: started {mode} seed {seed} (pid {proc.pid})")
             time.sleep(0.5)
+            if progress_every and time.perf_counter() - last > progress_every:
+                last = time.perf_counter()
+                log("study: " + ", ".join(f"{m} seed {s} at step {_last_step(d)}"
+                                          for _, _, m, s, d in running)
+                    + f" ({last - t0:.0f} s)")
             for item in list(running):
                 proc, err, mode, seed, run_dir = item
                 if proc.poll() is None:
@@ -510,8 +526,6 @@ def summarise(plan, n_boot=1000, boot_seed=0):
     deltas = {}
     if pairs:
         by_run = {(m, s): d for m, s, d in plan}
-        seeds = sorted(set.intersection(*[{r["seed"] for r in runs if r["mode"] == m}
-                                          for m in {x for p in pairs for x in p}]))
         evaluators, counts = {}, None
         for (m, s), d in by_run.items():
             with open(os.path.join(d, "predictions.json"), encoding="utf-8") as f:
@@ -533,7 +547,11 @@ def summarise(plan, n_boot=1000, boot_seed=0):
                 cache[key] = evaluators[(mode, seed)][d].ap(index)
             return cache[key]
 
-        deltas = paired_bootstrap(ap, modes, seeds, counts, pairs, n_boot=n_boot, seed=boot_seed)
+        for a, b in pairs:  # each delta over the seeds both of its modes have
+            seeds = sorted({r["seed"] for r in runs if r["mode"] == a}
+                           & {r["seed"] for r in runs if r["mode"] == b})
+            deltas.update(paired_bootstrap(ap, modes, seeds, counts, [(a, b)], n_boot=n_boot,
+                                           seed=boot_seed))
     return {"runs": runs, "summary": summary, "deltas": deltas}
 
 
@@ -619,17 +637,24 @@ def write_plots(study, out_dir):
 # ------------------------------------------------------------------ the command
 
 def study(config_path=None, *, modes=("dense", "moe", "damex"), seeds=3, steps=None, jobs=None,
-          out_dir="runs/study", subsample=None, datasets=None, sets=(), n_boot=1000, log=print):
-    """Plan, run (resumably) and summarise a study; returns the ``study.json`` dict."""
+          out_dir="runs/study", subsample=None, datasets=None, sets=(), n_boot=1000,
+          train=True, log=print):
+    """Plan, run (resumably) and summarise a study; returns the ``study.json`` dict.
+    With ``train=False`` nothing is trained: the finished runs are summarised."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     conf = base_config(config_path, sets, data_root=os.path.join(out_dir, "data", "synthetic"))
     plan = plan_runs(conf, out_dir, list(modes), int(seeds), steps, subsample, datasets)
     log(f"study: {len(modes)} modes x {seeds} seeds = {len(plan)} runs in {out_dir}")
-    run_all(plan, jobs, log=log)
+    if train:
+        run_all(plan, jobs, log=log)
+    else:
+        plan = [p for p in plan if os.path.exists(os.path.join(p[2], "result.json"))]
+        log(f"study: summarising the {len(plan)} finished runs")
     log(f"study: bootstrap ({n_boot} samples over seeds and images)")
     result = summarise(plan, n_boot=n_boot)
-    result["protocol"] = {"modes": list(modes), "seeds": list(range(int(seeds))),
+    result["protocol"] = {"modes": list(dict.fromkeys(p[0] for p in plan)),
+                          "seeds": sorted({p[1] for p in plan}),
                           "steps": run_config_from_dict(copy.deepcopy(conf)).train.steps
                           if steps is None else int(steps),
                           "subsample": subsample or {}, "datasets": datasets, "set": list(sets),
@@ -680,8 +705,13 @@ def run_comparison(config_path=None, *, modes=("dense", "damex"), steps=None, ou
             log(f"routing accuracy without dataset labels: {acc:.3f}")
     if len(modes) >= 2:
         a, b = modes[-1], modes[0]
-        delta = results[a]["mean_ap"] - results[b]["mean_ap"]
-        log(f"\n{a} - {b}: {100 * delta:+.1f} mean AP (one seed; `damex study` gives intervals)")
+        log(f"\nAP (%)     {b:>7}  {a:>7}  {a} - {b}")
+        for n in results[b]["datasets"]:
+            x, y = results[b]["datasets"][n]["ap"], results[a]["datasets"][n]["ap"]
+            log(f"{n:<10} {100 * x:7.1f}  {100 * y:7.1f}  {100 * (y - x):+7.1f}")
+        x, y = results[b]["mean_ap"], results[a]["mean_ap"]
+        log(f"{'mean':<10} {100 * x:7.1f}  {100 * y:7.1f}  {100 * (y - x):+7.1f}   (one seed: "
+            "`damex study` gives seeds and intervals)")
     for m, _, d in plan:
         log(f"{m}: checkpoint, result.json and pictures in {d}")
     log(f"({time.perf_counter() - t0:.0f} s)")
