@@ -1,6 +1,8 @@
 """The ``damex`` command line (``python -m damex`` works too).
 
-    damex run [--config PATH] [--steps N] [--out DIR]   the main job: data, train, eval, pictures
+    damex run [--config PATH] [--steps N] [--out DIR]   the main job: dense vs damex side by side
+    damex study [CONFIG] [--modes dense,moe,damex] [--seeds N] [--steps N] [--jobs J] [--out DIR]
+                [--subsample NAME=FRACTION ...] [--datasets A,B] [--set section.key=value ...]
     damex train [CONFIG] [--set KEY=VALUE ...] [--steps N] [--threads N] [--seed N] [--out DIR]
     damex train --resume CKPT [--steps N]               continue a run in its folder
     damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
@@ -21,13 +23,29 @@ BENCHMARKS = ("backbone", "moe", "mpi", "msda", "nn", "routing_loss", "train")
 
 
 def _cmd_run(args):
-    from .engine.pipeline import run
+    import shutil
+
+    from .engine.study import run_comparison
     from .engine.train import check_steps
 
     if args.steps is not None:
         check_steps(args.steps)          # before any data is written
-    run(args.config, steps=args.steps, out_dir=args.out, progress=not args.no_progress,
-        overwrite=args.overwrite)
+    out = args.out or "runs/tiny"
+    if args.overwrite:
+        for mode in ("dense", "damex"):
+            shutil.rmtree(os.path.join(out, mode), ignore_errors=True)
+    run_comparison(args.config, steps=args.steps, out_dir=out)
+    return 0
+
+
+def _cmd_study(args):
+    from .engine.study import parse_subsample, study
+
+    study(args.config, modes=[m for m in args.modes.split(",") if m], seeds=args.seeds,
+          steps=args.steps, jobs=args.jobs, out_dir=args.out,
+          subsample=parse_subsample(args.subsample),
+          datasets=[d for d in args.datasets.split(",") if d] if args.datasets else None,
+          sets=args.set or [], n_boot=args.bootstrap, train=not args.summarize)
     return 0
 
 
@@ -249,10 +267,30 @@ def build_parser():
     r.add_argument("--config", help="a run config (default: the shipped tiny_damex.json); "
                                     "its model.routing is replaced by dense and damex")
     r.add_argument("--steps", type=int)
-    r.add_argument("--out", help="output folder (default: the config's out_dir)")
-    r.add_argument("--overwrite", action="store_true", help="replace a run already in the folder")
+    r.add_argument("--out", help="output folder: OUT/dense and OUT/damex (default: runs/tiny)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="retrain: remove finished runs in the folder (else they are reused)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("study", help="modes x seeds at one budget, in parallel and resumable: "
+                                     "study.json, study.md, plots")
+    s.add_argument("config", nargs="?", help="run config (default: the shipped tiny_damex.json)")
+    s.add_argument("--modes", default="dense,moe,damex",
+                   help="comma-separated: dense, moe, damex, moe_dropless, damex_dropless")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
+    s.add_argument("--jobs", type=int, help="parallel runs (default: one per core, one thread each)")
+    s.add_argument("--out", default="runs/study")
+    s.add_argument("--subsample", action="append", metavar="NAME=FRACTION",
+                   help="train on this fraction of NAME's training images (chosen by the seed)")
+    s.add_argument("--datasets", help="comma-separated subset of the mixture's datasets")
+    s.add_argument("--set", action="append", metavar="section.key=value",
+                   help="override a config key (value as JSON), e.g. model.num_experts=3")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples of the intervals")
+    s.add_argument("--summarize", action="store_true",
+                   help="train nothing: summarise the runs finished so far")
+    s.set_defaults(func=_cmd_study)
 
     t = sub.add_parser("train", help="train a detector from a JSON config, or resume a checkpoint")
     t.add_argument("config", nargs="?", help="run config (JSON; default: the shipped tiny_damex.json "
