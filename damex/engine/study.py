@@ -82,35 +82,12 @@ def _write_json_atomic(path, obj):
     return path
 
 
-def parse_set(items):
-    """``["section.key=value", ...]`` -> ``[(["section", "key"], value)]``; the value is
-    JSON when it parses (``null``, ``false``, ``3``, ``[0,1]``), else the string."""
-    out = []
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) < 2 or parts[0] not in ("model", "data", "train") or not all(parts):
-            raise ValueError(f"--set {item!r}: the key must be model.KEY, data.KEY or train.KEY")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.append((parts, value))
-    return out
-
-
 def apply_set(conf, items):
-    """Apply :func:`parse_set` overrides to a config dict (in place) and return it."""
-    for parts, value in parse_set(items):
-        node = conf
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {'.'.join(parts)}: {p!r} is not a section")
-        node[parts[-1]] = value
-    return conf
+    """A copy of the config dict with ``["section.key=value", ...]`` applied: the same
+    ``--set`` as ``damex train`` (:func:`damex.engine.config.apply_overrides`)."""
+    from .config import apply_overrides
+
+    return apply_overrides(conf, items)
 
 
 def parse_subsample(items):
@@ -152,8 +129,7 @@ def base_config(config_path=None, sets=(), data_root=None):
     cfg = load_run_config(config_path or default_config_path())
     if config_path is None and data_root is not None:
         cfg.data.synthetic.root = os.path.abspath(data_root)
-    conf = json.loads(json.dumps(cfg.to_dict()))
-    apply_set(conf, sets)
+    conf = apply_set(json.loads(json.dumps(cfg.to_dict())), sets)
     run_config_from_dict(copy.deepcopy(conf), source="study config")  # fail early on bad --set
     return conf
 
