@@ -1,5 +1,5 @@
 """AdamW against torch.optim.AdamW over several steps, global-norm clipping
-against torch.nn.utils.clip_grad_norm_, StepLR against MultiStepLR, a float64
+against torch.nn.utils.clip_grad_norm_, ops.MultiStepLR against torch MultiStepLR, a float64
 reference for the update, bad input and flat memory."""
 import math
 
@@ -49,7 +49,7 @@ def test_adamw_matches_torch_over_steps(wd, betas):
 
 def test_adamw_with_a_changing_lr_matches_torch():
     torch = torch_or_skip()
-    sched = ops.StepLR(2e-3, [2, 4], 0.5)
+    sched = ops.MultiStepLR(2e-3, [2, 4], 0.5)
     lrs = [sched.lr(t) for t in range(6)]
     params, _, tparams, _ = run_both(torch, 6, 2e-3, (0.9, 0.999), 1e-6, 1e-2, lrs=lrs, seed=3)
     for p, tp in zip(params, tparams):
@@ -124,7 +124,7 @@ def test_clip_grad_norm_nonfinite():
         ops.clip_grad_norm(g, 1.0, error_if_nonfinite=True)
 
 
-# ---- StepLR -----------------------------------------------------------------
+# ---- MultiStepLR (ops) --------------------------------------------------------------
 
 @pytest.mark.parametrize("milestones,gamma", [([5, 10, 20], 0.1), ([3, 3, 8], 0.5), ([0, 4], 0.7), ([], 0.1)])
 def test_step_lr_matches_multisteplr(milestones, gamma):
@@ -132,7 +132,7 @@ def test_step_lr_matches_multisteplr(milestones, gamma):
     base = 1e-4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
-    ours = ops.StepLR(base, milestones, gamma)
+    ours = ops.MultiStepLR(base, milestones, gamma)
     for epoch in range(25):
         assert_close(ours.lr(epoch), opt.param_groups[0]["lr"], atol=0, rtol=1e-12, name=f"epoch {epoch}")
         assert_close(ours.get_lr(), opt.param_groups[0]["lr"], atol=0, rtol=1e-12)
@@ -142,13 +142,13 @@ def test_step_lr_matches_multisteplr(milestones, gamma):
 
 
 def test_step_lr_state_dict_roundtrip():
-    s = ops.StepLR(2.0, [7, 3], 0.5)
+    s = ops.MultiStepLR(2.0, [7, 3], 0.5)
     for _ in range(5):
         s.step()
     state = s.state_dict()
     assert state == {"base_lr": 2.0, "milestones": [3, 7], "gamma": 0.5, "last_epoch": 5}
     assert all(isinstance(v, (int, float)) for v in state.values() if not isinstance(v, list))
-    t = ops.StepLR(1.0, [], 0.1)
+    t = ops.MultiStepLR(1.0, [], 0.1)
     t.load_state_dict(state)
     assert t.state_dict() == state and t.get_lr() == s.get_lr() == 1.0
     assert t.step() == s.step() == 1.0
@@ -219,15 +219,15 @@ def test_clip_and_steplr_bad_input():
     with pytest.raises(TypeError, match=r"grads\[1\]"):
         ops.grad_global_norm([np.ones(3, np.float32), np.ones(3, np.int64)])
     with pytest.raises(ValueError, match="gamma"):
-        ops.StepLR(1e-3, [2], 0.0)
+        ops.MultiStepLR(1e-3, [2], 0.0)
     with pytest.raises(ValueError, match="milestones"):
-        ops.StepLR(1e-3, [-2], 0.1)
+        ops.MultiStepLR(1e-3, [-2], 0.1)
     with pytest.raises(TypeError, match="milestones"):
-        ops.StepLR(1e-3, [2.5], 0.1)
+        ops.MultiStepLR(1e-3, [2.5], 0.1)
     with pytest.raises(ValueError, match="base_lr"):
-        ops.StepLR(-1e-3, [2], 0.1)
+        ops.MultiStepLR(-1e-3, [2], 0.1)
     with pytest.raises(ValueError, match="epoch_or_step"):
-        ops.StepLR(1e-3, [2], 0.1).lr(-1)
+        ops.MultiStepLR(1e-3, [2], 0.1).lr(-1)
 
 
 def test_memory_flat_over_many_calls():
@@ -236,7 +236,7 @@ def test_memory_flat_over_many_calls():
     g = rng.normal(size=16).astype(np.float32)
     m, v = np.zeros_like(p), np.zeros_like(p)
     state = {"step": 0}
-    sched = ops.StepLR(1e-3, [100], 0.1)
+    sched = ops.MultiStepLR(1e-3, [100], 0.1)
 
     def step():
         state["step"] += 1

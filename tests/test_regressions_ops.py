@@ -324,3 +324,10 @@ def test_nan_reaching_the_router_is_a_non_finite_input_error_issue12_3():
     with pytest.raises(ops.NonFiniteInputError, match="router_forward: x contains NaN or inf"):
         ops.router_forward(x, np.ones((4, 2), np.float32))
     assert issubclass(ops.NonFiniteInputError, ValueError)
+
+
+def test_ops_schedule_is_named_for_what_it_is_issue11():
+    """damex.ops had a StepLR that was MultiStepLR (damex.optim.StepLR is torch's StepLR)."""
+    from damex import ops
+    assert not hasattr(ops, "StepLR")
+    assert ops.MultiStepLR(1.0, [2, 4], 0.5).lr(4) == 0.25

@@ -114,3 +114,10 @@ def test_out_dir_and_threads_are_fixed_once(tmp_path, monkeypatch):
     big = finalize(load_run_config(p, ["model.preset=paper"]))
     assert big.train.threads == (os.cpu_count() or 1)
     assert finalize(load_run_config(p, ["train.threads=2"])).train.threads == 2
+
+
+def test_a_folder_given_as_config_is_a_clear_error(tmp_path, capsys):
+    from damex.cli import main
+    assert main(["train", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: is a folder, not a config file" in err and "Traceback" not in err

@@ -17,7 +17,7 @@ from .box import (  # noqa: F401
     sigmoid_focal_loss_forward)
 from .nn import *  # noqa: F401,F403
 from .routing_loss import *  # noqa: F401,F403
-from .optim import StepLR, adamw_step, clip_grad_norm, grad_global_norm  # noqa: F401
+from .optim import MultiStepLR, adamw_step, clip_grad_norm, grad_global_norm  # noqa: F401
 from .attention import attention_backward, attention_forward  # noqa: F401
 from .msda import ms_deform_attn_backward, ms_deform_attn_forward  # noqa: F401
 from .pool import maxpool2d_backward, maxpool2d_forward  # noqa: F401

@@ -148,7 +148,7 @@ def clip_grad_norm(grads, max_norm, error_if_nonfinite=False):
     return total, min(coef, 1.0)
 
 
-class StepLR:
+class MultiStepLR:
     """Learning rate multiplied by ``gamma`` at each milestone.
 
     ``lr(t) = base_lr * gamma ** (number of milestones <= t)``, the closed form
@@ -164,7 +164,7 @@ class StepLR:
 
     Examples
     --------
-    >>> sched = StepLR(1.0, [40, 60], 0.5)
+    >>> sched = MultiStepLR(1.0, [40, 60], 0.5)
     >>> sched.lr(39), sched.lr(40), sched.lr(60)
     (1.0, 0.5, 0.25)
     """
@@ -196,10 +196,10 @@ class StepLR:
 
     def load_state_dict(self, state):
         """Restore from :meth:`state_dict` (validated as in the constructor)."""
-        other = StepLR(state["base_lr"], state["milestones"], state["gamma"])
+        other = MultiStepLR(state["base_lr"], state["milestones"], state["gamma"])
         other.last_epoch = int_arg(state.get("last_epoch", 0), "last_epoch", lo=0)
         self.__dict__.update(other.__dict__)
 
     def __repr__(self):
-        return (f"StepLR(base_lr={self.base_lr}, milestones={self.milestones}, "
+        return (f"MultiStepLR(base_lr={self.base_lr}, milestones={self.milestones}, "
                 f"gamma={self.gamma}, last_epoch={self.last_epoch})")
