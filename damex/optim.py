@@ -145,7 +145,7 @@ class MultiStepLR(_Scheduler):
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         self.milestones, self.gamma = sorted(int(m) for m in milestones), float(gamma)
-        self._closed_form = _ops.StepLR(1.0, self.milestones, self.gamma)   # the same closed form
+        self._closed_form = _ops.MultiStepLR(1.0, self.milestones, self.gamma)   # the same closed form
         super().__init__(optimizer)
 
     def factor(self, epoch):

@@ -324,3 +324,19 @@ def test_tensorboard_events_are_an_option(tmp_path, capsys):
     assert main(["train", str(cfg), "--set", "train.tensorboard=true", "--no-progress"]) == 0
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsys):
+    """Fewer encoder tokens than queries (issue 8 #8, issue 12 #10): a clear error naming
+    both numbers, and no half-written run (the empty log.jsonl of the issue) left behind."""
+    import json as _json
+    from damex.cli import main
+    cfg = {"model": {"preset": "tiny", "num_queries": 900},
+           "data": {"synthetic": {"root": str(tmp_path / "data"), "preset": "tiny"}, "batch_size": 2,
+                    "min_size": 32, "max_size": 48},
+           "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "threads": 1}}
+    (tmp_path / "cfg.json").write_text(_json.dumps(cfg))
+    assert main(["train", str(tmp_path / "cfg.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "num_queries is 900" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

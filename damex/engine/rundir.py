@@ -57,6 +57,18 @@ def claim(out_dir, overwrite=False):
     return out_dir
 
 
+def abandon(out_dir):
+    """A new run that failed before its first step: remove its empty log, and the folder
+    if nothing else is in it, so that no half-written run is left behind."""
+    log = os.path.join(out_dir, LOG)
+    if os.path.isfile(log) and os.path.getsize(log) == 0:
+        os.remove(log)
+    try:
+        os.rmdir(out_dir)          # only when empty
+    except OSError:
+        pass
+
+
 class EventWriter:
     """TensorBoard scalars of the log records (through tensorboardX, the optional
     ``damex[tensorboard]`` extra): every numeric key, and ``val/...`` for validation."""

@@ -311,8 +311,31 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, desc="train", disable=not (progress and main),
                    dynamic_ncols=True)
-        saved = None
         events = rundir.EventWriter(out) if tc.tensorboard and main else None
+        fresh = self.step == 0
+        try:
+            stop, saved = self._loop(steps, main, log_path, events, bar, progress, log)
+        except BaseException:
+            if main and fresh and self.step == 0:
+                rundir.abandon(out)   # a new run that failed before its first step leaves nothing
+            raise
+        bar.close()
+        if events is not None:
+            events.close()
+        if saved != self.step:
+            self.checkpoint()
+        latest = os.path.join(out, rundir.LATEST)
+        if self.world is not None and self.step < steps:
+            stop.requested = True      # another rank was interrupted
+        if stop.requested:
+            raise TrainingInterrupted(self.step, latest, steps)
+        return {"checkpoint": latest, "seconds": time.perf_counter() - t0, "history": self.history}
+
+    def _loop(self, steps, main, log_path, events, bar, progress, log):
+        """The steps of :meth:`fit` (logging, validation, checkpoints) until ``steps`` or a
+        stop request; returns ``(the SIGINT guard, the step last checkpointed)``."""
+        tc = self.cfg.train
+        saved = None
         with _StopOnSigint() as stop, \
                 (_open_log(log_path, self.step) if main else open(os.devnull, "w")) as logf:
             while self.step < steps and not self._stop(stop.requested):
@@ -335,17 +358,7 @@ class Trainer:
                     saved = self.step
             if main:
                 os.fsync(logf.fileno())
-        bar.close()
-        if events is not None:
-            events.close()
-        if saved != self.step:
-            self.checkpoint()
-        latest = os.path.join(out, rundir.LATEST)
-        if self.world is not None and self.step < steps:
-            stop.requested = True      # another rank was interrupted
-        if stop.requested:
-            raise TrainingInterrupted(self.step, latest, steps)
-        return {"checkpoint": latest, "seconds": time.perf_counter() - t0, "history": self.history}
+        return stop, saved
 
     def _stop(self, requested):
         """Whether to stop before the next step: this process's Ctrl-C, or any rank's."""
