@@ -17,7 +17,6 @@ from damex.autograd import Tensor
 from damex.models import backbone
 from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 POOLS = [  # (x shape, kernel, stride, padding)
     ((2, 3, 9, 8), 3, 2, 1),      # the ResNet stem pool
@@ -239,11 +238,13 @@ def test_resnet50_pth_read_without_torch_matches_torch(tmp_path):
     torch.save(tm.state_dict(), tmp_path / "resnet50.pth")
     x = np.random.default_rng(7).normal(size=(1, 3, 96, 80)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    import damex   # the subprocess imports the damex these tests import (installed or in place)
+    home = os.path.dirname(os.path.dirname(damex.__file__))
+    env = dict(os.environ, PYTHONPATH=home + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", SUBPROCESS, str(tmp_path / "resnet50.pth"),
                           str(tmp_path / "r50.safetensors"), str(tmp_path / "x.npy"),
                           str(tmp_path / "feats.npz")], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     n_raw, n_conv = map(int, res.stdout.split())
     assert n_raw == len(tm.state_dict())                  # fc + num_batches_tracked included

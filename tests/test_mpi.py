@@ -91,11 +91,12 @@ def runs(tmp_path_factory):
     return root
 
 
-def test_local_slice_and_no_mpi_in_one_process():
+def test_local_slice_and_no_mpi_in_one_process(tmp_path):
     assert [local_slice(4, r, 2) for r in range(2)] == [(0, 2), (2, 4)]
     assert launched_size() == 1    # pytest itself is not an MPI launch: the plain path
     out = subprocess.run([sys.executable, "-c", "import sys, damex.engine.train; "
-                          "print('mpi4py' in sys.modules)"], env=_env(), capture_output=True, text=True)
+                          "print('mpi4py' in sys.modules)"], env=_env(), capture_output=True, text=True,
+                         cwd=tmp_path)   # not the source tree's folder: the damex the tests import
     assert out.stdout.strip() == "False", out.stderr
 
 

@@ -200,7 +200,7 @@ def test_study_killed_after_one_run_resumes_without_redoing_it(tmp_path):
     first = out / "runs" / "dense-s0" / "result.json"
     second = out / "runs" / "damex-s0" / "result.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, cwd=tmp_path)   # not the source tree's folder
     try:
         deadline = time.time() + 240
         while not first.exists() and time.time() < deadline and proc.poll() is None:
@@ -213,7 +213,7 @@ def test_study_killed_after_one_run_resumes_without_redoing_it(tmp_path):
     assert not second.exists() and not (out / "study.json").exists()
     stamp = first.stat().st_mtime_ns
     log_lines = (out / "runs" / "dense-s0" / "log.jsonl").read_text()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "1 of 2 runs already finished" in done.stdout
     assert "started dense" not in done.stdout and "started damex seed 0" in done.stdout

@@ -123,7 +123,8 @@ def test_resume_from_another_working_directory_continues_the_same_folder(tmp_pat
 
 def test_sigint_then_resume_gives_the_uninterrupted_run(tmp_path):
     cfg = write_cfg(tmp_path, steps=3000, checkpoint_every=0, log_every=0)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    import damex   # the subprocess imports the damex these tests import (installed or in place)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(damex.__file__)))
     proc = subprocess.Popen([sys.executable, "-m", "damex", "train", str(cfg), "--no-progress"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
