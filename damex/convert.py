@@ -34,18 +34,6 @@ from . import weights
 __all__ = ["CONVERTERS", "convert", "torchvision_resnet"]
 
 
-def _state_dict(obj, src):
-    """The flat array dict of a file's object (a checkpoint's ``model``/``state_dict`` entry)."""
-    if isinstance(obj, dict) and not all(isinstance(v, np.ndarray) for v in obj.values()):
-        for k in ("model", "state_dict"):
-            if isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{src}: expected a state dict, found a {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
-
-
 def torchvision_resnet(arch, obj, src):
     """A torchvision ``resnetN`` state dict -> damex's standalone backbone names.
 
@@ -60,7 +48,7 @@ def torchvision_resnet(arch, obj, src):
     state : dict of str to ndarray;  metadata : dict
     """
     from .models import backbone
-    state = _state_dict(obj, src)
+    state = weights.state_dict_of(obj, src)
     if state and all(k.startswith("module.") for k in state):   # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     out = {k: v for k, v in state.items()

@@ -310,7 +310,12 @@ def read(path, key=None):
         Nested dicts are flattened with dotted names; non-array leaves are dropped.
     """
     where = os.fspath(path)
-    obj = read_checkpoint(where)
+    return state_dict_of(read_checkpoint(where), where, key)
+
+
+def state_dict_of(obj, where, key=None):
+    """The flat ``{name: ndarray}`` state dict in an object a weights file held (see
+    :func:`read`; ``where`` names the file in errors)."""
     if not isinstance(obj, dict):
         raise WeightsError(f"{where}: expected a state dict, found a {type(obj).__name__}")
     if key is not None:

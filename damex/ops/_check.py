@@ -124,3 +124,13 @@ def int_size(n, name, what="rows"):
     if n > INT_MAX:
         raise ValueError(f"{name}: {n} {what}, more than the kernels' limit of 2**31 - 1")
     return n
+
+
+def pair_arg(v, name, lo=None):
+    """An int or a pair of ints (each within [lo, ...]) as a pair: ``3 -> (3, 3)``."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+        return int_arg(v[0], name, lo=lo), int_arg(v[1], name, lo=lo)
+    v = int_arg(v, name, lo=lo)
+    return v, v

@@ -12,7 +12,7 @@ gradients can be compared with ``torch.nn.functional`` one to one.
 import numpy as np
 
 from .._lib import _C
-from ._check import choice, contiguous, f32, float_arg, i64, int_arg, int_size
+from ._check import choice, contiguous, f32, float_arg, i64, int_arg, int_size, pair_arg
 
 __all__ = [
     "CONV2D_ALGORITHMS",
@@ -259,15 +259,6 @@ def frozen_batch_norm_backward(dy, weight, running_var, eps=1e-5):
 # ---- conv2d -----------------------------------------------------------------
 
 
-def _pair(v, name, lo):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name}: expected an int or a pair, got {v!r}")
-        return int_arg(v[0], name, lo=lo), int_arg(v[1], name, lo=lo)
-    v = int_arg(v, name, lo=lo)
-    return v, v
-
-
 CONV2D_ALGORITHMS = ("auto", "im2col", "shifted", "direct", "winograd")  # codes as in csrc/kernels/conv.h
 
 
@@ -281,8 +272,8 @@ def _conv_sizes(x, w, stride, padding, algorithm="auto"):
         raise ValueError(f"w: expected {cin} input channels to match x {x.shape}, got shape {w.shape}")
     if 0 in w.shape:
         raise ValueError(f"w: expected shape (Cout, Cin, kh, kw) with all sizes > 0, got {w.shape}")
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
+    sh, sw = pair_arg(stride, "stride", 1)
+    ph, pw = pair_arg(padding, "padding", 0)
     if h + 2 * ph < kh or wd + 2 * pw < kw:
         raise ValueError(f"w: kernel {kh}x{kw} is larger than the padded input "
                          f"{h + 2 * ph}x{wd + 2 * pw}")

@@ -10,24 +10,15 @@ gradient to exactly the element torch sends it to.
 import numpy as np
 
 from .._lib import _C
-from ._check import f32, i64, int_arg
+from ._check import f32, i64, int_arg, pair_arg
 
 __all__ = ["maxpool2d_forward", "maxpool2d_backward", "maxpool2d_output_shape"]
 
 
-def _pair(v, name, lo):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
-        return int_arg(v[0], name, lo=lo), int_arg(v[1], name, lo=lo)
-    v = int_arg(v, name, lo=lo)
-    return v, v
-
-
 def _params(kernel_size, stride, padding):
-    k = _pair(kernel_size, "kernel_size", 1)
-    s = k if stride is None else _pair(stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
+    k = pair_arg(kernel_size, "kernel_size", 1)
+    s = k if stride is None else pair_arg(stride, "stride", 1)
+    p = pair_arg(padding, "padding", 0)
     for ki, pi in zip(k, p):
         if 2 * pi > ki:
             raise ValueError(f"padding: must be at most half the kernel size {k}, got {p}")
