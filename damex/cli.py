@@ -258,6 +258,7 @@ def _cmd_convert(args):
 
 
 def build_parser():
+    from .engine.study import MODES
     p = argparse.ArgumentParser(prog="damex", description="DAMEX: dataset-aware mixture of experts",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,7 +278,7 @@ def build_parser():
                                      "study.json, study.md, plots")
     s.add_argument("config", nargs="?", help="run config (default: the shipped tiny_damex.json)")
     s.add_argument("--modes", default="dense,moe,damex",
-                   help="comma-separated: dense, moe, damex, moe_dropless, damex_dropless")
+                   help="comma-separated: " + ", ".join(MODES))
     s.add_argument("--seeds", type=int, default=3)
     s.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
     s.add_argument("--jobs", type=int, help="parallel runs (default: one per core, one thread each)")

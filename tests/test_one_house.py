@@ -154,3 +154,38 @@ def test_exact_resume_holds_for_a_new_random_module(tmp_path):
     # and the new module's noise really changes the run
     plain = Trainer(run_cfg(tmp_path, steps=5))
     assert [plain.train_step()["loss"] for _ in range(3)] != [r["loss"] for r in tr.history[:3]]
+
+
+def test_composition_capacity_gives_a_repeated_dataset_room():
+    # 3 of 4 images from dataset 0: an even capacity share starves its expert
+    rng = np.random.default_rng(0)
+    T_img, D, E = 16, 8, 4
+    x = Tensor(rng.standard_normal((4, T_img, D)).astype(np.float32))
+    ids = np.array([0, 0, 0, 1])
+    kw = dict(d_hidden=16, num_experts=E, capacity_factor=1.25, gate_noise=0.0, loss="damex",
+              dataset_to_expert=[0, 1])
+    uniform = nn.MoE(D, **kw)
+    comp = nn.MoE(D, capacity_sizing="composition", **kw)
+    comp.load_state_dict(uniform.state_dict())
+    # route every token to its dataset's expert, as a trained DAMEX router does
+    xd = x.data.copy()
+    xd[:3, :, 0] += 10.0                       # dataset 0's tokens carry feature 0
+    xd[3, :, 1] += 10.0                        # dataset 1's feature 1
+    w = np.zeros((D, E), np.float32)
+    w[0, 0] = w[1, 1] = 1.0
+    for m in (uniform, comp):
+        m.w_router.data[...] = w
+    tokens = Tensor(xd)
+    r_u = uniform(tokens, dataset_ids=ids).routing
+    r_c = comp(tokens, dataset_ids=ids).routing
+    assert r_u["capacity"] == int(np.ceil(1.25 * 64 / E)) == 20
+    assert r_c["capacity"] == int(np.ceil(1.25 * 48)) == 60          # 48 tokens target expert 0
+    assert r_u["kept"] == 20 + 16                                     # 28 of expert 0's dropped
+    assert r_c["kept"] == r_c["routed"] == 64                         # nothing dropped
+    # eval and routing without targets keep the uniform (or dropless) rule
+    comp.eval()
+    assert comp(tokens, dataset_ids=ids).routing["capacity"] == -1
+    comp.train()
+    assert comp(tokens).routing["capacity"] == 20
+    with pytest.raises(ValueError, match="capacity_sizing"):
+        nn.MoE(D, capacity_sizing="per-batch", **kw)

@@ -79,7 +79,8 @@ MODEL_RULES = {
     "stem_width": at_least(1), "routing": one_of(*MODES),
     "moe_decoder_layers": each(at_least(0)), "moe_encoder_layers": each(at_least(0)),
     "num_experts": at_least(1), "moe_hidden": at_least(1), "moe_k": at_least(1),
-    "capacity_factor": at_least(0.0), "eval_capacity_factor": at_least(0.0), "gate_noise": at_least(0.0), "drop_path": between(0.0, 1.0),
+    "capacity_factor": at_least(0.0), "capacity_sizing": one_of("uniform", "composition"),
+    "eval_capacity_factor": at_least(0.0), "gate_noise": at_least(0.0), "drop_path": between(0.0, 1.0),
     "dataset_to_expert": each(at_least(0)), "dn_number": at_least(0),
     "dn_label_noise_ratio": between(0.0, 1.0), "dn_box_noise_scale": at_least(0.0),
 }

@@ -4,7 +4,7 @@ A study trains every (mode, seed) pair of one configuration and evaluates it on 
 validation split of every dataset:
 
 * **the same config and budget for every mode** - only the routing (and, for the
-  ``*_dropless`` variants, the training-time capacity) differs;
+  ``*_dropless`` and ``damex_composition`` variants, the training-time capacity) differs;
 * **a seed changes everything random alike for all modes**: ``model.seed`` (init),
   ``train.seed`` (data order, denoising and gate noise) and ``data.seed`` (flips);
   seed ``s`` of dense and seed ``s`` of damex see the same batches;
@@ -56,17 +56,20 @@ import numpy as np
 
 from .config import load_run_config, run_config_from_dict
 
-#: mode name -> model overrides; ``*_dropless`` train without capacity (no token dropped)
+#: mode name -> model overrides; ``*_dropless`` train without capacity (no token dropped),
+#: ``damex_composition`` sizes the training capacity by the batch's dataset composition
 MODES = {
     "dense": {"routing": "dense"},
     "moe": {"routing": "moe"},
     "damex": {"routing": "damex"},
     "moe_dropless": {"routing": "moe", "capacity_factor": None},
     "damex_dropless": {"routing": "damex", "capacity_factor": None},
+    "damex_composition": {"routing": "damex", "capacity_sizing": "composition"},
 }
 #: the deltas reported when both modes are in the study
 DELTAS = [("damex", "dense"), ("damex", "moe"), ("moe", "dense"),
-          ("damex_dropless", "dense"), ("damex_dropless", "damex")]
+          ("damex_dropless", "dense"), ("damex_dropless", "damex"),
+          ("damex_composition", "dense"), ("damex_composition", "damex")]
 
 
 # ------------------------------------------------------------------ small helpers

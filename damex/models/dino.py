@@ -55,6 +55,7 @@ class DINOConfig:
     moe_hidden: int = 256
     moe_k: int = 1
     capacity_factor: Optional[float] = 1.25   # None: dropless training
+    capacity_sizing: str = "uniform"   # "composition": room for the batch's most frequent expert
     eval_capacity_factor: Optional[float] = None   # None: dropless at evaluation and prediction
     bpr: bool = True
     gate_noise: float = 1.0
@@ -107,7 +108,8 @@ def _moe_cfg(cfg, layer_ids, i):
     if "damex" in loss and mapping is None:
         raise ValueError(f"dataset_to_expert: required by routing={cfg.routing!r}")
     return dict(d_hidden=cfg.moe_hidden, num_experts=cfg.num_experts, k=cfg.moe_k,
-                capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                capacity_factor=cfg.capacity_factor, capacity_sizing=cfg.capacity_sizing,
+                eval_capacity_factor=cfg.eval_capacity_factor,
                 bpr=cfg.bpr, gate_noise=cfg.gate_noise, activation=cfg.moe_activation, loss=loss,
                 dataset_to_expert=mapping, drop_path=cfg.drop_path)
 

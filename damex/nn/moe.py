@@ -34,6 +34,14 @@ class MoE(Module):
         Experts per token (1 in DAMEX).
     capacity_factor : float or None
         Training-time capacity ``C = ceil(cf * k * T / E)``; None = dropless.
+    capacity_sizing : {"uniform", "composition"}
+        How training-time capacity is sized. ``"uniform"`` (default, the reference
+        code): ``C = ceil(cf * k * T / E)``, an even share per expert, so a dataset that
+        fills more than ``1/E`` of the batch loses tokens under DAMEX routing.
+        ``"composition"``: when per-token targets are known (DAMEX training with
+        ``dataset_ids``), ``C = ceil(cf * k * max_e T_e)`` with ``T_e`` the valid tokens
+        whose target expert is ``e``, so the batch's most frequent expert has room for
+        all of its tokens; without targets (eval, or balance routing) as ``"uniform"``.
     eval_capacity_factor : float or None
         Capacity in eval mode; None (default) = dropless, so every token reaches its
         expert whatever the batch (set it to ``capacity_factor`` to reproduce the
@@ -77,7 +85,7 @@ class MoE(Module):
     """
 
     def __init__(self, d_model, *, d_hidden, num_experts, k=1, capacity_factor=1.25,
-                 eval_capacity_factor=None, bpr=True, normalize=False, gate_noise=1.0,
+                 capacity_sizing="uniform", eval_capacity_factor=None, bpr=True, normalize=False, gate_noise=1.0,
                  activation="gelu_tanh", loss="damex", damex_weight=_routing.DAMEX_WEIGHT,
                  importance_weight=0.5, load_weight=0.5, switch_weight=0.0, z_weight=0.0,
                  loss_options=None, dataset_to_expert=None, seed=0):
@@ -90,6 +98,8 @@ class MoE(Module):
         cf = lambda v, n: None if v is None else float_arg(v, n, positive=True)  # noqa: E731
         self.capacity_factor = cf(capacity_factor, "capacity_factor")
         self.eval_capacity_factor = cf(eval_capacity_factor, "eval_capacity_factor")
+        choice(capacity_sizing, "capacity_sizing", ("uniform", "composition"))
+        self.capacity_sizing = capacity_sizing
         self.bpr, self.normalize = bool(bpr), normalize
         self.gate_noise = float_arg(gate_noise, "gate_noise", nonneg=True)
         choice(activation, "activation", ("gelu_tanh", "gelu", "relu"))
@@ -130,6 +140,20 @@ class MoE(Module):
     def active_capacity_factor(self):
         """The capacity factor of the current mode (training or eval)."""
         return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def capacity_factor_for(self, target, mask):
+        """The capacity factor passed to the router for one call: the active one, or
+        under ``capacity_sizing="composition"`` in training with targets, the factor whose
+        capacity is ``ceil(cf * k * max_e T_e)`` (see the class docstring)."""
+        cf = self.active_capacity_factor
+        if cf is None or not self.training or self.capacity_sizing == "uniform" or target is None:
+            return cf
+        valid = target if mask is None else target[mask]
+        if valid.size == 0:
+            return cf
+        need = math.ceil(cf * self.k * np.bincount(valid, minlength=self.num_experts).max())
+        # the router computes ceil(f * k * T_valid / E): (need - 1/2) keeps that ceil at `need`
+        return (need - 0.5) * self.num_experts / (self.k * valid.size)
 
     def _per_token(self, a, lead, name):
         a = np.asarray(a)
@@ -189,7 +213,7 @@ class MoE(Module):
             noise = rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
         values = {}
         y, aux, state = F.moe(xt, self.w_router, self.w1, self.b1, self.w2, self.b2, k=self.k,
-                              noise=noise, capacity_factor=self.active_capacity_factor, bpr=self.bpr,
+                              noise=noise, capacity_factor=self.capacity_factor_for(target, m), bpr=self.bpr,
                               normalize=self.normalize, activation=self.activation, mask=m,
                               losses=self._losses(target, noise), loss_values=values)
         r = state.router
@@ -206,5 +230,6 @@ class MoE(Module):
     def extra_repr(self):
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
                 f"k={self.k}, capacity_factor={self.capacity_factor}, "
+                f"capacity_sizing={self.capacity_sizing!r}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, bpr={self.bpr}, "
                 f"gate_noise={self.gate_noise}, loss={self.loss!r}")
