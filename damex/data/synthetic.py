@@ -13,8 +13,8 @@ noise      64 x 64     1 circle, 2 cross                    0-4          18-32 %
                                                                                          noise, distractor strokes
 stripes    80 x 64     10 ring, 20 diamond                  2-6          13-22 % small   striped texture of random
                                                                                          angle / period / colours
-sketch     64 x 64     1 triangle, 2 star                   1-3          30-50 % large   off-white paper grain, dark
-                                                                                         outlines only
+sketch     64 x 64     1 triangle, 2 star                   1-4          22-40 % large   off-white paper grain, pencil
+                                                                                         outlines only, 2-5 strokes
 camo       72 x 72     1 star, 2 cross, 3 hexagon           1-4          17-30 % medium  camouflage blotches in muted
                                                                                          tones, half-transparent objects
 =========  ==========  ===================================  ===========  ==============  ==============================
@@ -66,7 +66,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)
 
 # Per dataset: image (width, height), categories, objects per image, object side
@@ -92,9 +92,9 @@ _DATASETS = [
          distractors=(0, 2)),
     dict(name="sketch", size=(64, 64),
          categories=[(1, "triangle"), (2, "star")],
-         objects=(1, 3), scale=(0.30, 0.50), style="sketch", empty_fraction=0.0,
+         objects=(1, 4), scale=(0.22, 0.40), style="sketch", empty_fraction=0.0, occlusion=0.2,
          palette=[(20, 20, 30), (20, 30, 110), (90, 30, 20)],
-         distractors=(0, 2)),
+         distractors=(2, 5)),
     dict(name="camo", size=(72, 72),
          categories=[(1, "star"), (2, "cross"), (3, "hexagon")],
          objects=(1, 4), scale=(0.17, 0.30), style="camo", empty_fraction=0.0,
@@ -274,8 +274,10 @@ def _render_image(spec, rng):
         colour = np.clip(palette[int(rng.integers(len(palette)))] + rng.uniform(-25, 25, size=3), 0, 255)
         outline = 0.0
         if style == "sketch":
-            outline = rng.uniform(1.6, 2.4)
+            outline = rng.uniform(1.0, 2.0)
         alpha = _shape_mask(name, box, size, outline)[..., None]
+        if style == "sketch":  # pencil: strokes of varying pressure
+            alpha = alpha * rng.uniform(0.6, 0.95)
         if style == "camo":  # objects blend in: partly transparent
             alpha = alpha * rng.uniform(0.55, 0.85)
         img = img * (1 - alpha) + colour * alpha
