@@ -327,6 +327,61 @@ def test_tensorboard_events_are_an_option(tmp_path, capsys):
     assert len(events) == 1 and events[0].stat().st_size > 0
 
 
+def read_events(folder):
+    """``[(file, Event)]`` of every event file in ``folder`` (TFRecord framing: a uint64
+    length, its crc, the serialized Event, its crc), files in TensorBoard's order."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            out.append((path.name, Event.FromString(data[pos + 12:pos + 12 + n])))
+            pos += 12 + n + 4
+        assert pos == len(data)
+    return out
+
+
+def test_tensorboard_events_are_cut_back_on_resume_like_the_log(tmp_path):
+    """A resume from an earlier checkpoint than the last step rebuilds the events from the
+    log's records: every tag holds each step once, with the log's values and wall times."""
+    pytest.importorskip("tensorboardX")
+    cfg = write_cfg(tmp_path, steps=5, checkpoint_every=2, keep_last=0, eval_every=2, tensorboard=True)
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--resume", str(run / "checkpoint_000004.npz"), "--steps", "7",
+                 "--no-progress"]) == 0
+    assert log_steps(run) == list(range(1, 8))
+    log = {r["step"]: r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    events = read_events(run / "tensorboard")
+    files = sorted({f for f, _ in events})
+    assert len(files) == 2 and files[0].endswith(".from_step_000001") and files[1].endswith(".from_step_000005")
+    scalars = {}
+    for _, e in events:
+        for v in e.summary.value:
+            scalars.setdefault(v.tag, []).append((e.step, v.simple_value, e.wall_time))
+    assert [s for s, _, _ in scalars["loss"]] == list(range(1, 8))
+    for step, value, wall in scalars["loss"]:
+        assert value == pytest.approx(log[step]["loss"], rel=1e-6)
+        assert wall == pytest.approx(log[step]["timestamp"], abs=1e-3)
+    assert [s for s, _, _ in scalars["val/mean_ap"]] == [2, 4, 6, 7]
+    assert "timestamp" not in scalars and "step" not in scalars
+    # the new segment's file opens with the purge marker at its first step (TensorBoard's own
+    # mechanism, for a TensorBoard that had read the old files before the resume)
+    marks = [(f, e.step) for f, e in events if e.HasField("session_log")]
+    assert marks == [(files[1], 5)]
+    # a new run into the folder must not find the events without --overwrite, and with it starts afresh
+    assert main(["train", str(cfg), "--no-progress", "--overwrite", "--steps", "1"]) == 0
+    assert {e.step for _, e in read_events(run / "tensorboard") if e.summary.value} == {1}
+    for p in run.iterdir():
+        if p.is_file():
+            p.unlink()
+    assert main(["train", str(cfg), "--no-progress"]) == 2    # the events alone are a run's
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsys):
     """Fewer encoder tokens than queries (issue 8 #8, issue 12 #10): a clear error naming
     both numbers, and no half-written run (the empty log.jsonl of the issue) left behind."""

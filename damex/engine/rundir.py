@@ -6,7 +6,8 @@ Layout of ``out_dir``::
     checkpoint.npz            the latest checkpoint (what ``--resume`` takes)
     checkpoint_000500.npz     numbered checkpoints, the last ``keep_last`` kept
     best.npz                  the checkpoint of the best validation mean AP (with ``eval_every``)
-    tensorboard/              TensorBoard event files (with ``train.tensorboard``)
+    tensorboard/              TensorBoard event files (with ``train.tensorboard``), rebuilt
+                              from the log's records on resume: each step once
     results.json, pictures/   written by ``damex run``
 
 * :func:`claim` starts a new run: it refuses a folder that already holds a run
@@ -23,6 +24,7 @@ import shutil
 LOG = "log.jsonl"
 LATEST = "checkpoint.npz"
 BEST = "best.npz"
+EVENTS = "tensorboard"
 _NUMBERED = re.compile(r"^checkpoint_(\d+)\.npz$")
 
 
@@ -40,19 +42,21 @@ def run_files(out_dir):
 
 def claim(out_dir, overwrite=False):
     """Create ``out_dir`` for a new run; RunDirError if it already holds one (unless
-    ``overwrite``: then that run's log, checkpoints and results are removed)."""
+    ``overwrite``: then that run's log, checkpoints, results and event files are removed)."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunDirError(f"{out_dir}: exists and is not a folder")
     existing = run_files(out_dir)
-    if existing and not overwrite:
-        raise RunDirError(f"{out_dir} already holds a run ({', '.join(os.path.basename(p) for p in existing)}); "
+    events = os.path.join(out_dir, EVENTS)
+    found = [os.path.basename(p) for p in existing] + ([EVENTS + "/"] if os.path.isdir(events) else [])
+    if found and not overwrite:
+        raise RunDirError(f"{out_dir} already holds a run ({', '.join(found)}); "
                           f"continue it with `damex train --resume {os.path.join(out_dir, LATEST)}`, "
                           "choose another folder (--out DIR) or pass --overwrite to replace it")
     for p in existing:
         os.remove(p)
-    if overwrite and os.path.isdir(os.path.join(out_dir, "tensorboard")):
-        shutil.rmtree(os.path.join(out_dir, "tensorboard"))
+    if os.path.isdir(events):
+        shutil.rmtree(events)
     os.makedirs(out_dir, exist_ok=True)
     return out_dir
 
@@ -63,6 +67,7 @@ def abandon(out_dir):
     log = os.path.join(out_dir, LOG)
     if os.path.isfile(log) and os.path.getsize(log) == 0:
         os.remove(log)
+    shutil.rmtree(os.path.join(out_dir, EVENTS), ignore_errors=True)   # no step in them
     try:
         os.rmdir(out_dir)          # only when empty
     except OSError:
@@ -71,26 +76,49 @@ def abandon(out_dir):
 
 class EventWriter:
     """TensorBoard scalars of the log records (through tensorboardX, the optional
-    ``damex[tensorboard]`` extra): every numeric key, and ``val/...`` for validation."""
+    ``damex[tensorboard]`` extra): every numeric key, and ``val/...`` for validation.
 
-    def __init__(self, out_dir):
+    The event files are a view of ``log.jsonl`` and, like the log, hold each step
+    once: opening the writer rebuilds ``out_dir/tensorboard`` from ``history`` (the
+    records a resumed run keeps, cut back to its checkpoint's step; none for a new
+    run) into one file with the records' own wall times, then this segment's steps go
+    to a second file.  That file starts with tensorboardX's ``purge_step`` marker (a
+    ``SessionLog.START`` at the first new step), so a TensorBoard that read the old
+    files before the resume also drops the steps the resume replays.
+    """
+
+    def __init__(self, out_dir, history=()):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             raise RunDirError("train.tensorboard needs tensorboardX: pip install 'damex[tensorboard]' "
                               "(or tensorboardX)") from None
-        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        folder = os.path.join(out_dir, EVENTS)
+        history = list(history)
+        first = history[-1]["step"] + 1 if history else 1
+        rebuilt = folder + ".new"
+        shutil.rmtree(rebuilt, ignore_errors=True)     # of a rebuild that was killed
+        if history:
+            self.writer = SummaryWriter(rebuilt, filename_suffix=".from_step_000001")
+            for rec in history:
+                self.add(rec)
+            self.writer.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        if history:
+            os.replace(rebuilt, folder)
+        self.writer = SummaryWriter(folder, purge_step=first if history else None,
+                                    filename_suffix=f".from_step_{first:06d}")
 
     def add(self, rec):
-        step = rec["step"]
+        step, wall = rec["step"], rec.get("timestamp")
         for key, v in rec.items():
-            if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(key, v, step)
+            if key not in ("step", "timestamp") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(key, v, step, walltime=wall)
         val = rec.get("val") or {}
         for key, v in [("mean_ap", val.get("mean_ap")), ("routing_accuracy", val.get("routing_accuracy"))] + \
                 [(f"ap/{k}", a) for k, a in (val.get("ap") or {}).items()]:
             if v is not None:
-                self.writer.add_scalar(f"val/{key}", v, step)
+                self.writer.add_scalar(f"val/{key}", v, step, walltime=wall)
 
     def close(self):
         self.writer.close()

@@ -94,7 +94,8 @@ def check_steps(steps, done=0):
 
 
 def step_rate(images, seconds):
-    """Wall time of one step and images per second, as log keys."""
+    """Wall time of one step and images per second, as log keys (the record's
+    ``timestamp`` is the clock time, in seconds since the epoch, at the step's end)."""
     return {"time": float(seconds), "images_per_s": float(images / seconds) if seconds > 0 else None}
 
 
@@ -255,7 +256,7 @@ class Trainer:
                   "lr": self.optimizer.param_groups[-1]["lr"], **terms,
                   **(routing_log if self.world is None else self.world.routing_log)(
                       ctx, self.model.cfg.dataset_to_expert),
-                  **step_rate(len(b["targets"]), time.perf_counter() - t0)}
+                  **step_rate(len(b["targets"]), time.perf_counter() - t0), "timestamp": time.time()}
         if bad is not None:
             record["skipped"] = bad
         if self.world is not None:
@@ -311,11 +312,13 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(total=steps, initial=self.step, desc="train", disable=not (progress and main),
                    dynamic_ncols=True)
-        events = rundir.EventWriter(out) if tc.tensorboard and main else None
+        events = rundir.EventWriter(out, self.history) if tc.tensorboard and main else None
         fresh = self.step == 0
         try:
             stop, saved = self._loop(steps, main, log_path, events, bar, progress, log)
         except BaseException:
+            if events is not None:
+                events.close()
             if main and fresh and self.step == 0:
                 rundir.abandon(out)   # a new run that failed before its first step leaves nothing
             raise
