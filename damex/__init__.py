@@ -4,7 +4,7 @@ Layers, bottom to top: ``damex.ops`` (NumPy forward/backward pairs over the
 C kernels), ``damex.autograd`` (a small tape), ``damex.nn`` (modules),
 ``damex.models`` (DINO), ``damex.data`` and ``damex.engine``.
 """
-from ._lib import _C
+from ._lib import _C   # first: from an unbuilt source folder, _lib imports the installed damex instead
 from . import ops
 from .moe_layer import MoELayer
 
@@ -40,11 +40,18 @@ from . import functional, nn, optim  # noqa: E402,F401
 __all__ += ["Tensor", "no_grad", "enable_grad", "is_grad_enabled", "functional", "nn", "optim"]
 
 
+# imported on first use (as scipy's subpackages): `import damex; damex.models.DINO(...)`
+_LAZY = ("models", "data", "engine", "routing", "weights")
+
+
 def __getattr__(name):
     # the trained-detector API, imported on first use (it pulls in the engine)
     if name == "Detector":
         from .engine.predict import Detector
         return Detector
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'damex' has no attribute {name!r}")
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,9 +266,15 @@ def test_eval_json_into_a_missing_folder_fails_before_work(trained, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_import_hints():
+def test_import_hints(tmp_path):
     import damex.models
     assert damex.models.DINO.__name__ == "DINO"
+    # as README writes it: `import damex` alone, then damex.models.DINO
+    import damex
+    r = subprocess.run([sys.executable, "-c", "import damex; print(damex.models.DINO.__name__, "
+                        "damex.routing.expert_map.__name__)"], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(damex.__file__))))
+    assert r.returncode == 0 and r.stdout.split() == ["DINO", "expert_map"], r.stderr
 
 
 def test_one_list_of_benchmarks():
@@ -284,14 +291,28 @@ def test_one_list_of_benchmarks():
     assert listed in bench.format_help()
 
 
-def test_import_from_a_source_tree_without_the_extension_says_what_to_do(tmp_path):
-    shutil.copytree(os.path.join(ROOT, "damex"), tmp_path / "damex",
+def test_import_from_a_source_tree_without_the_extension(tmp_path):
+    """From a clone's root after `pip install .` (README's commands leave you there), Python
+    finds the unbuilt source folder first: the installed damex is imported in its place,
+    with a warning; with no damex installed, an error says what to do (no circular import)."""
+    import damex
+
+    src = tmp_path / "clone"
+    shutil.copytree(os.path.join(ROOT, "damex"), src / "damex",
                     ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    # as from a clone's root with damex installed elsewhere (an editable install's finder,
-    # which would find the built tree first, is taken out)
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
-            "repr(f).lower()]; import damex")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+    built = os.path.dirname(os.path.dirname(damex.__file__))   # the damex these tests import
+    readme_example = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)[-1]
+    # an editable install's finder would find the built tree's _C for the source folder: out
+    code = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in " \
+           "repr(f).lower()]\nimport damex, os; print(os.path.dirname(damex.__file__)); " \
+           "print(damex.models.DINO.__name__, damex.Detector.__name__)\n" + readme_example
+    r = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=built))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == [os.path.join(built, "damex"), "DINO Detector"]
+    assert "source folder without its C extension" in r.stderr and "pip install" in r.stderr
+    # nothing installed behind it (-S: no site-packages, no editable finder): say what to do
+    r = subprocess.run([sys.executable, "-S", "-c", "import damex"], cwd=src, capture_output=True,
                        text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode != 0
     assert "not built" in r.stderr and "pip install" in r.stderr and "circular" not in r.stderr
