@@ -330,6 +330,10 @@ def test_curves_picture_has_the_panels(tmp_path):
     assert names == ["total loss", "loss terms (summed over layers, smoothed)", "routing loss",
                      "dropped fraction", "validation", "learning rate"]
     terms = dict((label, y) for label, _, y, _ in panels(hist)[1][1])
+    assert [(label, style) for label, _, _, style in panels(hist)[0][1]] == [("raw", "faint"), ("smoothed", "main")]
+    assert set(terms) == {"classification", "box L1", "GIoU"}
+    val = {label: (list(x), list(y)) for label, x, y, _ in panels(hist)[4][1]}
+    assert set(val) == {"mean AP", "a", "b", "routing accuracy"} and val["mean AP"] == ([10, 20], [0.2, 0.3])
     assert terms["classification"][0] == pytest.approx(2.0)
     np.testing.assert_allclose(smooth(np.full(50, 3.0)), 3.0)
     assert os.path.getsize(plot_run_curves(hist, tmp_path / "c.png")) > 1000
@@ -417,3 +421,184 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsy
     err = capsys.readouterr().err
     assert "num_queries is 900" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- audit of issue 10, point by point
+
+def test_predict_coco_results_use_the_files_own_ids(trained):
+    """An annotation file whose image and category ids are not 0..n or 1..n: the results are
+    in its ids (pycocotools' loadRes takes them as they are) and score as `damex eval` does."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    src = trained / "new" / "sketch"
+    ann = json.loads((src / "annotations" / "val.json").read_text())
+    img_id = {im["id"]: 1000 + 7 * k for k, im in enumerate(ann["images"])}
+    cat_id = {c["id"]: 40 + 3 * k for k, c in enumerate(reversed(ann["categories"]))}
+    for im in ann["images"]:
+        im["id"] = img_id[im["id"]]
+    for c in ann["categories"]:
+        c["id"] = cat_id[c["id"]]
+    for k, a in enumerate(ann["annotations"]):
+        a.update(id=500 + k, image_id=img_id[a["image_id"]], category_id=cat_id[a["category_id"]])
+    own = trained / "own_ids.json"
+    own.write_text(json.dumps(ann))
+    spec = f"sketch={own}:{src / 'images'}"
+    res_path, ev_path = trained / "own_results.json", trained / "own_eval.json"
+    ckpt = str(trained / "run" / "checkpoint.npz")
+    assert main(["predict", ckpt, "--dataset", spec, "--json", str(res_path), "--no-progress"]) == 0
+    assert main(["eval", ckpt, "--dataset", spec, "--json", str(ev_path), "--no-progress"]) == 0
+    results = json.loads(res_path.read_text())
+    assert results and {r["image_id"] for r in results} <= set(img_id.values())
+    assert {r["category_id"] for r in results} <= set(cat_id.values())
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score"} and len(r["bbox"]) == 4 for r in results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(own))
+        ev = COCOeval(gt, gt.loadRes(str(res_path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    mine = json.loads(ev_path.read_text())["datasets"]["sketch"]
+    assert mine["ap"] == pytest.approx(ev.stats[0], abs=1e-12) and mine["ap"] > 0
+    # the same detections as under the original ids: the relabelling changes nothing
+    orig_path = trained / "orig_ids_eval.json"
+    assert main(["eval", ckpt, "--dataset", f"sketch={src / 'annotations' / 'val.json'}:{src / 'images'}",
+                 "--json", str(orig_path), "--no-progress"]) == 0
+    assert mine["ap"] == pytest.approx(json.loads(orig_path.read_text())["datasets"]["sketch"]["ap"], abs=1e-12)
+
+
+def test_pictures_titles_and_file_names_carry_the_same_index(trained, monkeypatch):
+    import re as _re
+
+    from damex.engine import routing_analysis
+
+    drawn = []
+    real = routing_analysis.draw_detections
+
+    def spy(*a, **kw):
+        drawn.append((os.path.basename(a[5]), kw.get("title")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(routing_analysis, "draw_detections", spy)
+    ckpt = str(trained / "run" / "checkpoint.npz")
+    folder = trained / "new" / "noise" / "images"
+    assert main(["predict", ckpt, str(folder), "--pictures", str(trained / "pics_idx"), "--no-progress"]) == 0
+    spec = f"noise={trained / 'new' / 'noise' / 'annotations' / 'val.json'}:{folder}"
+    assert main(["eval", ckpt, "--dataset", spec, "--pictures", str(trained / "eval_pics_idx"),
+                 "--no-progress"]) == 0
+    assert len(drawn) > 4
+    for name, title in drawn:
+        index_in_name = int(_re.search(r"(\d+)", name).group(1))
+        assert f"#{index_in_name} " in title, (name, title)
+
+
+GT_PROBE = [[10, 24, 50, 30]]
+
+
+def test_ground_truth_is_visible_and_labels_stay_inside_apart():
+    """Ground truth drawn black and white (visible on a white and on a black image); labels,
+    measured as drawn, inside the image and not overlapping, also in corners and crowds."""
+    from damex.engine.routing_analysis import _pyplot, detections_figure, place_label
+
+    plt = _pyplot()
+    boxes = [[0, 0, 30, 20], [2, 1, 30, 20], [4, 2, 30, 20], [70, 40, 26, 24], [72, 44, 20, 20],
+             [80, 60, 16, 4], [40, 30, 10, 10], [0, 50, 8, 14]]
+    for background in (255, 0):
+        img = np.full((64, 96, 3), background, np.uint8)
+        fig = detections_figure(img, boxes, [0, 1, 2, 0, 1, 2, 0, 1], np.linspace(0.9, 0.2, 8),
+                                ["circle", "square", "a long class name"], gt_boxes=GT_PROBE,
+                                title="x")
+        try:
+            fig.canvas.draw()
+            r = fig.canvas.get_renderer()
+            ax = fig.axes[0]
+            image = ax.images[0].get_window_extent(r)
+            labels = [t.get_bbox_patch().get_window_extent(r) for t in ax.texts]
+            assert len(labels) == len(boxes)
+            for e in labels:
+                assert image.x0 - 0.5 <= e.x0 and e.x1 <= image.x1 + 0.5
+                assert image.y0 - 0.5 <= e.y0 and e.y1 <= image.y1 + 0.5
+            for i in range(len(labels)):
+                for j in range(i):
+                    a, b = labels[i], labels[j]
+                    assert min(a.x1, b.x1) - max(a.x0, b.x0) <= 0.5 or min(a.y1, b.y1) - max(a.y0, b.y0) <= 0.5, (i, j)
+            # the ground truth box's left edge (x = 10, rows 30..50 away from any label): both
+            # a dark and a light outline whatever the background
+            pix = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+            (x0, _), = ax.transData.transform([(9.5, 0)])
+            _, y_top = ax.transData.transform([(0, 30)])[0]
+            _, y_bot = ax.transData.transform([(0, 50)])[0]
+            H = pix.shape[0]
+            rows = range(int(H - max(y_top, y_bot)), int(H - min(y_top, y_bot)))
+            strip = pix[list(rows), int(x0) - 3:int(x0) + 4].reshape(-1, 3)
+            assert (strip.max(1) < 60).any() and (strip.min(1) > 200).any(), background
+        finally:
+            plt.close(fig)
+    # no room: the wanted spot, clipped inside
+    assert place_label(90, 70, 10, 5, [(-0.5, -0.5, 100, 100)], 96, 64) == (85.5, 58.5)
+
+
+def test_demo_reports_a_permutation_invariant_purity(capsys):
+    """The balance-loss MoE learns its own dataset -> expert permutation: routing accuracy
+    against h is near 0 while the purity (any permutation) is near 1; both printed."""
+    from damex.engine.moe_demo import run_demo
+
+    res = run_demo(mode="balance", steps=300, log_every=0)
+    assert res["purity"] > 0.9 and res["purity"] >= res["accuracy"]
+    assert main(["demo", "--mode", "balance", "--steps", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "routing accuracy" in out and "purity (any expert permutation)" in out
+
+
+def test_threads_seed_and_out_on_train_and_resume(tmp_path):
+    from damex.engine.checkpoint import load_checkpoint
+
+    cfg = write_cfg(tmp_path, steps=1, checkpoint_every=0)
+    assert main(["train", str(cfg), "--threads", "1", "--seed", "7", "--out", str(tmp_path / "a"),
+                 "--no-progress"]) == 0
+    assert main(["train", str(cfg), "--threads", "1", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    _, meta = load_checkpoint(tmp_path / "a" / "checkpoint.npz")
+    assert meta["config"]["train"]["seed"] == 7 and meta["config"]["train"]["threads"] == 1
+    assert meta["config"]["train"]["out_dir"] == str(tmp_path / "a")
+    loss = [json.loads((tmp_path / r / "log.jsonl").read_text())["loss"] for r in "ab"]
+    assert loss[0] != loss[1]                       # the seed reaches the run
+    assert main(["train", "--resume", str(tmp_path / "a" / "checkpoint.npz"), "--steps", "2",
+                 "--threads", "2", "--seed", "7", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    _, meta = load_checkpoint(tmp_path / "c" / "checkpoint.npz")
+    assert meta["config"]["train"]["threads"] == 2 and meta["step"] == 2
+    assert log_steps(tmp_path / "c") == [1, 2] and not (tmp_path / "a" / "checkpoint_000002.npz").exists()
+
+
+def test_predict_and_eval_outputs_into_missing_folders_fail_before_work(trained, capsys):
+    ckpt = str(trained / "run" / "checkpoint.npz")
+    folder = str(trained / "new" / "noise" / "images")
+    assert main(["predict", ckpt, folder, "--json", str(trained / "nope" / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # --pictures folders are created before the work (and exist when it is done)
+    assert main(["predict", ckpt, folder, "--pictures", str(trained / "deep" / "er"), "--no-progress"]) == 0
+    assert any((trained / "deep" / "er").iterdir())
+
+
+def test_readme_workflow_commands_run(tmp_path, monkeypatch):
+    """README's workflow section, each command as written (with a 2-step budget and no progress
+    bars): train with validation, read the log, predict on a folder, evaluate on a new dataset."""
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"### Workflow[^\n]*\n+```\n(.*?)```", readme, re.S).group(1)
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.startswith("damex ")]
+    assert [c[1] for c in commands] == ["train", "predict", "eval"]
+    assert "tail -f runs/mine/log.jsonl" in block
+    monkeypatch.chdir(tmp_path)
+    assert main(commands[0][1:] + ["--steps", "2", "--no-progress"]) == 0
+    recs = [json.loads(x) for x in open("runs/mine/log.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2] and "mean_ap" in recs[-1]["val"]
+    # "photos/": plain images; "voc": a new COCO dataset (the sketch validation split, copied)
+    sketch = tmp_path / "data" / "synthetic" / "sketch"
+    shutil.copytree(sketch / "images", tmp_path / "photos")
+    shutil.copytree(sketch / "images", tmp_path / "voc" / "images")
+    shutil.copy(sketch / "annotations" / "val.json", tmp_path / "voc" / "val.json")
+    assert main(commands[1][1:] + ["--no-progress"]) == 0
+    assert json.loads(open("photos.json").read())["images"] and os.listdir("runs/mine/photos")
+    assert main(commands[2][1:] + ["--no-progress"]) == 0
+    assert "ap_small" in json.loads(open("voc.json").read())["datasets"]["voc"]

@@ -169,23 +169,25 @@ def plot_training_curves(history, path, title=None):
     return path
 
 
-def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0.0,
-                    gt_boxes=None, title=None):
-    """Write a PNG of an image with its detections (and optionally ground truth).
+def place_label(x, y, w, h, placed, W, H):
+    """Top-left corner for a ``w`` x ``h`` label wanted at ``(x, y)`` in an image of
+    ``W`` x ``H`` pixels (pixel centres at integers): inside the image, and at the free
+    spot nearest the wanted one that overlaps none of the ``placed`` labels
+    ``[(x, y, w, h)]`` (the wanted spot, clipped, when there is no free one)."""
+    x = float(np.clip(x, -0.5, max(W - 0.5 - w, -0.5)))
+    lo, hi = -0.5, max(H - 0.5 - h, -0.5)
+    wanted = float(np.clip(y, lo, hi))
+    spots = {wanted, lo, hi} | {float(np.clip(v, lo, hi)) for px, py, pw, ph in placed
+                                for v in (py + ph, py - h)}
+    for c in sorted(spots, key=lambda c: (abs(c - wanted), c)):
+        if not any(x < px + pw and px < x + w and c < py + ph and py < c + h for px, py, pw, ph in placed):
+            return x, c
+    return x, wanted
 
-    Parameters
-    ----------
-    image : PIL image, uint8 [H, W, 3], or float [H, W, 3] / [3, H, W] in [0, 1]
-    boxes : [N, 4] absolute (x, y, w, h) pixels
-    labels : [N] indices into ``names``
-    scores : [N] or None
-    names : sequence of str
-    gt_boxes : [M, 4] absolute (x, y, w, h), optional: drawn dashed white over a
-        solid black outline, visible on any background
 
-    Labels stay inside the image and are moved down (or into the box) where they
-    would overlap an earlier one.
-    """
+def detections_figure(image, boxes, labels, scores, names, score_threshold=0.0, gt_boxes=None,
+                      title=None):
+    """The matplotlib figure of :func:`draw_detections` (the caller closes it)."""
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
@@ -201,42 +203,66 @@ def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0
     colours = plt.get_cmap("tab10")
     scale = max(1.0, 384.0 / max(H, W))
     fig = plt.figure(figsize=(W * scale / 100 + 0.2, H * scale / 100 + (0.45 if title else 0.2)), dpi=100)
-    ax = fig.add_axes([0.02, 0.02, 0.96, 0.96 - (0.08 if title else 0)])
     try:
+        ax = fig.add_axes([0.02, 0.02, 0.96, 0.96 - (0.08 if title else 0)])
         ax.imshow(img, interpolation="nearest")
         ax.set_xlim(-0.5, W - 0.5)
         ax.set_ylim(H - 0.5, -0.5)
         ax.axis("off")
-        if gt_boxes is not None:
+        if gt_boxes is not None:   # solid black under dashed white: visible on any background
             for x, y, w, h in np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4):
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="black", lw=2.4))
                 ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="white", lw=1.2, ls="--"))
-        # label size in image pixels: ~6 display px per character and 12 px of height at
-        # fontsize 8, over the display scale
+        if title:
+            fig.suptitle(title, fontsize=9)
+        # each label measured as drawn (text and its box), in image pixels, then placed
+        renderer = fig.canvas.get_renderer()
+        ax.apply_aspect()
+        inv = ax.transData.inverted()
         placed = []
-        char_w, text_h = 6.0 / scale, 12.0 / scale
+        pad = 1.0 * fig.dpi / 72.0                  # the label box's pad, points -> display px
         for (x, y, w, h), lab, sc in zip(boxes, labels, scores):
             if sc < score_threshold:
                 continue
             c = colours(int(lab) % 10)
             ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec=c, lw=2))
             name = names[lab] if 0 <= lab < len(names) else str(lab)
-            text = f"{name} {sc:.2f}"
-            tw = min(char_w * len(text), W)
-            tx = float(np.clip(x - 0.5, -0.5, W - 0.5 - tw))
-            ty = y - 0.5 - text_h if y - 0.5 - text_h >= -0.5 else y - 0.5   # above the box, else inside
-            for _ in range(len(placed) + 1):
-                hit = [p for p in placed if tx < p[0] + p[2] and p[0] < tx + tw and ty < p[1] + text_h
-                       and p[1] < ty + text_h]
-                if not hit:
-                    break
-                ty = max(p[1] for p in hit) + text_h
-            ty = float(np.clip(ty, -0.5, H - 0.5 - text_h))
-            placed.append((tx, ty, tw))
-            ax.text(tx, ty, text, fontsize=8, color="white", va="top", ha="left",
-                    bbox=dict(facecolor=c, edgecolor="none", pad=1, alpha=0.85), clip_on=True)
-        if title:
-            fig.suptitle(title, fontsize=9)
+            t = ax.text(0, 0, f"{name} {sc:.2f}", fontsize=8, color="white", va="top", ha="left",
+                        bbox=dict(facecolor=c, edgecolor="none", pad=1, alpha=0.85), clip_on=True)
+            ext = t.get_window_extent(renderer)
+            (x0, y0), (x1, y1) = inv.transform([(0, 0), (ext.width + 2 * pad, ext.height + 2 * pad)])
+            tw, th = abs(x1 - x0), abs(y1 - y0)
+            off = abs(inv.transform([(pad, 0)])[0][0] - x0)
+            want = y - 0.5 - th if y - 0.5 - th >= -0.5 else y - 0.5   # above the box, else inside
+            tx, ty = place_label(x - 0.5, want, tw, th, placed, W, H)
+            placed.append((tx, ty, tw, th))
+            t.set_position((tx + off, ty + off))   # the text sits inside its box's pad
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def draw_detections(image, boxes, labels, scores, names, path, score_threshold=0.0,
+                    gt_boxes=None, title=None):
+    """Write a PNG of an image with its detections (and optionally ground truth).
+
+    Parameters
+    ----------
+    image : PIL image, uint8 [H, W, 3], or float [H, W, 3] / [3, H, W] in [0, 1]
+    boxes : [N, 4] absolute (x, y, w, h) pixels
+    labels : [N] indices into ``names``
+    scores : [N] or None
+    names : sequence of str
+    gt_boxes : [M, 4] absolute (x, y, w, h), optional: drawn dashed white over a
+        solid black outline, visible on any background
+
+    Each label is measured as drawn and kept inside the image, off the labels before
+    it where there is room (:func:`place_label`).
+    """
+    plt = _pyplot()
+    fig = detections_figure(image, boxes, labels, scores, names, score_threshold, gt_boxes, title)
+    try:
         _save_png(fig, path)
     finally:
         plt.close(fig)
