@@ -282,7 +282,9 @@ def test_one_list_of_benchmarks():
 
     on_disk = sorted(n[len("bench_"):-3] for n in os.listdir(os.path.join(ROOT, "bench"))
                      if n.startswith("bench_") and n.endswith(".py"))
-    assert sorted(BENCHMARKS) == on_disk
+    assert sorted(BENCHMARKS) == on_disk, (
+        "the one list of benchmarks is damex.cli.BENCHMARKS: a new bench/bench_NAME.py goes there "
+        "and into README's `damex bench ...` line (Command line section)")
     listed = "|".join(BENCHMARKS)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     assert f"damex bench {listed}" in readme
@@ -602,3 +604,39 @@ def test_readme_workflow_commands_run(tmp_path, monkeypatch):
     assert json.loads(open("photos.json").read())["images"] and os.listdir("runs/mine/photos")
     assert main(commands[2][1:] + ["--no-progress"]) == 0
     assert "ap_small" in json.loads(open("voc.json").read())["datasets"]["voc"]
+
+
+def test_eval_and_predict_do_not_read_the_runs_pretrained_weights(trained, tmp_path):
+    """A run started from `model.pretrained`: its checkpoint holds every weight, so evaluation
+    and prediction work with that file gone (as they do with the training data gone)."""
+    import damex
+    from damex.weights import write
+
+    det = damex.Detector.from_checkpoint(trained / "run" / "checkpoint.npz")
+    pre = tmp_path / "pre.safetensors"
+    write(pre, {k: np.asarray(v) for k, v in det.model.state_dict().items()})
+    cfg = write_cfg(tmp_path, steps=1, checkpoint_every=0)
+    data = json.loads(cfg.read_text())
+    data["data"]["synthetic"]["root"] = str(tmp_path / "data")
+    data["model"]["pretrained"] = str(pre)
+    cfg.write_text(json.dumps(data))
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    pre.unlink()
+    ckpt = tmp_path / "run" / "checkpoint.npz"
+    spec = f"sketch={trained / 'new' / 'sketch' / 'annotations' / 'val.json'}:{trained / 'new' / 'sketch' / 'images'}"
+    assert main(["eval", str(ckpt), "--dataset", spec, "--no-progress"]) == 0
+    assert main(["predict", str(ckpt), str(trained / "new" / "sketch" / "images"), "--no-progress"]) == 0
+
+
+def test_per_image_experts_do_not_depend_on_the_batch(trained):
+    """The expert reported per image (majority of its tokens, per MoE layer) is the image's
+    own: the same whether it is predicted alone or in a batch of several."""
+    import damex
+
+    det = damex.Detector.from_checkpoint(trained / "run" / "checkpoint.npz")
+    files = [str(p) for p in sorted((trained / "new" / "noise" / "images").iterdir())][:3] + \
+        [str(p) for p in sorted((trained / "new" / "sketch" / "images").iterdir())][:3]
+    alone = [det.predict([f], score_threshold=0.0)[0] for f in files]
+    batch = det.predict(files, score_threshold=0.0, batch_size=6)
+    assert [p["experts"] for p in alone] == [p["experts"] for p in batch]
+    assert [p["datasets"] for p in alone] == [p["datasets"] for p in batch]

@@ -105,6 +105,26 @@ def test_set_on_the_command_line(tmp_path, capsys):
     assert "train.stpes" in err and "known keys" in err
 
 
+def test_set_takes_several_keys_after_one_flag_into_the_run(tmp_path):
+    """As the issue writes it: `--set train.lr=1e-4 model.num_experts=8` reaches the run
+    (the checkpoint's config), nested keys included."""
+    from damex.engine.checkpoint import load_checkpoint
+
+    model = {"preset": "tiny", "d_model": 32, "d_ffn": 64, "n_heads": 2, "n_points": 2,
+             "enc_layers": 1, "dec_layers": 2, "num_queries": 12, "moe_decoder_layers": [0],
+             "moe_hidden": 64, "backbone_widths": [8, 16, 32, 32], "stem_width": 8, "dn_number": 12}
+    p = write(tmp_path / "c.json", {
+        "model": model, "data": {"synthetic": {"root": "data", "preset": "tiny"}, "batch_size": 2,
+                                 "min_size": 48, "max_size": 64},
+        "train": {"steps": 1, "out_dir": str(tmp_path / "run"), "checkpoint_every": 0}})
+    assert main(["train", str(p), "--set", "train.lr=1e-4", "model.num_experts=8",
+                 "--set", "data.synthetic.seed=3", "--no-progress"]) == 0
+    _, meta = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    conf = meta["config"]
+    assert conf["train"]["lr"] == 1e-4 and conf["model"]["num_experts"] == 8
+    assert conf["data"]["synthetic"]["seed"] == 3
+
+
 def test_out_dir_and_threads_are_fixed_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = write(tmp_path / "c.json", {"train": {"out_dir": "runs/x"}})

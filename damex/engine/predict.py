@@ -101,7 +101,8 @@ class Detector:
         finalize(cfg)
         set_num_threads(cfg.train.threads)
         space = LabelSpace.from_dict(meta["label_space"])
-        model = build_model(cfg, space.num_classes, space.num_datasets)
+        # every weight comes from the checkpoint: the run's pretrained files are not read
+        model = build_model(cfg, space.num_classes, space.num_datasets, load_weights=False)
         restore(path, parts, model)   # the model only: optimizer and schedule are training's
         return cls(model, space, cfg, meta.get("step", 0), os.path.abspath(path), meta.get("config_hash"))
 
