@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     assert main(["train", str(cfg), "--no-progress"]) == 0
     # a "new" dataset: a copy of two validation splits, then the training data is gone
     new = root / "new"
-    for name in ("noise", "sketch"):
+    for name in ("noise", "camo"):
         shutil.copytree(root / "data" / name, new / name)
     shutil.rmtree(root / "data")
     return root
@@ -175,16 +175,16 @@ def test_log_records_time_rate_and_routing_and_validation(tmp_path):
 def test_eval_needs_no_training_data_and_reports_full_metrics(trained, capsys):
     ckpt = trained / "run" / "checkpoint.npz"
     out = trained / "eval.json"
-    spec = f"sketch={trained / 'new' / 'sketch' / 'annotations' / 'val.json'}:" \
-           f"{trained / 'new' / 'sketch' / 'images'}"
+    spec = f"camo={trained / 'new' / 'camo' / 'annotations' / 'val.json'}:" \
+           f"{trained / 'new' / 'camo' / 'images'}"
     assert main(["eval", str(ckpt), "--dataset", spec, "--json", str(out), "--full",
                  "--no-progress"]) == 0
     assert "AR100" in capsys.readouterr().out
     res = json.loads(out.read_text())
-    m = res["datasets"]["sketch"]
+    m = res["datasets"]["camo"]
     assert {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar100",
             "per_class"} <= set(m)
-    assert set(m["per_class"]) == {"triangle", "star"}
+    assert set(m["per_class"]) == {"star", "cross", "hexagon"}
     assert res["step"] == 200 and res["checkpoint"] == str(ckpt) and len(res["config_hash"]) == 12
     # a dataset the model was trained on keeps its expert map: routing accuracy defined
     assert res["routing"]["accuracy"] is not None
@@ -208,7 +208,7 @@ def test_predict_coco_results_score_as_eval(trained):
     from pycocotools.cocoeval import COCOeval
 
     ckpt = trained / "run" / "checkpoint.npz"
-    for name in ("noise", "sketch"):
+    for name in ("noise", "camo"):
         ann = trained / "new" / name / "annotations" / "val.json"
         spec = f"{name}={ann}:{trained / 'new' / name / 'images'}"
         res_path = trained / f"{name}_results.json"
@@ -228,13 +228,13 @@ def test_predict_coco_results_score_as_eval(trained):
             assert mine[k] == (None if v < 0 else pytest.approx(v, abs=1e-12)), (name, k)
         routing = json.loads((trained / f"{name}_results.routing.json").read_text())
         assert set(map(int, routing)) == set(gt.getImgIds())
-    assert json.loads((trained / "sketch_eval.json").read_text())["datasets"]["sketch"]["ap"] > 0
+    assert json.loads((trained / "camo_eval.json").read_text())["datasets"]["camo"]["ap"] > 0
 
 
 def test_predict_on_a_folder_and_the_python_api(trained, capsys):
     import damex
 
-    folder = trained / "new" / "sketch" / "images"
+    folder = trained / "new" / "camo" / "images"
     out = trained / "folder.json"
     pics = trained / "pics"
     assert main(["predict", str(trained / "run" / "checkpoint.npz"), str(folder), "--json", str(out),
@@ -433,7 +433,7 @@ def test_predict_coco_results_use_the_files_own_ids(trained):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    src = trained / "new" / "sketch"
+    src = trained / "new" / "camo"
     ann = json.loads((src / "annotations" / "val.json").read_text())
     img_id = {im["id"]: 1000 + 7 * k for k, im in enumerate(ann["images"])}
     cat_id = {c["id"]: 40 + 3 * k for k, c in enumerate(reversed(ann["categories"]))}
@@ -445,7 +445,7 @@ def test_predict_coco_results_use_the_files_own_ids(trained):
         a.update(id=500 + k, image_id=img_id[a["image_id"]], category_id=cat_id[a["category_id"]])
     own = trained / "own_ids.json"
     own.write_text(json.dumps(ann))
-    spec = f"sketch={own}:{src / 'images'}"
+    spec = f"camo={own}:{src / 'images'}"
     res_path, ev_path = trained / "own_results.json", trained / "own_eval.json"
     ckpt = str(trained / "run" / "checkpoint.npz")
     assert main(["predict", ckpt, "--dataset", spec, "--json", str(res_path), "--no-progress"]) == 0
@@ -460,13 +460,13 @@ def test_predict_coco_results_use_the_files_own_ids(trained):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    mine = json.loads(ev_path.read_text())["datasets"]["sketch"]
+    mine = json.loads(ev_path.read_text())["datasets"]["camo"]
     assert mine["ap"] == pytest.approx(ev.stats[0], abs=1e-12) and mine["ap"] > 0
     # the same detections as under the original ids: the relabelling changes nothing
     orig_path = trained / "orig_ids_eval.json"
-    assert main(["eval", ckpt, "--dataset", f"sketch={src / 'annotations' / 'val.json'}:{src / 'images'}",
+    assert main(["eval", ckpt, "--dataset", f"camo={src / 'annotations' / 'val.json'}:{src / 'images'}",
                  "--json", str(orig_path), "--no-progress"]) == 0
-    assert mine["ap"] == pytest.approx(json.loads(orig_path.read_text())["datasets"]["sketch"]["ap"], abs=1e-12)
+    assert mine["ap"] == pytest.approx(json.loads(orig_path.read_text())["datasets"]["camo"]["ap"], abs=1e-12)
 
 
 def test_pictures_titles_and_file_names_carry_the_same_index(trained, monkeypatch):
@@ -623,9 +623,9 @@ def test_eval_and_predict_do_not_read_the_runs_pretrained_weights(trained, tmp_p
     assert main(["train", str(cfg), "--no-progress"]) == 0
     pre.unlink()
     ckpt = tmp_path / "run" / "checkpoint.npz"
-    spec = f"sketch={trained / 'new' / 'sketch' / 'annotations' / 'val.json'}:{trained / 'new' / 'sketch' / 'images'}"
+    spec = f"camo={trained / 'new' / 'camo' / 'annotations' / 'val.json'}:{trained / 'new' / 'camo' / 'images'}"
     assert main(["eval", str(ckpt), "--dataset", spec, "--no-progress"]) == 0
-    assert main(["predict", str(ckpt), str(trained / "new" / "sketch" / "images"), "--no-progress"]) == 0
+    assert main(["predict", str(ckpt), str(trained / "new" / "camo" / "images"), "--no-progress"]) == 0
 
 
 def test_per_image_experts_do_not_depend_on_the_batch(trained):
@@ -635,7 +635,7 @@ def test_per_image_experts_do_not_depend_on_the_batch(trained):
 
     det = damex.Detector.from_checkpoint(trained / "run" / "checkpoint.npz")
     files = [str(p) for p in sorted((trained / "new" / "noise" / "images").iterdir())][:3] + \
-        [str(p) for p in sorted((trained / "new" / "sketch" / "images").iterdir())][:3]
+        [str(p) for p in sorted((trained / "new" / "camo" / "images").iterdir())][:3]
     alone = [det.predict([f], score_threshold=0.0)[0] for f in files]
     batch = det.predict(files, score_threshold=0.0, batch_size=6)
     assert [p["experts"] for p in alone] == [p["experts"] for p in batch]
