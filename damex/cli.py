@@ -386,6 +386,11 @@ def main(argv=None):
         return 130
     except KeyboardInterrupt:
         print(f"\ndamex {args.command}: interrupted", file=sys.stderr)
+        if args.command in ("run", "study"):   # each unfinished run wrote its checkpoint
+            import shlex
+            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+            print("finished runs and the checkpoints of the others are kept; continue with:\n  "
+                  + " ".join(["damex"] + [shlex.quote(str(a)) for a in again]), file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"damex {args.command}: error: {e}", file=sys.stderr)

@@ -640,3 +640,49 @@ def test_per_image_experts_do_not_depend_on_the_batch(trained):
     batch = det.predict(files, score_threshold=0.0, batch_size=6)
     assert [p["experts"] for p in alone] == [p["experts"] for p in batch]
     assert [p["datasets"] for p in alone] == [p["datasets"] for p in batch]
+
+
+def test_ctrl_c_in_damex_run_checkpoints_both_runs_and_the_same_command_continues(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: `damex run` and its two
+    workers.  Each worker finishes its step and writes its checkpoint, nothing prints a
+    traceback, and the printed command (the same one) continues both runs with one log
+    record per step."""
+    cfg = write_cfg(tmp_path, steps=3000, checkpoint_every=0, log_every=0)
+    import damex
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(damex.__file__)))
+    cmd = [sys.executable, "-m", "damex", "run", "--config", str(cfg), "--steps", "3000",
+           "--out", str(tmp_path / "out"), "--no-progress"]
+    runs = [tmp_path / "out" / m for m in ("dense", "damex")]
+
+    def steps(run):
+        log = run / "log.jsonl"
+        return [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.exists() else []
+
+    def start_and_interrupt(after):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and \
+                not all(len(steps(r)) >= after for r in runs):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)     # as a terminal's Ctrl-C: the group
+        out, err = proc.communicate(timeout=180)
+        return proc.returncode, out, err
+
+    code, out, err = start_and_interrupt(2)
+    assert code == 130, err
+    assert "Traceback" not in err and "FAILED" not in out
+    again = "damex run --config " + str(cfg)
+    assert again in err and "continue with" in err
+    from damex.engine.checkpoint import load_checkpoint
+    stopped = {}
+    for run in runs:
+        assert "Traceback" not in (run / "worker.log").read_text()
+        _, meta = load_checkpoint(run / "checkpoint.npz")
+        assert steps(run) == list(range(1, meta["step"] + 1)) and meta["step"] >= 2
+        stopped[run] = meta["step"]
+    code, out, err = start_and_interrupt(max(stopped.values()) + 2)
+    assert code == 130 and "Traceback" not in err, err
+    for run in runs:
+        _, meta = load_checkpoint(run / "checkpoint.npz")
+        assert steps(run) == list(range(1, meta["step"] + 1)) and meta["step"] > stopped[run]

@@ -237,7 +237,8 @@ def run_one(run_dir, pictures=False, progress=False, log=print):
     else:
         trainer = Trainer(run_config_from_dict(copy.deepcopy(conf), source=run_dir))
     t0 = time.perf_counter()
-    fit = trainer.fit(progress=progress, log=log)
+    # a run folder of the study's own: without a checkpoint, what a killed worker left goes
+    fit = trainer.fit(progress=progress, log=log, overwrite=not os.path.exists(ckpt))
     val = build_mixture(trainer.cfg.data, "val", label_space=trainer.label_space)
     results, predictions = evaluate_model(trainer.model, val, progress=progress)
     results["train_seconds"] = time.perf_counter() - t0
@@ -284,20 +285,49 @@ def _last_step(run_dir):
         return 0
 
 
+INTERRUPTED = 130   # a worker's exit status after Ctrl-C (its checkpoint written)
+
+
+def _stop_workers(running, grace=20.0):
+    """Ctrl-C: the workers (same process group) got the SIGINT too and finish their step
+    and checkpoint; wait for them.  One still running after ``grace`` seconds (only this
+    process was signalled) gets one SIGINT of its own, then, after ``grace`` more, SIGTERM."""
+    import signal
+
+    for action in (None, lambda p: p.send_signal(signal.SIGINT), lambda p: p.terminate()):
+        deadline = time.monotonic() + grace
+        for proc, *_ in running:
+            if proc.poll() is None and action is not None:
+                action(proc)
+        for proc, *_ in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if all(proc.poll() is not None for proc, *_ in running):
+            return
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_all`: the interrupted runs wrote their checkpoints."""
+
+
 def run_all(plan, jobs=None, log=print, pictures=False, progress_every=60.0):
     """Run the unfinished runs of ``plan``, ``jobs`` worker processes at a time, one
     thread each.  Finished runs (``result.json`` present) are skipped.  Every
-    ``progress_every`` seconds the running runs' steps are logged."""
+    ``progress_every`` seconds the running runs' steps are logged.  Ctrl-C stops the
+    workers after their current step, with a checkpoint each (StudyInterrupted): the
+    same call again continues them."""
     jobs = max(1, int(jobs or os.cpu_count() or 1))
     todo = [p for p in plan if not os.path.exists(os.path.join(p[2], "result.json"))]
     if len(todo) < len(plan):
         log(f"study: {len(plan) - len(todo)} of {len(plan)} runs already finished, skipped")
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    running, failed = [], []
+    running, failed, interrupted = [], [], []
     t0 = last = time.perf_counter()
     try:
-        while todo or running:
-            while todo and len(running) < jobs:
+        while (todo and not interrupted) or running:
+            while todo and len(running) < jobs and not interrupted:
                 mode, seed, run_dir = todo.pop(0)
                 err = open(os.path.join(run_dir, "worker.log"), "ab")
                 cmd = [sys.executable, "-m", "damex.engine.study", "worker", run_dir]
@@ -318,6 +348,11 @@ def run_all(plan, jobs=None, log=print, pictures=False, progress_every=60.0):
                     continue
                 running.remove(item)
                 err.close()
+                if proc.returncode == INTERRUPTED:
+                    interrupted.append((mode, seed, run_dir))
+                    log(f"study: {mode} seed {seed} interrupted at step {_last_step(run_dir)} "
+                        "(checkpoint written)")
+                    continue
                 if proc.returncode == 0 and os.path.exists(os.path.join(run_dir, "result.json")):
                     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
                         r = json.load(f)
@@ -327,11 +362,25 @@ def run_all(plan, jobs=None, log=print, pictures=False, progress_every=60.0):
                     failed.append((mode, seed, run_dir))
                     log(f"study: {mode} seed {seed} FAILED (exit {proc.returncode}); "
                         f"see {run_dir}/worker.log")
-    finally:
-        for proc, err, *_ in running:  # interrupted: stop our own workers
+    except KeyboardInterrupt:
+        try:
+            _stop_workers(running)
+        finally:
+            for proc, err, mode, seed, run_dir in running:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                err.close()
+                log(f"study: {mode} seed {seed} stopped at step {_last_step(run_dir)}")
+        raise StudyInterrupted from None
+    except BaseException:
+        for proc, err, *_ in running:  # an error here: stop our own workers
             proc.terminate()
             proc.wait()
             err.close()
+        raise
+    if interrupted:   # the workers got a Ctrl-C this process did not see (e.g. run in the background)
+        raise StudyInterrupted
     if failed:
         raise RuntimeError(f"study: {len(failed)} runs failed: "
                            + ", ".join(f"{m} seed {s} ({d}/worker.log)" for m, s, d in failed))
@@ -704,7 +753,12 @@ def _worker_main(argv):
     p.add_argument("run_dir")
     p.add_argument("--pictures", action="store_true")
     a = p.parse_args(argv)
-    run_one(a.run_dir, pictures=a.pictures)
+    from .train import TrainingInterrupted
+    try:
+        run_one(a.run_dir, pictures=a.pictures)
+    except TrainingInterrupted as e:   # Ctrl-C: the checkpoint is written; the study says how to go on
+        print(f"interrupted at step {e.step}; checkpoint {e.checkpoint}", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
