@@ -250,7 +250,7 @@ def test_giou_paired_is_the_diagonal():
     assert_close(got, num, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"b: expected shape \(2, 4\)"):
         ops.generalized_box_iou_paired_forward(a[:2], b[:3])
-    with pytest.raises(ValueError, match=r"dgiou: expected shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2,\)"):
         ops.generalized_box_iou_paired_backward(dg[:3], a[:2], b[:2])
     assert ops.generalized_box_iou_paired_forward(a[:0], b[:0]).shape == (0,)
 
@@ -371,12 +371,12 @@ def test_bad_input_names_the_argument():
         ops.box_cxcywh_to_xyxy_forward(np.array([0, np.nan, 1, 1], np.float32))
     with pytest.raises(ValueError, match=r"a: box 1 is not xyxy"):
         ops.generalized_box_iou_forward(np.array([[0, 0, 1, 1], [0, 1, 1, 0]], np.float32), good)
-    with pytest.raises(ValueError, match=r"dgiou: expected shape \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(1, 2\)"):
         ops.generalized_box_iou_backward(np.ones((2, 1), np.float32), good,
                                          np.concatenate([good, good]))
     with pytest.raises(ValueError, match=r"b: expected shape \(\.\.\., 4\)"):
         ops.box_xyxy_to_cxcywh_forward(np.zeros((2, 5), np.float32))
-    with pytest.raises(ValueError, match=r"dout: expected shape \(\.\.\., 4\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(\.\.\., 4\)"):
         ops.box_xyxy_to_cxcywh_backward(np.zeros(3, np.float32))
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match="targets: expected shape"):
@@ -389,11 +389,11 @@ def test_bad_input_names_the_argument():
         ops.sigmoid_focal_loss_forward(x, x, 0.25, -1.0)
     with pytest.raises(TypeError, match="targets"):
         ops.sigmoid_focal_loss_forward(x, x.astype(bool))
-    with pytest.raises(ValueError, match="dloss"):
+    with pytest.raises(ValueError, match="^dy: "):
         ops.sigmoid_focal_loss_backward(np.zeros(6, np.float32), x, x)
     with pytest.raises(ValueError, match="b: expected shape"):
         ops.l1_loss_forward(x, np.zeros(6, np.float32))
-    with pytest.raises(TypeError, match="dout"):
+    with pytest.raises(TypeError, match="^dy: "):
         ops.l1_loss_backward(np.zeros((2, 3), np.int64), x, x)
 
 

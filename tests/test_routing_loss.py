@@ -37,23 +37,23 @@ def cases(noise, target, k=2):
             kw = dict(noise=noise, probs=probs, variance=variance)
             c[f"importance-{probs}-{variance}"] = (
                 lambda g, m, kw=kw: ops.importance_loss_forward(g, mask=m, **kw),
-                lambda g, m, gr, kw=kw: ops.importance_loss_backward(g, mask=m, grad=gr, **kw),
+                lambda g, m, gr, kw=kw: ops.importance_loss_backward(g, mask=m, dy=gr, **kw),
                 lambda g, m, kw=kw: ref_importance(g, m, **kw))
         c[f"load-{variance}"] = (
             lambda g, m, v=variance: ops.load_loss_forward(g, noise, SIGMA, k, mask=m, variance=v),
             lambda g, m, gr, v=variance: ops.load_loss_backward(g, noise, SIGMA, k, mask=m,
-                                                                variance=v, grad=gr),
+                                                                variance=v, dy=gr),
             lambda g, m, v=variance: ref_load(g, noise, SIGMA, k, m, v))
     for counts in ("top1", "topk"):
         c[f"switch-{counts}"] = (
             lambda g, m, cn=counts: ops.switch_loss_forward(g, k=k, mask=m, counts=cn),
-            lambda g, m, gr, cn=counts: ops.switch_loss_backward(g, k=k, mask=m, counts=cn, grad=gr),
+            lambda g, m, gr, cn=counts: ops.switch_loss_backward(g, k=k, mask=m, counts=cn, dy=gr),
             lambda g, m, cn=counts: ref_switch(g, k, m, cn))
     c["z"] = (lambda g, m: ops.z_loss_forward(g, mask=m),
-              lambda g, m, gr: ops.z_loss_backward(g, mask=m, grad=gr),
+              lambda g, m, gr: ops.z_loss_backward(g, mask=m, dy=gr),
               lambda g, m: ref_z(g, m))
     c["damex"] = (lambda g, m: ops.damex_loss_forward(g, target, mask=m),
-                  lambda g, m, gr: ops.damex_loss_backward(g, target, mask=m, grad=gr),
+                  lambda g, m, gr: ops.damex_loss_backward(g, target, mask=m, dy=gr),
                   lambda g, m: ref_damex(g, target, m))
     return c
 
@@ -180,8 +180,8 @@ def test_importance_and_load_combine_linearly():
     def total(v, wi, wl):
         return wi * ref_importance(v) + wl * ref_load(v, noise, SIGMA, k)
     for wi, wl in ((1.0, 0.5), (0.5, 0.5)):
-        got = (ops.importance_loss_backward(g, grad=wi)
-               + ops.load_loss_backward(g, noise, SIGMA, k, grad=wl))
+        got = (ops.importance_loss_backward(g, dy=wi)
+               + ops.load_loss_backward(g, noise, SIGMA, k, dy=wl))
         num = numeric_grad(lambda v: total(v, wi, wl), g.astype(np.float64))
         grad_close(got, num, f"w=({wi},{wl})")
         assert_close(wi * ops.importance_loss_forward(g) + wl * ops.load_loss_forward(g, noise, SIGMA, k),
@@ -360,6 +360,7 @@ def test_bad_input():
         ("expert_target", lambda: ops.damex_loss_forward(g, np.full(6, 4))),
         ("expert_target", lambda: ops.damex_loss_backward(g, np.full(6, -1))),
         ("grad", lambda: ops.z_loss_backward(g, grad=float("inf"))),
+        ("dy", lambda: ops.z_loss_backward(g, dy=float("inf"))),
     ]:
         with pytest.raises(ValueError, match=bad_name):
             call()

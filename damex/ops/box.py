@@ -56,11 +56,11 @@ def box_cxcywh_to_xyxy_forward(b):
     return out
 
 
-def box_cxcywh_to_xyxy_backward(dout):
-    """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = _box_array(dout, "dout", finite=False)
-    db = np.zeros_like(dout)
-    _C.box_cxcywh_to_xyxy_backward(db, dout)
+def box_cxcywh_to_xyxy_backward(dy):
+    """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dy (..., 4) -> db (..., 4)."""
+    dy = _box_array(dy, "dy", finite=False)
+    db = np.zeros_like(dy)
+    _C.box_cxcywh_to_xyxy_backward(db, dy)
     return db
 
 
@@ -81,11 +81,11 @@ def box_xyxy_to_cxcywh_forward(b):
     return out
 
 
-def box_xyxy_to_cxcywh_backward(dout):
-    """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = _box_array(dout, "dout", finite=False)
-    db = np.zeros_like(dout)
-    _C.box_xyxy_to_cxcywh_backward(db, dout)
+def box_xyxy_to_cxcywh_backward(dy):
+    """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dy (..., 4) -> db (..., 4)."""
+    dy = _box_array(dy, "dy", finite=False)
+    db = np.zeros_like(dy)
+    _C.box_xyxy_to_cxcywh_backward(db, dy)
     return db
 
 
@@ -133,12 +133,12 @@ def generalized_box_iou_forward(a, b):
     return giou
 
 
-def generalized_box_iou_backward(dgiou, a, b):
+def generalized_box_iou_backward(dy, a, b):
     """Gradient of :func:`generalized_box_iou_forward` to both box sets.
 
     Parameters
     ----------
-    dgiou : ndarray, float32, shape (N, M)
+    dy : ndarray, float32, shape (N, M)
     a : ndarray, float32, shape (N, 4), xyxy
     b : ndarray, float32, shape (M, 4), xyxy
 
@@ -150,10 +150,10 @@ def generalized_box_iou_backward(dgiou, a, b):
     a = _xyxy(a, "a")
     b = _xyxy(b, "b")
     n, m = a.shape[0], b.shape[0]
-    dgiou = f32(dgiou, "dgiou", shape=(n, m))
+    dy = f32(dy, "dy", shape=(n, m))
     da = np.zeros_like(a)
     db = np.zeros_like(b)
-    _C.generalized_box_iou_backward(da, db, dgiou, a, b, n, m)
+    _C.generalized_box_iou_backward(da, db, dy, a, b, n, m)
     return da, db
 
 
@@ -181,12 +181,12 @@ def generalized_box_iou_paired_forward(a, b):
     return giou
 
 
-def generalized_box_iou_paired_backward(dgiou, a, b):
+def generalized_box_iou_paired_backward(dy, a, b):
     """Gradient of :func:`generalized_box_iou_paired_forward`.
 
     Parameters
     ----------
-    dgiou : ndarray, float32, shape (N,)
+    dy : ndarray, float32, shape (N,)
     a, b : ndarray, float32, shape (N, 4), xyxy
 
     Returns
@@ -196,10 +196,10 @@ def generalized_box_iou_paired_backward(dgiou, a, b):
     a = _xyxy(a, "a")
     b = _xyxy(b, "b")
     check_shape(b, "b", a.shape)
-    dgiou = f32(dgiou, "dgiou", shape=(a.shape[0],))
+    dy = f32(dy, "dy", shape=(a.shape[0],))
     da = np.zeros_like(a)
     db = np.zeros_like(b)
-    _C.generalized_box_iou_paired_backward(da, db, dgiou, a, b, a.shape[0])
+    _C.generalized_box_iou_paired_backward(da, db, dy, a, b, a.shape[0])
     return da, db
 
 
@@ -239,12 +239,12 @@ def sigmoid_focal_loss_forward(logits, targets, alpha=0.25, gamma=2.0):
     return loss
 
 
-def sigmoid_focal_loss_backward(dloss, logits, targets, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss_backward(dy, logits, targets, alpha=0.25, gamma=2.0):
     """Gradient of :func:`sigmoid_focal_loss_forward` to the logits.
 
     Parameters
     ----------
-    dloss : ndarray, float32, shape of logits
+    dy : ndarray, float32, shape of logits
     logits, targets, alpha, gamma : as in the forward
 
     Returns
@@ -252,9 +252,9 @@ def sigmoid_focal_loss_backward(dloss, logits, targets, alpha=0.25, gamma=2.0):
     dlogits : ndarray, float32, shape of logits
     """
     logits, targets, alpha, gamma = _focal_args(logits, targets, alpha, gamma)
-    dloss = f32(dloss, "dloss", shape=logits.shape)
+    dy = f32(dy, "dy", shape=logits.shape)
     dx = np.zeros_like(logits)
-    _C.sigmoid_focal_loss_backward(dx, dloss, logits, targets, alpha, gamma)
+    _C.sigmoid_focal_loss_backward(dx, dy, logits, targets, alpha, gamma)
     return dx
 
 
@@ -277,8 +277,8 @@ def l1_loss_forward(a, b):
     return out
 
 
-def l1_loss_backward(dout, a, b):
-    """Gradient of :func:`l1_loss_forward`: ``da = dout sign(a - b)``, ``db = -da``
+def l1_loss_backward(dy, a, b):
+    """Gradient of :func:`l1_loss_forward`: ``da = dy sign(a - b)``, ``db = -da``
     (``sign(0) = 0``, PyTorch's subgradient).
 
     Returns
@@ -287,8 +287,8 @@ def l1_loss_backward(dout, a, b):
     """
     a = f32(a, "a")
     b = f32(b, "b", shape=a.shape)
-    dout = f32(dout, "dout", shape=a.shape)
+    dy = f32(dy, "dy", shape=a.shape)
     da = np.zeros_like(a)
     db = np.zeros_like(a)
-    _C.l1_loss_backward(da, db, dout, a, b)
+    _C.l1_loss_backward(da, db, dy, a, b)
     return da, db
