@@ -18,6 +18,7 @@
 
 #include <math.h>
 
+#include "parallel.h"
 #include "status.h"
 
 /* Parity with PyTorch needs every float32 product rounded on its own. */
@@ -136,7 +137,7 @@ static inline float giou_of(const struct giou_pair *p)
 int box_iou_forward(float *iou, float *union_area, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * M > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * M > PAR_MIN_BOX_PAIRS)
     for (int i = 0; i < N; i++) {
         for (int j = 0; j < M; j++) {
             struct giou_pair p;
@@ -155,7 +156,7 @@ int box_iou_forward(float *iou, float *union_area, const float *a, const float *
 int generalized_box_iou_forward(float *giou, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * M > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * M > PAR_MIN_BOX_PAIRS)
     for (int i = 0; i < N; i++) {
         for (int j = 0; j < M; j++) {
             struct giou_pair p;
@@ -239,7 +240,7 @@ int generalized_box_iou_backward(float *da, float *db, const float *dy, const fl
                                  const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-    int par = (long)N * M > 4096;
+    int par = (long)N * M > PAR_MIN_BOX_PAIRS_BACKWARD;
 #pragma omp parallel for schedule(static) if (par)
     for (int i = 0; i < N; i++) {
         double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -332,7 +333,7 @@ int sigmoid_focal_loss_forward(float *loss, const float *x, const float *t, long
                                float gamma)
 {
     if (n < 0 || !(gamma >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         double p, q, ce, ti = t[i];
         focal_parts(x[i], ti, &p, &q, &ce);
@@ -351,7 +352,7 @@ int sigmoid_focal_loss_backward(float *dx, const float *dy, const float *x, cons
                                 long n, float alpha, float gamma)
 {
     if (n < 0 || !(gamma >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         double p, q, ce, ti = t[i];
         focal_parts(x[i], ti, &p, &q, &ce);
