@@ -73,7 +73,7 @@ def main():
         torch.set_num_threads(1)
     except ImportError:
         torch = None
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {timing.load_average():.2f}")
     _C.set_num_threads(1)
     for T, E in shapes:
         rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def main():
                 row += (f" {tf[0]*1e6:8.1f}/{tf[1]*1e6:8.1f} {tb[0]*1e6:8.1f}/{tb[1]*1e6:8.1f}"
                         f" {tb[0]/fb[0]:13.1f}x")
             print(row)
-    print(f"\nload average after: {os.getloadavg()}")
+    print(f"\nload average after: {timing.load_average():.2f}")
 
 
 if __name__ == "__main__":
