@@ -39,6 +39,16 @@ def _xyxy(b, name):
     return a
 
 
+def _box_map(kernel, v, name, backward=False):
+    """kernel(out, v) on (..., 4) arrays: a conversion forward (v = boxes, finite;
+    out fresh) or its backward (v = dy, any float; out zeroed, as the kernel
+    accumulates)."""
+    v = _box_array(v, name, finite=not backward)
+    out = np.zeros_like(v) if backward else np.empty_like(v)
+    kernel(out, v)
+    return out
+
+
 def box_cxcywh_to_xyxy_forward(b):
     """(cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2).
 
@@ -50,18 +60,12 @@ def box_cxcywh_to_xyxy_forward(b):
     -------
     out : ndarray, float32, shape (..., 4)
     """
-    b = _box_array(b, "b")
-    out = np.empty_like(b)
-    _C.box_cxcywh_to_xyxy_forward(out, b)
-    return out
+    return _box_map(_C.box_cxcywh_to_xyxy_forward, b, "b")
 
 
 def box_cxcywh_to_xyxy_backward(dy):
     """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dy (..., 4) -> db (..., 4)."""
-    dy = _box_array(dy, "dy", finite=False)
-    db = np.zeros_like(dy)
-    _C.box_cxcywh_to_xyxy_backward(db, dy)
-    return db
+    return _box_map(_C.box_cxcywh_to_xyxy_backward, dy, "dy", backward=True)
 
 
 def box_xyxy_to_cxcywh_forward(b):
@@ -75,18 +79,12 @@ def box_xyxy_to_cxcywh_forward(b):
     -------
     out : ndarray, float32, shape (..., 4)
     """
-    b = _box_array(b, "b")
-    out = np.empty_like(b)
-    _C.box_xyxy_to_cxcywh_forward(out, b)
-    return out
+    return _box_map(_C.box_xyxy_to_cxcywh_forward, b, "b")
 
 
 def box_xyxy_to_cxcywh_backward(dy):
     """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dy (..., 4) -> db (..., 4)."""
-    dy = _box_array(dy, "dy", finite=False)
-    db = np.zeros_like(dy)
-    _C.box_xyxy_to_cxcywh_backward(db, dy)
-    return db
+    return _box_map(_C.box_xyxy_to_cxcywh_backward, dy, "dy", backward=True)
 
 
 def box_iou_forward(a, b):
