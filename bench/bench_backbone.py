@@ -5,8 +5,7 @@ damex against torch on the same cores, with the same weights.
 
 Timing as bench/bench_nn.py (interleaved repeats, best of 1 and 2 threads per side,
 ratio = torch / damex, > 1: damex faster).  Also prints the features' max error relative
-to torch's largest value.  The torch model is the test twin (tests/resnet_twin.py), so this
-runs from a source checkout.
+to torch's largest value.  The torch model is the twin damex.testing.resnet_twin.
 """
 import argparse
 import os
@@ -16,15 +15,14 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 import torch  # noqa: E402
 from bench_nn import line, race  # noqa: E402
-from resnet_twin import random_resnet  # noqa: E402
 
 from damex import ops  # noqa: E402
 from damex.autograd import no_grad  # noqa: E402
 from damex.models.backbone import resnet50  # noqa: E402
+from damex.testing.resnet_twin import random_resnet  # noqa: E402
 
 
 def main():

@@ -265,10 +265,10 @@ def main():
             print("torch not installed: PyTorch columns skipped")
     print(f"cores {os.cpu_count()}, damex threads (openblas, openmp) {_C.get_num_threads()}, "
           f"torch {_torch.__version__ if _torch else 'n/a'}, "
-          f"load average {os.getloadavg()[0]:.2f}, {args.stat} of {repeats} repeats")
+          f"load average {timing.load_average():.2f}, {args.stat} of {repeats} repeats")
     for s in shapes:
         bench_shape(s, repeats, _torch)
-    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+    print(f"\nload average at the end {timing.load_average():.2f}")
 
 
 if __name__ == "__main__":

@@ -75,16 +75,6 @@ def bench_msda(torch, name, N, M, D, levels, Lq, P, reps):
 
 # ---- attention ----------------------------------------------------------
 
-def torch_attention(torch, q, k, v, H, attn_mask):
-    """Eager PyTorch with the same outputs as damex (out and the attention map)."""
-    N, Lq, C = q.shape
-    hd = C // H
-    qh, kh, vh = (t.reshape(N, -1, H, hd).transpose(1, 2) for t in (q, k, v))
-    s = (qh @ kh.transpose(-1, -2)) * hd ** -0.5
-    a = torch.softmax(s.masked_fill(attn_mask, float("-inf")), -1)
-    return (a @ vh).transpose(1, 2).reshape(N, Lq, C), a
-
-
 def bench_attention(torch, N, L, C, H, reps):
     rng = np.random.default_rng(1)
     q, k, v, gout = (rng.normal(size=(N, L, C)).astype(np.float32) for _ in range(4))
@@ -108,11 +98,11 @@ def bench_attention(torch, N, L, C, H, reps):
 
     def torch_fwd():
         with torch.no_grad():
-            torch_attention(torch, tq, tk, tv, H, tm)
+            torch_twins.attention(tq, tk, tv, H, tm)
 
     def torch_fwd_bwd():
         tq.grad = tk.grad = tv.grad = None
-        torch_attention(torch, tq, tk, tv, H, tm)[0].backward(tg)
+        torch_twins.attention(tq, tk, tv, H, tm)[0].backward(tg)
 
     def torch_sdpa():
         with torch.no_grad():

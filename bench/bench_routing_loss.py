@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from damex import _C, ops  # noqa: E402
-from damex.testing import timing  # noqa: E402
+from damex.testing import timing, torch_twins  # noqa: E402
 
 
 def best(fn, repeats, inner):
@@ -42,25 +42,12 @@ def damex_cases(g, noise, target, sigma, k):
 def torch_cases(torch, g, noise, target, sigma, k):
     n = torch.tensor(noise)
     y = torch.tensor(target)
-    E = g.shape[1]
-
-    def cv(S):
-        return S.var(unbiased=False) / S.mean() ** 2
-
-    def load(t):
-        gn = t + n
-        thr = gn.gather(1, torch.topk(gn, k, dim=1).indices[:, k - 1:k])
-        return cv((1 - torch.special.ndtr((thr - t) / sigma)).sum(0))
-
-    def switch(t):
-        f = torch.bincount(t.detach().argmax(1), minlength=E).to(t.dtype) / t.shape[0]
-        return E * (f * torch.softmax(t, 1).mean(0)).sum()
     fns = {
-        "importance": lambda t: cv(torch.softmax(t, 1).sum(0)),
-        "load": load,
-        "switch": switch,
-        "z": lambda t: (torch.logsumexp(t, 1) ** 2).mean(),
-        "damex": lambda t: torch.nn.functional.cross_entropy(t, y),
+        "importance": torch_twins.importance_loss,
+        "load": lambda t: torch_twins.load_loss(t, n, sigma, k),
+        "switch": torch_twins.switch_loss,
+        "z": torch_twins.z_loss,
+        "damex": lambda t: torch_twins.damex_loss(t, y),
     }
     out = {}
     for name, f in fns.items():
@@ -86,7 +73,7 @@ def main():
         torch.set_num_threads(1)
     except ImportError:
         torch = None
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {timing.load_average():.2f}")
     _C.set_num_threads(1)
     for T, E in shapes:
         rng = np.random.default_rng(0)
@@ -110,7 +97,7 @@ def main():
                 row += (f" {tf[0]*1e6:8.1f}/{tf[1]*1e6:8.1f} {tb[0]*1e6:8.1f}/{tb[1]*1e6:8.1f}"
                         f" {tb[0]/fb[0]:13.1f}x")
             print(row)
-    print(f"\nload average after: {os.getloadavg()}")
+    print(f"\nload average after: {timing.load_average():.2f}")
 
 
 if __name__ == "__main__":

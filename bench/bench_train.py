@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import damex  # noqa: E402
 from damex import autograd, ops  # noqa: E402
 from damex.engine.config import run_config_from_dict  # noqa: E402
+from damex.testing import timing  # noqa: E402
 
 PARTS = ("data", "backbone", "encoder", "decoder", "moe", "dino other", "criterion",
          "matcher", "tape overhead", "clip+adamw")
@@ -213,7 +214,7 @@ def instrumented_step(trainer, prof):
 
 
 def load():
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    return f"load average {timing.load_average():.2f}"
 
 
 def fmt_table(rows, header):
@@ -251,11 +252,7 @@ def main(argv=None):
     # 1. plain steps
     for _ in range(args.warmup):
         trainer.train_step()
-    plain = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        trainer.train_step()
-        plain.append(time.perf_counter() - t0)
+    plain = [timing.call_time(trainer.train_step)[0] for _ in range(args.steps)]
     med = statistics.median(plain)
     B = args.batch_size
     print(f"\nstep time (plain train_step): median {med:.3f} s/step = {med / B:.3f} s/image "

@@ -203,12 +203,12 @@ class Tensor:
         self.grad = None
 
     # ------------------------------------------------------------ the backward
-    def backward(self, grad=None, retain_graph=False):
-        """Accumulate d(self)/d(leaf) * grad into ``leaf.grad`` of every leaf.
+    def backward(self, dy=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) * dy into ``leaf.grad`` of every leaf.
 
         Parameters
         ----------
-        grad : array_like, optional
+        dy : array_like, optional
             The gradient of some scalar w.r.t. this tensor; defaults to 1 for a
             one-element tensor.
         retain_graph : bool
@@ -217,15 +217,15 @@ class Tensor:
         """
         if not self.requires_grad:
             raise RuntimeError("backward: this tensor does not require grad and has no grad_fn")
-        if grad is None:
+        if dy is None:
             if self.data.size != 1:
-                raise RuntimeError(f"backward: grad can be implicitly created only for a one-element "
+                raise RuntimeError(f"backward: dy can be implicitly created only for a one-element "
                                    f"tensor, got shape {self.shape}")
-            grad = np.ones(self.shape, np.float32)
-        grad = _f32(grad)
-        if grad.shape != self.shape:
-            raise ValueError(f"backward: grad has shape {grad.shape}, expected {self.shape}")
-        backward_from([(self, grad)], retain_graph=retain_graph)
+            dy = np.ones(self.shape, np.float32)
+        dy = _f32(dy)
+        if dy.shape != self.shape:
+            raise ValueError(f"backward: dy has shape {dy.shape}, expected {self.shape}")
+        backward_from([(self, dy)], retain_graph=retain_graph)
 
     # ------------------------------------------------------------------ algebra
     # Operators and methods that are this module's functions with the tensor first are

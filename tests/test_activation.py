@@ -7,6 +7,7 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, numeric_grad, torch_or_skip, unchanged
+from damex.testing import torch_twins
 from damex.testing.reference import activation as ref_forward
 
 
@@ -35,9 +36,7 @@ def test_parity_with_torch(act):
     x = rng.normal(0, 3, (64, 17)).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
     xt = torch.tensor(x, requires_grad=True)
-    f = {"gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-         "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
-    yt = f(xt)
+    yt = torch_twins.activation(xt, act)
     yt.backward(torch.tensor(dy))
     # float32 against float32: both sit within ~1e-6 of the float64 truth
     assert_close(ops.activation_forward(x, act), yt.detach().numpy(), atol=5e-6, rtol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 
 from damex import ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing import torch_twins
 from damex.testing.reference import attention as ref_attention
 
 
@@ -61,14 +62,7 @@ def test_parity_with_torch(shape):
     am[:, 0] = False  # torch gives NaN on fully blocked rows: keep one key open
     kpm[:, 0] = False
     tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
-    d = C // H
-
-    def heads(t, L):
-        return t.reshape(N, L, H, d).transpose(1, 2)
-    s = heads(tq, Lq) @ heads(tk, Lk).transpose(-1, -2) / d ** 0.5
-    blocked = torch.tensor(am)[None, None] | torch.tensor(kpm)[:, None, None, :]
-    p = torch.softmax(s.masked_fill(blocked, float("-inf")), -1)
-    tout = (p @ heads(tv, Lk)).transpose(1, 2).reshape(N, Lq, C)
+    tout, _ = torch_twins.attention(tq, tk, tv, H, am, kpm)
     dout = np.random.default_rng(7).normal(size=tout.shape).astype(np.float32)
     tout.backward(torch.tensor(dout))
     out, attn = ops.attention_forward(q, k, v, H, attn_mask=am, key_padding_mask=kpm)
@@ -180,12 +174,7 @@ def test_dino_mask_with_padding_against_float64_torch():
     kpm[1, -7:] = True
     dout = np.random.default_rng(13).normal(size=q.shape).astype(np.float32)
     tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
-    d = C // H
-    s = (tq.reshape(N, L, H, d).transpose(1, 2) @ tk.reshape(N, L, H, d).transpose(1, 2)
-         .transpose(-1, -2)) / d ** 0.5
-    blocked = torch.tensor(am)[None, None] | torch.tensor(kpm)[:, None, None, :]
-    p = torch.softmax(s.masked_fill(blocked, float("-inf")), -1)
-    tout = (p @ tv.reshape(N, L, H, d).transpose(1, 2)).transpose(1, 2).reshape(N, L, C)
+    tout, p = torch_twins.attention(tq, tk, tv, H, am, kpm)
     tout.backward(torch.tensor(dout, dtype=torch.float64))
     out, attn = ops.attention_forward(q, k, v, H, attn_mask=am, key_padding_mask=kpm)
     assert_close(out, tout.detach().numpy(), atol=1e-5, rtol=1e-4, name="out")
@@ -202,9 +191,6 @@ def test_fully_blocked_row_is_zero_where_torch_gives_nan():
     am = np.zeros((3, 4), bool)
     am[1] = True
     out, _ = ops.attention_forward(q, k, v, 2, attn_mask=am)
-    t = [torch.tensor(a).reshape(1, -1, 2, 2).transpose(1, 2) for a in (q, k, v)]
-    s = (t[0] @ t[1].transpose(-1, -2)) / 2 ** 0.5
-    ref = (torch.softmax(s.masked_fill(torch.tensor(am), float("-inf")), -1) @ t[2])
-    ref = ref.transpose(1, 2).reshape(1, 3, 4).numpy()
+    ref = torch_twins.attention(*(torch.tensor(a) for a in (q, k, v)), 2, am)[0].numpy()
     assert np.isnan(ref[0, 1]).all() and (out[0, 1] == 0).all()
     assert_close(out[0, [0, 2]], ref[0, [0, 2]], atol=2e-6, rtol=1e-5)

@@ -155,7 +155,7 @@ def _expected_keys(torch_model):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
 def test_resnet_names_and_shapes_are_torchvision(arch):
     torch_or_skip()
-    from resnet_twin import TorchResNet
+    from damex.testing.resnet_twin import TorchResNet
     tm = TorchResNet(arch)
     ours = getattr(backbone, arch)().state_dict()
     assert list(ours) == _expected_keys(tm)
@@ -198,7 +198,7 @@ def test_tiny_backbone_has_the_real_stem():
 
 def test_resnet18_features_match_torch_in_process(tmp_path):
     torch = torch_or_skip()
-    from resnet_twin import random_resnet
+    from damex.testing.resnet_twin import random_resnet
     from damex import convert, weights
     tm = random_resnet("resnet18", seed=4)
     torch.save(tm.state_dict(), tmp_path / "r18.pth")
@@ -233,7 +233,7 @@ SUBPROCESS = textwrap.dedent("""
 def test_resnet50_pth_read_without_torch_matches_torch(tmp_path):
     """torch twin -> torch.save -> .pth -> damex (torch blocked) -> convert -> features."""
     torch = torch_or_skip()
-    from resnet_twin import random_resnet
+    from damex.testing.resnet_twin import random_resnet
     tm = random_resnet("resnet50", seed=6)
     torch.save(tm.state_dict(), tmp_path / "resnet50.pth")
     x = np.random.default_rng(7).normal(size=(1, 3, 96, 80)).astype(np.float32)

@@ -11,38 +11,7 @@ from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_ski
 from damex.testing.reference import (box_iou as ref_box_iou, cxcywh_to_xyxy as ref_cxcywh_to_xyxy,
                                      generalized_box_iou as ref_giou, sigmoid_focal_loss as ref_focal,
                                      xyxy_to_cxcywh as ref_xyxy_to_cxcywh)
-
-
-# ---- float64 NumPy references ---------------------------------------------
-
-# ---- DETR / torchvision in PyTorch ------------------------------------------
-
-def torch_giou(torch, b1, b2):
-    """DINO util/box_ops.py generalized_box_iou (and box_iou, 1e-6 in both divisions), rewritten."""
-    area1 = (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1])
-    area2 = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
-    lt = torch.max(b1[:, None, :2], b2[:, :2])
-    rb = torch.min(b1[:, None, 2:], b2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[:, :, 0] * wh[:, :, 1]
-    union = area1[:, None] + area2 - inter
-    iou = inter / (union + 1e-6)
-    lt = torch.min(b1[:, None, :2], b2[:, :2])
-    rb = torch.max(b1[:, None, 2:], b2[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    area = wh[:, :, 0] * wh[:, :, 1]
-    return iou - (area - union) / (area + 1e-6), iou, union
-
-
-def torch_focal(torch, x, t, alpha=0.25, gamma=2.0):
-    """torchvision.ops.sigmoid_focal_loss, reduction="none", rewritten."""
-    p = torch.sigmoid(x)
-    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
-    return loss
+from damex.testing import torch_twins
 
 
 def random_xyxy(rng, n, lo=0.02, hi=0.5):
@@ -162,7 +131,8 @@ def test_giou_parity_with_torch(case):
     dg = rng.normal(size=(a.shape[0], b.shape[0])).astype(np.float32)
     at = torch.tensor(a, requires_grad=True)
     bt = torch.tensor(b, requires_grad=True)
-    giou, iou, union = torch_giou(torch, at, bt)
+    giou = torch_twins.generalized_box_iou(at, bt)
+    iou, union = torch_twins.box_iou(at, bt)
     giou.backward(torch.tensor(dg))
     # DETR's float32 formulas in DETR's order: the same bits
     np.testing.assert_array_equal(ops.generalized_box_iou_forward(a, b), giou.detach().numpy())
@@ -202,7 +172,8 @@ def test_zero_area_boxes_are_finite_with_defined_values():
     assert giou[1, 1] == 0 and giou[1, 3] == 0         # collinear segments: union 0, C 0
     assert abs(giou[0, 1] + 1) < 1e-4 and abs(giou[1, 0] + 1) < 1e-4   # point vs segment: union 0
     # every pair is DINO's value (1e-6 in the union and in C) to the bit
-    ref, ref_iou, _ = torch_giou(torch, torch.tensor(a), torch.tensor(b))
+    ref = torch_twins.generalized_box_iou(torch.tensor(a), torch.tensor(b))
+    ref_iou, _ = torch_twins.box_iou(torch.tensor(a), torch.tensor(b))
     np.testing.assert_array_equal(giou, ref.numpy())
     np.testing.assert_array_equal(iou, ref_iou.numpy())
     assert_close(giou, ref_giou(a, b), atol=1e-6, rtol=1e-5)
@@ -211,7 +182,7 @@ def test_zero_area_boxes_are_finite_with_defined_values():
     assert not da_pt.any() and not db_pt.any()
     # ... and the segments get DINO's (large, finite) gradient
     at, bt = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
-    torch_giou(torch, at, bt)[0].sum().backward()
+    torch_twins.generalized_box_iou(at, bt).sum().backward()
     assert_close(da, at.grad.numpy(), atol=1e-4, rtol=1e-5)
     assert_close(db, bt.grad.numpy(), atol=1e-4, rtol=1e-5)
 
@@ -223,7 +194,7 @@ def test_giou_gradient_to_a_zero_area_box_matches_torch():
     dg = np.array([[1.0, -2.0], [0.5, 1.5]], np.float32)
     at = torch.tensor(a, requires_grad=True)
     bt = torch.tensor(b, requires_grad=True)
-    g, _, _ = torch_giou(torch, at, bt)
+    g = torch_twins.generalized_box_iou(at, bt)
     g.backward(torch.tensor(dg))
     da, db = ops.generalized_box_iou_backward(dg, a, b)
     assert_close(da, at.grad.numpy(), atol=2e-6, rtol=1e-5)
@@ -267,7 +238,7 @@ def test_giou_paired_is_the_diagonal():
     np.testing.assert_array_equal(db, fb)
     at = torch.tensor(a[:-1], requires_grad=True)  # DETR: NaN on the point pair
     bt = torch.tensor(b[:-1], requires_grad=True)
-    g, _, _ = torch_giou(torch, at, bt)
+    g = torch_twins.generalized_box_iou(at, bt)
     torch.diag(g).backward(torch.tensor(dg[:-1]))
     assert_close(da[:-1], at.grad.numpy(), atol=2e-6, rtol=1e-5)
     assert_close(db[:-1], bt.grad.numpy(), atol=2e-6, rtol=1e-5)
@@ -279,7 +250,7 @@ def test_giou_paired_is_the_diagonal():
     assert_close(got, num, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"b: expected shape \(2, 4\)"):
         ops.generalized_box_iou_paired_forward(a[:2], b[:3])
-    with pytest.raises(ValueError, match=r"dgiou: expected shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2,\)"):
         ops.generalized_box_iou_paired_backward(dg[:3], a[:2], b[:2])
     assert ops.generalized_box_iou_paired_forward(a[:0], b[:0]).shape == (0,)
 
@@ -314,7 +285,7 @@ def test_focal_parity_with_torch(alpha, gamma):
     dl = rng.normal(size=x.shape).astype(np.float32)
     # float64 torch on the same float32 inputs: the exact values we round
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    lt = torch_focal(torch, xt, torch.tensor(t, dtype=torch.float64), alpha, gamma)
+    lt = torch_twins.sigmoid_focal_loss(xt, torch.tensor(t, dtype=torch.float64), alpha, gamma)
     lt.backward(torch.tensor(dl, dtype=torch.float64))
     assert_close(ops.sigmoid_focal_loss_forward(x, t, alpha, gamma), lt.detach().numpy(),
                  atol=1e-7, rtol=1e-6)
@@ -322,7 +293,7 @@ def test_focal_parity_with_torch(alpha, gamma):
                  atol=1e-7, rtol=1e-6)
     # float32 torch: agrees to float32 rounding of its own cancellation in 1 - p_t
     xt = torch.tensor(x, requires_grad=True)
-    lt = torch_focal(torch, xt, torch.tensor(t), alpha, gamma)
+    lt = torch_twins.sigmoid_focal_loss(xt, torch.tensor(t), alpha, gamma)
     lt.backward(torch.tensor(dl))
     assert_close(ops.sigmoid_focal_loss_forward(x, t, alpha, gamma), lt.detach().numpy(),
                  atol=1e-6, rtol=1e-4)
@@ -339,7 +310,7 @@ def test_focal_large_logits_stable():
     dx = ops.sigmoid_focal_loss_backward(np.ones_like(x), x, t)
     assert np.isfinite(loss).all() and np.isfinite(dx).all()
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    lt = torch_focal(torch, xt, torch.tensor(t, dtype=torch.float64))
+    lt = torch_twins.sigmoid_focal_loss(xt, torch.tensor(t, dtype=torch.float64))
     lt.sum().backward()
     assert_close(loss, lt.detach().numpy(), atol=1e-30, rtol=1e-6)
     assert_close(dx, xt.grad.numpy(), atol=1e-30, rtol=1e-6)
@@ -400,12 +371,12 @@ def test_bad_input_names_the_argument():
         ops.box_cxcywh_to_xyxy_forward(np.array([0, np.nan, 1, 1], np.float32))
     with pytest.raises(ValueError, match=r"a: box 1 is not xyxy"):
         ops.generalized_box_iou_forward(np.array([[0, 0, 1, 1], [0, 1, 1, 0]], np.float32), good)
-    with pytest.raises(ValueError, match=r"dgiou: expected shape \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(1, 2\)"):
         ops.generalized_box_iou_backward(np.ones((2, 1), np.float32), good,
                                          np.concatenate([good, good]))
     with pytest.raises(ValueError, match=r"b: expected shape \(\.\.\., 4\)"):
         ops.box_xyxy_to_cxcywh_forward(np.zeros((2, 5), np.float32))
-    with pytest.raises(ValueError, match=r"dout: expected shape \(\.\.\., 4\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(\.\.\., 4\)"):
         ops.box_xyxy_to_cxcywh_backward(np.zeros(3, np.float32))
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match="targets: expected shape"):
@@ -418,11 +389,11 @@ def test_bad_input_names_the_argument():
         ops.sigmoid_focal_loss_forward(x, x, 0.25, -1.0)
     with pytest.raises(TypeError, match="targets"):
         ops.sigmoid_focal_loss_forward(x, x.astype(bool))
-    with pytest.raises(ValueError, match="dloss"):
+    with pytest.raises(ValueError, match="^dy: "):
         ops.sigmoid_focal_loss_backward(np.zeros(6, np.float32), x, x)
     with pytest.raises(ValueError, match="b: expected shape"):
         ops.l1_loss_forward(x, np.zeros(6, np.float32))
-    with pytest.raises(TypeError, match="dout"):
+    with pytest.raises(TypeError, match="^dy: "):
         ops.l1_loss_backward(np.zeros((2, 3), np.int64), x, x)
 
 

@@ -11,6 +11,7 @@ from helpers import assert_close, torch_or_skip
 from damex.testing import torch_twins
 
 torch = torch_or_skip()
+from damex.testing.dino_twin import MSDeformAttn  # noqa: E402 (imports torch)
 tnn, tF = torch.nn, torch.nn.functional
 
 
@@ -46,30 +47,9 @@ class Net(nn.Module):
         return self.head(tokens + y)
 
 
-class TorchMSDA(tnn.Module):
-    """Deformable-DETR's MSDeformAttn.forward with the grid_sample core."""
-
-    def __init__(self, d, L, M, P):
-        super().__init__()
-        self.L, self.M, self.P = L, M, P
-        self.sampling_offsets = tnn.Linear(d, M * L * P * 2)
-        self.attention_weights = tnn.Linear(d, M * L * P)
-        self.value_proj = tnn.Linear(d, d)
-        self.output_proj = tnn.Linear(d, d)
-
-    def forward(self, query, ref, inp, shapes, mask):
-        N, Lq, d = query.shape
-        value = self.value_proj(inp).masked_fill(mask[..., None], 0.0).view(N, -1, self.M, d // self.M)
-        off = self.sampling_offsets(query).view(N, Lq, self.M, self.L, self.P, 2)
-        aw = tF.softmax(self.attention_weights(query).view(N, Lq, self.M, self.L * self.P), -1)
-        aw = aw.view(N, Lq, self.M, self.L, self.P)
-        t_shapes = torch.tensor(shapes)
-        normalizer = torch.stack([t_shapes[:, 1], t_shapes[:, 0]], -1).float()
-        loc = ref[:, :, None, :, None, :] + off / normalizer[None, None, None, :, None, :]
-        return self.output_proj(torch_twins.ms_deform_attn(value, shapes, loc, aw))
-
-
 class TorchMoE(tnn.Module):
+    """nn.MoE's parameters (same names) around the twin of the layer given its choices."""
+
     def __init__(self):
         super().__init__()
         self.w_router = tnn.Parameter(torch.zeros(C, E))
@@ -78,21 +58,12 @@ class TorchMoE(tnn.Module):
 
     def forward(self, x, noise, expert_index, target, mask):
         """Dropless top-k with the given (tie-free) choices; returns y and the DAMEX loss."""
-        T = x.shape[0]
-        logits = x @ self.w_router
-        probs = torch.softmax(logits + torch.tensor(noise), -1)
-        chosen = probs.detach().topk(expert_index.shape[1], -1).indices.numpy()
-        m = torch.tensor(mask)
+        y, logits, noisy = torch_twins.moe_layer_on_choices(
+            x, self.w_router, self.w1, self.b1, self.w2, self.b2, expert_index, noise, act="gelu",
+            kept=mask[:, None])
+        chosen = noisy.detach().topk(expert_index.shape[1], -1).indices.numpy()
         assert (chosen[mask] == expert_index[mask]).all(), "routing differs from torch's top-k"
-        idx = torch.tensor(expert_index)
-        cw = probs.gather(1, idx) * m[:, None]
-        y = torch.zeros_like(x)
-        for j in range(idx.shape[1]):
-            e = idx[:, j]
-            h = tF.gelu(torch.einsum("td,tdf->tf", x, self.w1[e]) + self.b1[e])
-            y = y + cw[:, j:j + 1] * (torch.einsum("tf,tfd->td", h, self.w2[e]) + self.b2[e])
-        aux = tF.cross_entropy(logits[m], torch.tensor(target)[m])
-        return y, aux
+        return y, torch_twins.damex_loss(logits, target, mask)
 
 
 class TorchNet(tnn.Module):
@@ -102,7 +73,7 @@ class TorchNet(tnn.Module):
         self.gn = tnn.GroupNorm(4, C)
         self.conv2 = tnn.Conv2d(C, C, 3, stride=2, padding=1)
         self.attn = tnn.MultiheadAttention(C, H)
-        self.msda = TorchMSDA(C, 2, H, 2)
+        self.msda = MSDeformAttn(C, 2, H, 2)
         self.norm = tnn.LayerNorm(C)
         self.moe = TorchMoE()
         self.head = tnn.Linear(C, 4)

@@ -9,6 +9,7 @@ from damex.models.denoising import make_attn_mask, prepare_cdn
 from damex.models.matcher import hungarian_match, match_cost
 from damex.models.position_encoding import sine_box_encoding, sine_position_encoding
 from damex.models.postprocess import postprocess
+from damex.testing.reference import cxcywh_to_xyxy, sigmoid
 from helpers import assert_close
 
 
@@ -30,18 +31,15 @@ def test_cdn_layout_and_noise_bounds():
     np.testing.assert_array_equal(dn.positive[2][0], [0, 4, 8])
     np.testing.assert_array_equal(dn.labels[0, q], [1, 4, 1, 4, 1, 4])   # no label noise
     assert (dn.labels[1] == 5).all()                                        # padding id
-    boxes = 1 / (1 + np.exp(-dn.box_logits.astype(np.float64)))
+    boxes = sigmoid(dn.box_logits)
     gt = _targets()[0]["boxes"]
-
-    def corners(b):
-        return np.concatenate([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
     half = 0.2 * np.concatenate([gt[:, 2:] / 2] * 2, 1)  # scale 0.2: no box flips over
     for grp in range(3):
-        pos = corners(boxes[0, 4 * grp:4 * grp + 2])
-        neg = corners(boxes[0, 4 * grp + 2:4 * grp + 4])
-        assert (np.abs(pos - corners(gt)) <= half + 1e-6).all()         # moved < half size
-        assert (np.abs(neg - corners(gt)) >= half - 1e-6).all()         # moved >= half size
-        assert (np.abs(neg - corners(gt)) <= 2 * half + 1e-6).all()
+        pos = cxcywh_to_xyxy(boxes[0, 4 * grp:4 * grp + 2])
+        neg = cxcywh_to_xyxy(boxes[0, 4 * grp + 2:4 * grp + 4])
+        assert (np.abs(pos - cxcywh_to_xyxy(gt)) <= half + 1e-6).all()         # moved < half size
+        assert (np.abs(neg - cxcywh_to_xyxy(gt)) >= half - 1e-6).all()         # moved >= half size
+        assert (np.abs(neg - cxcywh_to_xyxy(gt)) <= 2 * half + 1e-6).all()
 
 
 def test_cdn_attention_mask():

@@ -13,12 +13,11 @@ from damex import ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
 from damex.testing.reference import (expert_ffn as expert_ref, moe_combine as combine_ref,
                                      moe_dispatch as dispatch_ref, moe_layer as layer_ref,
-                                     moe_route as route_ref, packed_rows as rows_of)
+                                     moe_route as route_ref)
+from damex.testing import torch_twins
 
 ACTS = ("gelu_tanh", "gelu", "relu")
 
-
-# ---- float64 references ------------------------------------------------------
 
 # ---- inputs --------------------------------------------------------------------
 
@@ -114,24 +113,6 @@ def test_expert_ffn_forward_backward(act):
 
 # ---- PyTorch parity of the three ops on the same routing -----------------------
 
-def torch_pipeline(torch, x, route, w1, b1, w2, b2, act):
-    """Dispatch by index_select, per-expert Linear-act-Linear, index_add combine."""
-    fn = {"gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-          "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
-    rows = rows_of(route)
-    kept = np.argwhere(rows >= 0)
-    order = np.argsort(rows[rows >= 0])
-    tok = torch.tensor(kept[order, 0])
-    xe = x.index_select(0, tok)
-    outs, off = [], 0
-    for e, n in enumerate(route.expert_count):
-        outs.append(fn(xe[off:off + n] @ w1[e] + b1[e]) @ w2[e] + b2[e])
-        off += int(n)
-    ye = torch.cat(outs)
-    cw = route.cw_t[kept[order, 0], kept[order, 1]]
-    return torch.zeros_like(x).index_add(0, tok, ye * cw[:, None])
-
-
 @pytest.mark.parametrize("act", ACTS)
 def test_parity_with_torch(act):
     torch = torch_or_skip()
@@ -150,14 +131,14 @@ def test_parity_with_torch(act):
 
     tx = torch.tensor(x, requires_grad=True)
     tw = [torch.tensor(a, requires_grad=True) for a in w]
-    route.cw_t = torch.tensor(route.combine_weight, requires_grad=True)
-    ty = torch_pipeline(torch, tx, route, *tw, act)
+    cw_t = torch.tensor(route.combine_weight, requires_grad=True)
+    ty = torch_twins.moe_experts(tx, route.expert_index, route.slot >= 0, cw_t, *tw, act)
     ty.backward(torch.tensor(dy))
     assert_close(y, ty.detach().numpy(), atol=1e-5, rtol=1e-4, name="y")
     assert_close(dx, tx.grad.numpy(), atol=1e-4, rtol=1e-4, name="dx")
     for name, got, t in zip(["w1", "b1", "w2", "b2"], dw, tw):
         assert_close(got, t.grad.numpy(), atol=1e-4, rtol=1e-4, name=name)
-    want_dcw = route.cw_t.grad.numpy() * (route.slot >= 0)
+    want_dcw = cw_t.grad.numpy() * (route.slot >= 0)
     assert_close(dcw, want_dcw, atol=1e-4, rtol=1e-4, name="dcombine_weight")
 
 
@@ -178,14 +159,8 @@ def test_threaded_expert_ffn_matches_torch_float64(act):
     again = ops.expert_ffn_backward(dye, ops.expert_ffn_forward(xe, count, *w, activation=act)[1])
     for g, g2 in zip(grads, again):
         np.testing.assert_array_equal(g, g2)
-    fn = {"gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-          "gelu": torch.nn.functional.gelu, "relu": torch.relu}[act]
     t = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (xe, *w)]
-    outs, off = [], 0
-    for e, n in enumerate(count):
-        outs.append(fn(t[0][off:off + n] @ t[1][e] + t[2][e]) @ t[3][e] + t[4][e])
-        off += n
-    ty = torch.cat(outs)
+    ty = torch_twins.expert_ffn(*t[:1], count, *t[1:], act)
     ty.backward(torch.tensor(dye, dtype=torch.float64))
     assert_close(ye, ty.detach().numpy(), atol=1e-4, rtol=1e-4, name="ye")
     for name, got, tt in zip(["xe", "w1", "b1", "w2", "b2"], grads, t):
@@ -307,33 +282,16 @@ def test_moe_layer_gradients_by_central_differences(case):
                      name=name)
 
 
-def torch_layer(torch, x, wr, w1, b1, w2, b2, route, act, noise, normalize):
-    """The same maths in PyTorch on the routing decisions of `route`."""
-    logits = x @ wr
-    p = torch.softmax(logits + noise, dim=1)
-    ei = torch.tensor(route.expert_index)
-    kept = torch.tensor(route.slot >= 0)
-    w = p.gather(1, ei)
-    if normalize in (True, "before_drop"):
-        w = w / w.sum(1, keepdim=True)
-    w = w * kept
-    if normalize == "after_drop":
-        s = w.sum(1, keepdim=True)
-        w = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), w)
-    r = SimpleNamespace(expert_index=route.expert_index, slot=route.slot,
-                        expert_count=route.expert_count, cw_t=w)
-    return torch_pipeline(torch, x, r, w1, b1, w2, b2, act), logits
-
-
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("case", LAYER_CASES[:4])
 def test_moe_layer_parity_with_torch(case, act):
     torch = torch_or_skip()
     c = run_case(case, act, seed=11, T=50, D=8, F=16, E=4)
     t = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in (c.x, c.wr, *c.w)]
-    ty, tlogits = torch_layer(torch, *t, c.state.router, act,
-                              torch.tensor(c.noise, dtype=torch.float32),
-                              case.get("normalize", False))
+    r = c.state.router
+    ty, tlogits, _ = torch_twins.moe_layer_on_choices(
+        *t, r.expert_index, torch.tensor(c.noise, dtype=torch.float32), act,
+        case.get("normalize", False), kept=r.slot >= 0)
     loss = (ty * torch.tensor(c.dy, dtype=torch.float32)).sum() + \
         (tlogits * torch.tensor(c.dl, dtype=torch.float32)).sum()
     loss.backward()

@@ -8,6 +8,7 @@ import pytest
 import damex
 from damex import ops
 from helpers import assert_close, torch_or_skip, unchanged
+from damex.testing import torch_twins
 
 
 WEIGHTS = {"damex": 0.1, "importance": 0.5, "load": 0.5}
@@ -64,33 +65,20 @@ def test_padding_tokens_take_no_part():
     assert layer.routing_stats()["dataset_expert"].sum() == 12
 
 
-def _torch_layer_loss(torch, p, x, noise, target, mode, k, sigma, weights):
-    """The same layer in PyTorch: dropless top-k MoE plus its routing loss."""
+def _torch_layer_loss(torch, p, x, noise, expert_index, target, mode, k, sigma, weights):
+    """The same layer through the twins in float64: dropless top-k MoE on the
+    layer's choices (checked to be torch's top-k) plus its routing loss."""
     t = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in p.items()}
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    logits = xt @ t["w_router"]
-    noisy = logits + torch.tensor(noise, dtype=torch.float64)
-    probs = torch.softmax(noisy, -1)
-    top = torch.topk(probs, k, dim=-1)
-    y = torch.zeros_like(xt)
-    for j in range(k):
-        for e in range(p["w1"].shape[0]):
-            rows = (top.indices[:, j] == e).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            h = torch.nn.functional.gelu(xt[rows] @ t["w1"][e] + t["b1"][e], approximate="tanh")
-            y = y.index_add(0, rows, top.values[rows, j:j + 1] * (h @ t["w2"][e] + t["b2"][e]))
-    q = torch.softmax(logits, -1)
+    y, logits, noisy = torch_twins.moe_layer_on_choices(
+        xt, t["w_router"], t["w1"], t["b1"], t["w2"], t["b2"], expert_index,
+        torch.tensor(noise, dtype=torch.float64))
+    np.testing.assert_array_equal(torch.topk(noisy.detach(), k, dim=-1).indices.numpy(), expert_index)
     if mode == "damex":
-        aux = weights["damex"] * torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+        aux = weights["damex"] * torch_twins.damex_loss(logits, target)
     else:
-        imp = q.sum(0)
-        l_imp = (imp.std(unbiased=False) / imp.mean()) ** 2
-        eta = torch.topk(noisy, k, dim=-1).values[:, -1:]
-        normal = torch.distributions.Normal(0.0, 1.0)
-        load = (1 - normal.cdf((eta - logits) / sigma)).sum(0)
-        l_load = (load.std(unbiased=False) / load.mean()) ** 2
-        aux = weights["importance"] * l_imp + weights["load"] * l_load
+        aux = weights["importance"] * torch_twins.importance_loss(logits) + \
+            weights["load"] * torch_twins.load_loss(logits, noise, sigma, k)
     return xt, t, y, aux
 
 
@@ -106,8 +94,8 @@ def test_layer_and_routing_loss_match_torch(mode, k):
     dx = layer.backward(dy)
     check()
     target = np.array([0, 1, 2, 2, 3])[ids]
-    xt, t, yt, aux = _torch_layer_loss(torch, layer.params, x, layer.routing["noise"], target, mode, k,
-                                       layer.sigma, WEIGHTS)
+    xt, t, yt, aux = _torch_layer_loss(torch, layer.params, x, layer.routing["noise"],
+                                       layer.routing["expert_index"], target, mode, k, layer.sigma, WEIGHTS)
     ((yt * torch.tensor(dy, dtype=torch.float64)).sum() + aux).backward()
     assert_close(y, yt.detach().numpy(), atol=1e-5, rtol=1e-4, name="y")
     assert layer.aux_loss == pytest.approx(float(aux.detach()), rel=1e-4, abs=1e-6)

@@ -10,6 +10,7 @@ import pytest
 from damex import ops
 from damex._lib import _C
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing import torch_twins
 from damex.testing.reference import combine_weights as ref_combine, router as ref_router
 from damex.testing.reference import softmax as softmax64
 
@@ -316,16 +317,7 @@ def test_parity_with_torch(normalize, k):
     pt = torch.softmax(xt @ wt + torch.tensor(nz), dim=-1)
     top = torch.topk(pt.detach(), k, dim=-1).indices
     np.testing.assert_array_equal(res.expert_index, top.numpy())
-    pe = torch.gather(pt, 1, torch.tensor(res.expert_index))
-    kept = torch.tensor(res.kept, dtype=pt.dtype)
-    name = NORM_NAME[normalize]
-    if name == "before_drop":
-        cw = pe / pe.sum(-1, keepdim=True) * kept
-    elif name == "after_drop":
-        s = (pe * kept).sum(-1, keepdim=True)
-        cw = torch.where(s > 0, pe * kept / s.clamp_min(1e-30), torch.zeros_like(pe))
-    else:
-        cw = pe * kept
+    cw = torch_twins.combine_weights(pt, res.expert_index, res.kept, NORM_NAME[normalize])
     (cw * torch.tensor(dcw)).sum().backward()
 
     assert_close(res.probs, pt.detach().numpy(), atol=1e-6, rtol=1e-5, name="probs")

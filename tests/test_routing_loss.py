@@ -9,13 +9,12 @@ import pytest
 
 from damex import _C, ops
 from helpers import assert_close, assert_memory_flat, numeric_grad, torch_or_skip, unchanged
+from damex.testing import torch_twins
 from damex.testing.reference import (_mask as _m, damex_loss as ref_damex, importance_loss as ref_importance,
                                      kth_index, logsumexp as lse,
                                      load_loss as ref_load, load_loss_grad as ref_load_grad,
                                      softmax, switch_loss as ref_switch, z_loss as ref_z)
 
-
-# ---- float64 references ------------------------------------------------
 
 # ---- the cases: (name, forward, backward, reference) ---------------------
 
@@ -38,23 +37,23 @@ def cases(noise, target, k=2):
             kw = dict(noise=noise, probs=probs, variance=variance)
             c[f"importance-{probs}-{variance}"] = (
                 lambda g, m, kw=kw: ops.importance_loss_forward(g, mask=m, **kw),
-                lambda g, m, gr, kw=kw: ops.importance_loss_backward(g, mask=m, grad=gr, **kw),
+                lambda g, m, gr, kw=kw: ops.importance_loss_backward(g, mask=m, dy=gr, **kw),
                 lambda g, m, kw=kw: ref_importance(g, m, **kw))
         c[f"load-{variance}"] = (
             lambda g, m, v=variance: ops.load_loss_forward(g, noise, SIGMA, k, mask=m, variance=v),
             lambda g, m, gr, v=variance: ops.load_loss_backward(g, noise, SIGMA, k, mask=m,
-                                                                variance=v, grad=gr),
+                                                                variance=v, dy=gr),
             lambda g, m, v=variance: ref_load(g, noise, SIGMA, k, m, v))
     for counts in ("top1", "topk"):
         c[f"switch-{counts}"] = (
             lambda g, m, cn=counts: ops.switch_loss_forward(g, k=k, mask=m, counts=cn),
-            lambda g, m, gr, cn=counts: ops.switch_loss_backward(g, k=k, mask=m, counts=cn, grad=gr),
+            lambda g, m, gr, cn=counts: ops.switch_loss_backward(g, k=k, mask=m, counts=cn, dy=gr),
             lambda g, m, cn=counts: ref_switch(g, k, m, cn))
     c["z"] = (lambda g, m: ops.z_loss_forward(g, mask=m),
-              lambda g, m, gr: ops.z_loss_backward(g, mask=m, grad=gr),
+              lambda g, m, gr: ops.z_loss_backward(g, mask=m, dy=gr),
               lambda g, m: ref_z(g, m))
     c["damex"] = (lambda g, m: ops.damex_loss_forward(g, target, mask=m),
-                  lambda g, m, gr: ops.damex_loss_backward(g, target, mask=m, grad=gr),
+                  lambda g, m, gr: ops.damex_loss_backward(g, target, mask=m, dy=gr),
                   lambda g, m: ref_damex(g, target, m))
     return c
 
@@ -93,33 +92,19 @@ def test_expert_counts(E):
         grad_close(bwd(g, None, 1.0), num, f"{name} E={E}")
 
 
-def torch_loss(torch, name, g, noise, target, mask, k=2):
-    """The same losses written with torch ops, for autograd."""
-    m = torch.tensor(_m(mask, g.shape[0]))
-    E = g.shape[1]
-    n = torch.tensor(noise, dtype=g.dtype)
-
-    def cv(S, unbiased):
-        return S.var(unbiased=unbiased) / S.mean() ** 2
-    if name.startswith("importance"):
-        v = g + n if "noisy" in name else g
-        return cv(torch.softmax(v, 1)[m].sum(0), "unbiased" in name)
-    if name.startswith("load"):
-        gn = g + n
-        idx = torch.topk(gn, k, dim=1).indices[:, k - 1:k]
-        thr = gn.gather(1, idx)
-        P = 1 - torch.special.ndtr((thr - g) / SIGMA)
-        return cv(P[m].sum(0), "unbiased" in name)
-    if name.startswith("switch"):
-        kk = k if "topk" in name else 1
-        top = torch.topk(g.detach(), kk, dim=1).indices[m]
-        f = torch.zeros(E, dtype=g.dtype).index_add_(0, top.reshape(-1),
-                                                     torch.ones(top.numel(), dtype=g.dtype))
-        f = f / (kk * int(m.sum()))
-        return E * (f * torch.softmax(g, 1)[m].mean(0)).sum()
-    if name == "z":
-        return (torch.logsumexp(g, 1)[m] ** 2).mean()
-    return torch.nn.functional.cross_entropy(g[m], torch.tensor(target)[m])
+def torch_loss(name, g, noise, target, mask, k=2):
+    """The case `name` of :func:`cases` through its twin in damex.testing.torch_twins."""
+    kind, *opt = name.split("-")
+    variance = "unbiased" if "unbiased" in opt else "population"
+    if kind == "importance":
+        return torch_twins.importance_loss(g, mask, noise, opt[0], variance)
+    if kind == "load":
+        return torch_twins.load_loss(g, noise, SIGMA, k, mask, variance)
+    if kind == "switch":
+        return torch_twins.switch_loss(g, k, mask, opt[0])
+    if kind == "z":
+        return torch_twins.z_loss(g, mask)
+    return torch_twins.damex_loss(g, target, mask)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,7 +114,7 @@ def test_parity_with_torch(name):
     mask = np.arange(200) % 7 != 3
     fwd, bwd, _ = cases(noise, target)[name]
     gt = torch.tensor(g, dtype=torch.float64, requires_grad=True)
-    lt = torch_loss(torch, name, gt, noise, target, mask)
+    lt = torch_loss(name, gt, noise, target, mask)
     lt.backward()
     assert_close(fwd(g, mask), lt.item(), atol=1e-7, rtol=2e-5, name=name)
     grad_close(bwd(g, mask, 1.0), gt.grad.numpy(), name)
@@ -195,8 +180,8 @@ def test_importance_and_load_combine_linearly():
     def total(v, wi, wl):
         return wi * ref_importance(v) + wl * ref_load(v, noise, SIGMA, k)
     for wi, wl in ((1.0, 0.5), (0.5, 0.5)):
-        got = (ops.importance_loss_backward(g, grad=wi)
-               + ops.load_loss_backward(g, noise, SIGMA, k, grad=wl))
+        got = (ops.importance_loss_backward(g, dy=wi)
+               + ops.load_loss_backward(g, noise, SIGMA, k, dy=wl))
         num = numeric_grad(lambda v: total(v, wi, wl), g.astype(np.float64))
         grad_close(got, num, f"w=({wi},{wl})")
         assert_close(wi * ops.importance_loss_forward(g) + wl * ops.load_loss_forward(g, noise, SIGMA, k),
@@ -375,6 +360,7 @@ def test_bad_input():
         ("expert_target", lambda: ops.damex_loss_forward(g, np.full(6, 4))),
         ("expert_target", lambda: ops.damex_loss_backward(g, np.full(6, -1))),
         ("grad", lambda: ops.z_loss_backward(g, grad=float("inf"))),
+        ("dy", lambda: ops.z_loss_backward(g, dy=float("inf"))),
     ]:
         with pytest.raises(ValueError, match=bad_name):
             call()

@@ -246,7 +246,7 @@ def test_config_keys_backbone_weights_and_pretrained(tmp_path, capsys):
 
 def test_cli_convert_torchvision_resnet18(tmp_path, capsys):
     torch = torch_or_skip()
-    from resnet_twin import random_resnet
+    from damex.testing.resnet_twin import random_resnet
     tm = random_resnet("resnet18", seed=8)
     sd = {f"module.{k}": v for k, v in tm.state_dict().items()}   # DataParallel prefix
     torch.save(sd, tmp_path / "r18.pth")
@@ -266,7 +266,7 @@ def test_cli_convert_torchvision_resnet18(tmp_path, capsys):
 
 def test_convert_refuses_the_wrong_architecture(tmp_path, capsys):
     torch = torch_or_skip()
-    from resnet_twin import TorchResNet
+    from damex.testing.resnet_twin import TorchResNet
     torch.save(TorchResNet("resnet18").state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match="not a torchvision resnet50 state dict"):
         convert.convert(tmp_path / "r18.pth", tmp_path / "o.safetensors", "torchvision-resnet50")

@@ -102,10 +102,10 @@ int attention_forward(float *out, float *attn, const float *q, const float *k, c
 }
 
 /* attention_backward (accumulates into dq, dk, dv, which the caller zeroed)
- *   inverts  out_h = P v_h:       dP = dout_h v_h^T,  dv_h += P^T dout_h
+ *   inverts  out_h = P v_h:       dP = dy_h v_h^T,  dv_h += P^T dy_h
  *   inverts  P = softmax(S):      dS = P * (dP - rowsum(dP * P))   (0 where blocked, as P = 0)
  *   inverts  S = q_h k_h^T / sqrt(d):  dq_h += dS k_h / sqrt(d),  dk_h += dS^T q_h / sqrt(d) */
-int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *attn,
+int attention_backward(float *dq, float *dk, float *dv, const float *dy, const float *attn,
                        const float *q, const float *k, const float *v, int N, int Lq, int Lk,
                        int C, int H)
 {
@@ -132,8 +132,8 @@ int attention_backward(float *dq, float *dk, float *dv, const float *dout, const
         const long qo = (long)n * Lq * C + (long)h * d, ko = (long)n * Lk * C + (long)h * d;
         const float *P = attn + nh * Lq * Lk;
         float *dS = scratch + (size_t)tid * Lq * Lk;
-        sgemm_rm(0, 1, Lq, Lk, d, 1.0f, dout + qo, C, v + ko, C, 0.0f, dS, Lk);
-        sgemm_rm(1, 0, Lk, d, Lq, 1.0f, P, Lk, dout + qo, C, 1.0f, dv + ko, C);
+        sgemm_rm(0, 1, Lq, Lk, d, 1.0f, dy + qo, C, v + ko, C, 0.0f, dS, Lk);
+        sgemm_rm(1, 0, Lk, d, Lq, 1.0f, P, Lk, dy + qo, C, 1.0f, dv + ko, C);
         for (int i = 0; i < Lq; i++) softmax_grad_row(dS + (long)i * Lk, P + (long)i * Lk, Lk);
         sgemm_rm(0, 0, Lq, d, Lk, scale, dS, Lk, k + ko, C, 1.0f, dq + qo, C);
         sgemm_rm(1, 0, Lk, d, Lq, scale, dS, Lk, q + qo, C, 1.0f, dk + ko, C);

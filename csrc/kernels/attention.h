@@ -9,7 +9,7 @@ int attention_forward(float *out, float *attn, const float *q, const float *k, c
                       const uint8_t *attn_mask, const uint8_t *key_padding_mask, int N, int Lq,
                       int Lk, int C, int H);
 
-int attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *attn,
+int attention_backward(float *dq, float *dk, float *dv, const float *dy, const float *attn,
                        const float *q, const float *k, const float *v, int N, int Lq, int Lk,
                        int C, int H);
 

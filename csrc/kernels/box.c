@@ -18,6 +18,7 @@
 
 #include <math.h>
 
+#include "parallel.h"
 #include "status.h"
 
 /* Parity with PyTorch needs every float32 product rounded on its own. */
@@ -45,11 +46,11 @@ int box_cxcywh_to_xyxy_forward(float *out, const float *b, long n)
 
 /* inverts out = (cx - 0.5 w, cy - 0.5 h, cx + 0.5 w, cy + 0.5 h):
  *   dcx = dx0 + dx1, dcy = dy0 + dy1, dw = 0.5 (dx1 - dx0), dh = 0.5 (dy1 - dy0) */
-int box_cxcywh_to_xyxy_backward(float *db, const float *dout, long n)
+int box_cxcywh_to_xyxy_backward(float *db, const float *dy, long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     for (long i = 0; i < n; i++) {
-        const float *d = dout + 4 * i;
+        const float *d = dy + 4 * i;
         float *g = db + 4 * i;
         g[0] += d[0] + d[2];
         g[1] += d[1] + d[3];
@@ -77,11 +78,11 @@ int box_xyxy_to_cxcywh_forward(float *out, const float *b, long n)
 
 /* inverts out = ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0):
  *   dx0 = dcx / 2 - dw, dx1 = dcx / 2 + dw (y likewise) */
-int box_xyxy_to_cxcywh_backward(float *db, const float *dout, long n)
+int box_xyxy_to_cxcywh_backward(float *db, const float *dy, long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     for (long i = 0; i < n; i++) {
-        const float *d = dout + 4 * i;
+        const float *d = dy + 4 * i;
         float *g = db + 4 * i;
         g[0] += d[0] / 2.0f - d[2];
         g[1] += d[1] / 2.0f - d[3];
@@ -136,7 +137,7 @@ static inline float giou_of(const struct giou_pair *p)
 int box_iou_forward(float *iou, float *union_area, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * M > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * M > PAR_MIN_BOX_PAIRS)
     for (int i = 0; i < N; i++) {
         for (int j = 0; j < M; j++) {
             struct giou_pair p;
@@ -155,7 +156,7 @@ int box_iou_forward(float *iou, float *union_area, const float *a, const float *
 int generalized_box_iou_forward(float *giou, const float *a, const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if ((long)N * M > 16384)
+#pragma omp parallel for schedule(static) if ((long)N * M > PAR_MIN_BOX_PAIRS)
     for (int i = 0; i < N; i++) {
         for (int j = 0; j < M; j++) {
             struct giou_pair p;
@@ -232,19 +233,19 @@ static void giou_pair_backward(double ga[4], double gb[4], double g, const float
 }
 
 /* inverts giou[i,j] = iou - (C - union) / (C + 1e-6) (generalized_box_iou_forward):
- *   da[i] += sum_j dgiou[i,j] d giou[i,j] / d a[i],  db[j] += sum_i dgiou[i,j] d giou[i,j] / d b[j]
+ *   da[i] += sum_j dy[i,j] d giou[i,j] / d a[i],  db[j] += sum_i dy[i,j] d giou[i,j] / d b[j]
  * Two passes, over rows of a and over rows of b, so that threads own disjoint
  * outputs and the sums run in a fixed order. */
-int generalized_box_iou_backward(float *da, float *db, const float *dgiou, const float *a,
+int generalized_box_iou_backward(float *da, float *db, const float *dy, const float *a,
                                  const float *b, int N, int M)
 {
     if (N < 0 || M < 0) return DAMEX_EINVAL;
-    int par = (long)N * M > 4096;
+    int par = (long)N * M > PAR_MIN_BOX_PAIRS_BACKWARD;
 #pragma omp parallel for schedule(static) if (par)
     for (int i = 0; i < N; i++) {
         double acc[4] = {0.0, 0.0, 0.0, 0.0};
         for (int j = 0; j < M; j++) {
-            double g = dgiou[(long)i * M + j];
+            double g = dy[(long)i * M + j];
             if (g == 0.0) continue;
             double ga[4], gb[4];
             giou_pair_backward(ga, gb, g, a + 4 * i, b + 4 * j);
@@ -256,7 +257,7 @@ int generalized_box_iou_backward(float *da, float *db, const float *dgiou, const
     for (int j = 0; j < M; j++) {
         double acc[4] = {0.0, 0.0, 0.0, 0.0};
         for (int i = 0; i < N; i++) {
-            double g = dgiou[(long)i * M + j];
+            double g = dy[(long)i * M + j];
             if (g == 0.0) continue;
             double ga[4], gb[4];
             giou_pair_backward(ga, gb, g, a + 4 * i, b + 4 * j);
@@ -281,14 +282,14 @@ int generalized_box_iou_paired_forward(float *giou, const float *a, const float 
 }
 
 /* inverts giou[i] = iou - (C - union) / (C + 1e-6) on pair (a[i], b[i]):
- *   da[i] += dgiou[i] d giou[i] / d a[i],  db[i] += dgiou[i] d giou[i] / d b[i] */
-int generalized_box_iou_paired_backward(float *da, float *db, const float *dgiou, const float *a,
+ *   da[i] += dy[i] d giou[i] / d a[i],  db[i] += dy[i] d giou[i] / d b[i] */
+int generalized_box_iou_paired_backward(float *da, float *db, const float *dy, const float *a,
                                         const float *b, long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     for (long i = 0; i < n; i++) {
         double ga[4], gb[4];
-        giou_pair_backward(ga, gb, dgiou[i], a + 4 * i, b + 4 * i);
+        giou_pair_backward(ga, gb, dy[i], a + 4 * i, b + 4 * i);
         for (int k = 0; k < 4; k++) {
             da[4 * i + k] += (float)ga[k];
             db[4 * i + k] += (float)gb[k];
@@ -332,7 +333,7 @@ int sigmoid_focal_loss_forward(float *loss, const float *x, const float *t, long
                                float gamma)
 {
     if (n < 0 || !(gamma >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         double p, q, ce, ti = t[i];
         focal_parts(x[i], ti, &p, &q, &ce);
@@ -344,14 +345,14 @@ int sigmoid_focal_loss_forward(float *loss, const float *x, const float *t, long
 
 /* inverts loss = w ce m^gamma (sigmoid_focal_loss_forward):
  *   dce/dx = p - t = p (1 - t) - (1 - p) t,   dm/dx = p (1 - p)(1 - 2t)
- *   dx += dloss w [(p - t) m^gamma + ce gamma m^(gamma-1) p (1 - p)(1 - 2t)]
+ *   dx += dy w [(p - t) m^gamma + ce gamma m^(gamma-1) p (1 - p)(1 - 2t)]
  * where the second term is 0 for gamma == 0 or m == 0 (its limit for
  * gamma >= 1; PyTorch's pow backward is 0 there too for gamma == 0). */
-int sigmoid_focal_loss_backward(float *dx, const float *dloss, const float *x, const float *t,
+int sigmoid_focal_loss_backward(float *dx, const float *dy, const float *x, const float *t,
                                 long n, float alpha, float gamma)
 {
     if (n < 0 || !(gamma >= 0.0f)) return DAMEX_EINVAL;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (n > PAR_MIN_ELEMENTWISE)
     for (long i = 0; i < n; i++) {
         double p, q, ce, ti = t[i];
         focal_parts(x[i], ti, &p, &q, &ce);
@@ -359,7 +360,7 @@ int sigmoid_focal_loss_backward(float *dx, const float *dloss, const float *x, c
         double d = (p * (1.0 - ti) - q * ti) * pow_gamma(m, gamma);
         if (gamma != 0.0f && m > 0.0)
             d += ce * gamma * pow_gamma(m, gamma - 1.0) * p * q * (1.0 - 2.0 * ti);
-        dx[i] += (float)(dloss[i] * focal_weight(ti, alpha) * d);
+        dx[i] += (float)(dy[i] * focal_weight(ti, alpha) * d);
     }
     return DAMEX_OK;
 }
@@ -374,15 +375,15 @@ int l1_loss_forward(float *out, const float *a, const float *b, long n)
     return DAMEX_OK;
 }
 
-/* inverts out = |a - b|:  da += dout sign(a - b),  db -= dout sign(a - b),
+/* inverts out = |a - b|:  da += dy sign(a - b),  db -= dy sign(a - b),
  * with sign(0) = 0 (the subgradient PyTorch's abs uses) */
-int l1_loss_backward(float *da, float *db, const float *dout, const float *a, const float *b,
+int l1_loss_backward(float *da, float *db, const float *dy, const float *a, const float *b,
                      long n)
 {
     if (n < 0) return DAMEX_EINVAL;
     for (long i = 0; i < n; i++) {
         float d = a[i] - b[i];
-        float s = d > 0.0f ? dout[i] : (d < 0.0f ? -dout[i] : 0.0f);
+        float s = d > 0.0f ? dy[i] : (d < 0.0f ? -dy[i] : 0.0f);
         da[i] += s;
         db[i] -= s;
     }

@@ -23,7 +23,7 @@ int embedding_forward(float *out, const float *weight, const int64_t *ids, long 
     return DAMEX_OK;
 }
 
-int embedding_backward(float *dweight, const float *dout, const int64_t *ids, long n, long V,
+int embedding_backward(float *dweight, const float *dy, const int64_t *ids, long n, long V,
                        long D)
 {
     if (n < 0 || V < 0 || D < 0) return DAMEX_EINVAL;
@@ -35,7 +35,7 @@ int embedding_backward(float *dweight, const float *dout, const int64_t *ids, lo
         long d0 = b * blk, d1 = d0 + blk < D ? d0 + blk : D;
         for (long i = 0; i < n; i++) {
             float *dst = dweight + ids[i] * D;
-            const float *src = dout + i * D;
+            const float *src = dy + i * D;
             for (long d = d0; d < d1; d++) dst[d] += src[d];
         }
     }

@@ -8,9 +8,9 @@
 int embedding_forward(float *out, const float *weight, const int64_t *ids, long n, long V,
                       long D);
 
-/* Inverts out[i,:] = weight[ids[i],:]:  dweight[ids[i],:] += dout[i,:]
+/* Inverts out[i,:] = weight[ids[i],:]:  dweight[ids[i],:] += dy[i,:]
  * (threads own disjoint column blocks of dweight, so repeated ids never race) */
-int embedding_backward(float *dweight, const float *dout, const int64_t *ids, long n, long V,
+int embedding_backward(float *dweight, const float *dy, const int64_t *ids, long n, long V,
                        long D);
 
 #endif

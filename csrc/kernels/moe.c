@@ -360,7 +360,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
 
 /* inverts "h = xe @ w1[e] + b1[e]; a = act(h); ye = a @ w2[e] + b2[e]" */
 int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *db2, float *dh,
-                        const float *dye, const float *xe, const float *h, const float *a,
+                        const float *dy, const float *xe, const float *h, const float *a,
                         const float *w1, const float *w2, const int64_t *expert_count, int E,
                         int D, int F, long N, int act)
 {
@@ -378,7 +378,7 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
     if (nblk < 0) return DAMEX_ENOMEM;
     long ncol = (F + BLOCK_COLS - 1) / BLOCK_COLS;
     long ntask = (long)E * 2 * ncol; /* (expert, dw1 or dw2, column block of F) */
-    /* per-block column sums of dh (F) and dye (D), reduced in block order
+    /* per-block column sums of dh (F) and dy (D), reduced in block order
      * afterwards so the bias gradients do not depend on scheduling */
     float *part = malloc((size_t)nblk * (F + D) * sizeof(float));
     long *row0 = malloc((size_t)E * sizeof(long));
@@ -401,10 +401,10 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
             int e = blk[i].e, n = blk[i].n;
             long r0 = blk[i].r0;
             float *g_b = dh + r0 * F, *p1 = part + i * (F + D), *p2 = p1 + F;
-            const float *dy_b = dye + r0 * D, *h_b = h + r0 * F;
-            /* da = dye @ w2[e]^T */
+            const float *dy_b = dy + r0 * D, *h_b = h + r0 * F;
+            /* da = dy @ w2[e]^T */
             sgemm_rm(0, 1, n, F, D, 1.0f, dy_b, D, w2 + (long)e * F * D, D, 0.0f, g_b, F);
-            /* dh = da * act'(h); column sums of dh and dye */
+            /* dh = da * act'(h); column sums of dh and dy */
             memset(p1, 0, (size_t)(F + D) * sizeof(float));
             for (int r = 0; r < n; r++) {
                 float *gr = g_b + (long)r * F;
@@ -431,12 +431,12 @@ int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *d
                     for (int i = 0; i < D; i++) memset(d + (long)i * F, 0, sizeof(float) * cw);
                 else
                     sgemm_rm(1, 0, D, cw, n, 1.0f, xe + r0 * D, D, dh + r0 * F + c0, F, 0.0f, d, F);
-            } else { /* dw2[e][c0:c0+cw, :] = a[:, c0:c0+cw]^T @ dye */
+            } else { /* dw2[e][c0:c0+cw, :] = a[:, c0:c0+cw]^T @ dy */
                 float *d = dw2 + ((long)e * F + c0) * D;
                 if (n == 0)
                     memset(d, 0, sizeof(float) * (size_t)cw * D);
                 else
-                    sgemm_rm(1, 0, cw, D, n, 1.0f, a + r0 * F + c0, F, dye + r0 * D, D, 0.0f, d, D);
+                    sgemm_rm(1, 0, cw, D, n, 1.0f, a + r0 * F + c0, F, dy + r0 * D, D, 0.0f, d, D);
             }
         }
     }

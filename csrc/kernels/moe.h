@@ -37,8 +37,8 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
                        const int64_t *expert_count, int E, int D, int F, long N, int act);
 
 /* inverts "h = xe @ w1[e] + b1[e]; a = act(h); ye = a @ w2[e] + b2[e]":
- *   dw2[e] += a^T @ dye          db2[e] += sum_rows dye
- *   dh      = (dye @ w2[e]^T) * act'(h)
+ *   dw2[e] += a^T @ dy          db2[e] += sum_rows dy
+ *   dh      = (dy @ w2[e]^T) * act'(h)
  *   dw1[e] += xe^T @ dh          db1[e] += sum_rows dh
  *   dxe    += dh @ w1[e]^T
  * (the += above are over the rows of each expert).  Every output is
@@ -46,7 +46,7 @@ int expert_ffn_forward(float *ye, float *h, float *a, const float *xe, const flo
  * more than 5% of a T=4096 layer); dh[N,F] is scratch, passed in so the
  * caller can reuse one large buffer. */
 int expert_ffn_backward(float *dxe, float *dw1, float *db1, float *dw2, float *db2, float *dh,
-                        const float *dye, const float *xe, const float *h, const float *a,
+                        const float *dy, const float *xe, const float *h, const float *a,
                         const float *w1, const float *w2, const int64_t *expert_count, int E,
                         int D, int F, long N, int act);
 

@@ -6,7 +6,7 @@
  *   w = (1-fx)(1-fy), fx(1-fy), (1-fx)fy, fx fy;  a corner off the map reads 0.
  *
  * Work is split over (n, m): the task (n, m) reads value[n,:,m,:] and writes
- * out[n,:,m,:], grad_value[n,:,m,:], grad_loc[n,:,m,...], grad_attw[n,:,m,...],
+ * out[n,:,m,:], dvalue[n,:,m,:], dloc[n,:,m,...], dattw[n,:,m,...],
  * so threads never write the same element and the backward needs no atomics.
  * Each task first copies its value[n,:,m,:] into a contiguous [S,D] buffer
  * (and scatters into a private [S,D] gradient buffer), so corner reads are
@@ -221,13 +221,13 @@ dot4(float *d0, float *d1, float *d2, float *d3, const float *restrict g,
 /* One (n, m) task of the backward, inverting the forward line
  *   o[d] += w0 v0[d] + w1 v1[d] + w2 v2[d] + w3 v3[d],  w_c = a * bilinear_c(fx, fy):
  *   dot_c = g . v_c
- *   grad_attw += sum_c bilinear_c dot_c
+ *   dattw += sum_c bilinear_c dot_c
  *   grad_x    += a W ((1-fy)(dot_1 - dot_0) + fy (dot_3 - dot_2))
  *   grad_y    += a H ((1-fx)(dot_2 - dot_0) + fx (dot_3 - dot_1))
  *   gvb[c]    += w_c g                                                        */
 static inline __attribute__((always_inline)) void
-bwd_head(float *grad_value, float *grad_loc, float *grad_attw, scratch_t *t,
-         const float *grad_out, const float *value, const float *loc, const float *attw, int n,
+bwd_head(float *dvalue, float *dloc, float *dattw, scratch_t *t,
+         const float *dy, const float *value, const float *loc, const float *attw, int n,
          int m, int S, int M, int D_, int Lq, int LP)
 {
     const long D = D_;
@@ -237,17 +237,17 @@ bwd_head(float *grad_value, float *grad_loc, float *grad_attw, scratch_t *t,
     const int *r0 = t->row, *r1 = r0 + LP, *r2 = r1 + LP, *r3 = r2 + LP;
     for (long q = 0; q < Lq; q++) {
         long nqm = ((long)n * Lq + q) * M + m;
-        const float *restrict g = grad_out + nqm * D;
+        const float *restrict g = dy + nqm * D;
         const float *aq = attw + nqm * LP;
-        float *ga = grad_attw + nqm * LP;
-        float *gl = grad_loc + nqm * LP * 2;
+        float *ga = dattw + nqm * LP;
+        float *gl = dloc + nqm * LP * 2;
         if (q + PREFETCH_AHEAD < Lq) {
             long ahead = nqm + (long)PREFETCH_AHEAD * M;
             prefetch_row(loc + ahead * LP * 2, sizeof(float) * LP * 2, 0);
             prefetch_row(attw + ahead * LP, sizeof(float) * LP, 0);
-            prefetch_row(grad_out + ahead * D, sizeof(float) * D, 0);
-            prefetch_row(grad_loc + ahead * LP * 2, sizeof(float) * LP * 2, 1);
-            prefetch_row(grad_attw + ahead * LP, sizeof(float) * LP, 1);
+            prefetch_row(dy + ahead * D, sizeof(float) * D, 0);
+            prefetch_row(dloc + ahead * LP * 2, sizeof(float) * LP * 2, 1);
+            prefetch_row(dattw + ahead * LP, sizeof(float) * LP, 1);
         }
         setup_corners(t, loc + nqm * LP * 2, LP, S);
         for (int i = 0; i < LP; i++) {
@@ -273,25 +273,25 @@ bwd_head(float *grad_value, float *grad_loc, float *grad_attw, scratch_t *t,
         }
     }
     for (long s = 0; s < S; s++) {
-        float *restrict dst = grad_value + (((long)n * S + s) * M + m) * D;
+        float *restrict dst = dvalue + (((long)n * S + s) * M + m) * D;
         const float *restrict src = gvb + s * D;
         for (long d = 0; d < D; d++) dst[d] += src[d];
     }
 }
 
 DAMEX_CLONES
-static void bwd_head_any(float *grad_value, float *grad_loc, float *grad_attw, scratch_t *t,
-                         const float *grad_out, const float *value, const float *loc,
+static void bwd_head_any(float *dvalue, float *dloc, float *dattw, scratch_t *t,
+                         const float *dy, const float *value, const float *loc,
                          const float *attw, int n, int m, int S, int M, int D, int Lq, int LP)
 {
     if (D == 32)
-        bwd_head(grad_value, grad_loc, grad_attw, t, grad_out, value, loc, attw, n, m, S, M, 32,
+        bwd_head(dvalue, dloc, dattw, t, dy, value, loc, attw, n, m, S, M, 32,
                  Lq, LP);
     else if (D == 64)
-        bwd_head(grad_value, grad_loc, grad_attw, t, grad_out, value, loc, attw, n, m, S, M, 64,
+        bwd_head(dvalue, dloc, dattw, t, dy, value, loc, attw, n, m, S, M, 64,
                  Lq, LP);
     else
-        bwd_head(grad_value, grad_loc, grad_attw, t, grad_out, value, loc, attw, n, m, S, M, D,
+        bwd_head(dvalue, dloc, dattw, t, dy, value, loc, attw, n, m, S, M, D,
                  Lq, LP);
 }
 
@@ -365,8 +365,8 @@ int ms_deform_attn_forward(float *out, const float *value, const int64_t *spatia
     return failed ? DAMEX_ENOMEM : DAMEX_OK;
 }
 
-int ms_deform_attn_backward(float *grad_value, float *grad_loc, float *grad_attw,
-                            const float *grad_out, const float *value,
+int ms_deform_attn_backward(float *dvalue, float *dloc, float *dattw,
+                            const float *dy, const float *value,
                             const int64_t *spatial_shapes, const int64_t *level_start,
                             const float *loc, const float *attw, int N, int S, int M, int D,
                             int Lq, int L, int P)
@@ -386,7 +386,7 @@ int ms_deform_attn_backward(float *grad_value, float *grad_loc, float *grad_attw
 #pragma omp for schedule(dynamic, 1)
         for (long k = 0; k < tasks; k++)
             if (mem)
-                bwd_head_any(grad_value, grad_loc, grad_attw, &t, grad_out, value, loc, attw,
+                bwd_head_any(dvalue, dloc, dattw, &t, dy, value, loc, attw,
                              (int)(k / M), (int)(k % M), S, M, D, Lq, L * P);
         free(mem);
     }

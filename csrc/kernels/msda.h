@@ -24,10 +24,10 @@ int ms_deform_attn_forward(float *out, const float *value, const int64_t *spatia
                            const int64_t *level_start, const float *loc, const float *attw, int N,
                            int S, int M, int D, int Lq, int L, int P);
 
-/* Inverts the forward line above; accumulates into zeroed grad_value[N,S,M,D],
- * grad_loc[N,Lq,M,L,P,2], grad_attw[N,Lq,M,L,P]. */
-int ms_deform_attn_backward(float *grad_value, float *grad_loc, float *grad_attw,
-                            const float *grad_out, const float *value,
+/* Inverts the forward line above; accumulates into zeroed dvalue[N,S,M,D],
+ * dloc[N,Lq,M,L,P,2], dattw[N,Lq,M,L,P]. */
+int ms_deform_attn_backward(float *dvalue, float *dloc, float *dattw,
+                            const float *dy, const float *value,
                             const int64_t *spatial_shapes, const int64_t *level_start,
                             const float *loc, const float *attw, int N, int S, int M, int D,
                             int Lq, int L, int P);

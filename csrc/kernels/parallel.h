@@ -17,9 +17,15 @@
 /* Row passes of a few flops per element (linear bias rows and column sums,
  * softmax rows, embedding gathers, AdamW), elements. */
 #define PAR_MIN_ROWS (1L << 15)
-/* Elementwise maps (sigmoid, inverse sigmoid, dropout), elements: one read
- * and one write each, memory-bound. */
+/* Elementwise maps (sigmoid, inverse sigmoid, dropout, sigmoid focal loss),
+ * elements: one read and one write each, memory-bound. */
 #define PAR_MIN_ELEMENTWISE (1L << 16)
+/* Box pairs of IoU / GIoU, N*M: a few dozen flops each (forward) and about
+ * four times that (the GIoU backward, whose threshold is lower). */
+#define PAR_MIN_BOX_PAIRS (1L << 14)
+#define PAR_MIN_BOX_PAIRS_BACKWARD (1L << 12)
+/* Max-pool: window taps NC*Ho*Wo*kh*kw (forward), outputs NC*Ho*Wo (backward). */
+#define PAR_MIN_POOL (1L << 15)
 /* Blocks of the sum of squares (optim.c): each block is long already. */
 #define PAR_MIN_SSQ_BLOCKS 8
 /* Router row passes (softmax + top-k, combine weights) and routing-loss

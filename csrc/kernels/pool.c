@@ -3,6 +3,7 @@
 
 #include <math.h>
 
+#include "parallel.h"
 #include "status.h"
 
 long maxpool2d_out_size(long in, int k, int stride, int pad)
@@ -48,7 +49,7 @@ int maxpool2d_forward(float *y, int64_t *idx, const float *x, long NC, int H, in
     long Ho = maxpool2d_out_size(H, kh, sh, ph), Wo = maxpool2d_out_size(W, kw, sw, pw);
     if (NC < 0 || Ho < 0 || Wo < 0) return DAMEX_EINVAL;
     int64_t in_plane = (int64_t)H * W, out_plane = (int64_t)Ho * Wo;
-#pragma omp parallel for schedule(static) if (NC * out_plane * kh * kw > 32768)
+#pragma omp parallel for schedule(static) if (NC * out_plane * kh * kw > PAR_MIN_POOL)
     for (long p = 0; p < NC; p++)
         pool_plane(y + p * out_plane, idx + p * out_plane, x + p * in_plane, H, W, (int)Ho,
                    (int)Wo, kh, kw, sh, sw, ph, pw);
@@ -61,7 +62,7 @@ int maxpool2d_backward(float *dx, const float *dy, const int64_t *idx, long NC, 
     if (NC < 0 || H < 0 || W < 0 || Ho < 0 || Wo < 0) return DAMEX_EINVAL;
     int64_t in_plane = (int64_t)H * W, out_plane = (int64_t)Ho * Wo;
     int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (NC * out_plane > 32768)
+#pragma omp parallel for schedule(static) reduction(| : bad) if (NC * out_plane > PAR_MIN_POOL)
     for (long p = 0; p < NC; p++) {
         float *dxp = dx + p * in_plane;
         const float *dyp = dy + p * out_plane;

@@ -378,8 +378,8 @@ int importance_loss_forward(double *loss, const float *logits, const float *nois
 }
 
 /* inverts: loss = var(Imp) / mean(Imp)^2, Imp_i = sum_x q_i(x)
- * dg_i(x) += dloss * q_i(x) (a_i - sum_j q_j(x) a_j),  a = dloss/dImp (cv_squared) */
-int importance_loss_backward(float *dlogits, double dloss, const float *logits,
+ * dg_i(x) += dy * q_i(x) (a_i - sum_j q_j(x) a_j),  a = dy/dImp (cv_squared) */
+int importance_loss_backward(float *dlogits, double dy, const float *logits,
                              const float *noise, const uint8_t *mask, int T, int E, int variance)
 {
     if (T < 0 || check_variance(variance, E)) return DAMEX_EINVAL;
@@ -392,7 +392,7 @@ int importance_loss_backward(float *dlogits, double dloss, const float *logits,
     st = importance_sums(imp, q, logits, noise, mask, T, E);
     if (st) goto done;
     cv_squared(a, imp, E, variance);
-    for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i]);
+    for (int i = 0; i < E; i++) af[i] = (float)(dy * a[i]);
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
@@ -513,9 +513,9 @@ int load_loss_forward(double *loss, const float *logits, const float *noise,
 /* inverts: z_i = (g_j + noise_j - g_i) / sigma,  P_i = 1 - Phi(z_i),  Load_i = sum_x P_i
  * dP_i/dg_i = phi(z_i)/sigma and dP_i/dg_j = -phi(z_i)/sigma for i != j; P_j depends
  * on noise_j only (z_j = noise_j / sigma), so with c_i = a_i phi(z_i) / sigma,
- * a = dloss/dLoad:  dg_i += c_i (i != j),  dg_j += -sum_{i != j} c_i.
+ * a = dy/dLoad:  dg_i += c_i (i != j),  dg_j += -sum_{i != j} c_i.
  * At a tie of the k-th noisy logit this is the derivative for the tie-broken j. */
-int load_loss_backward(float *dlogits, double dloss, const float *logits, const float *noise,
+int load_loss_backward(float *dlogits, double dy, const float *logits, const float *noise,
                        const uint8_t *mask, int T, int E, int k, double sigma, int variance)
 {
     if (check_load(noise, T, E, k, sigma, variance)) return DAMEX_EINVAL;
@@ -531,7 +531,7 @@ int load_loss_backward(float *dlogits, double dloss, const float *logits, const 
     if (st) goto done;
     cv_squared(a, load, E, variance);
     /* phi(z) / sigma = exp(-z^2/2) / (sqrt(2 pi) sigma) */
-    for (int i = 0; i < E; i++) af[i] = (float)(dloss * a[i] / sigma) * INV_SQRT_2PI;
+    for (int i = 0; i < E; i++) af[i] = (float)(dy * a[i] / sigma) * INV_SQRT_2PI;
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS / 2)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
@@ -601,8 +601,8 @@ int switch_loss_forward(double *loss, const float *logits, const uint8_t *mask, 
 }
 
 /* inverts: loss = E sum_i f_i (1/|M|) sum_x q_i(x)
- * dg_i(x) += q_i(x) (a_i - sum_j q_j(x) a_j),  a_i = dloss E f_i / |M| */
-int switch_loss_backward(float *dlogits, double dloss, const float *logits, const uint8_t *mask,
+ * dg_i(x) += q_i(x) (a_i - sum_j q_j(x) a_j),  a_i = dy E f_i / |M| */
+int switch_loss_backward(float *dlogits, double dy, const float *logits, const uint8_t *mask,
                          int T, int E, int k, int counts)
 {
     if (check_switch(T, E, k, counts)) return DAMEX_EINVAL;
@@ -615,7 +615,7 @@ int switch_loss_backward(float *dlogits, double dloss, const float *logits, cons
     st = switch_sums(sums, 0, logits, mask, T, E, k, counts);
     if (st || n == 0) goto done;
     double kk = counts == DAMEX_COUNTS_TOPK ? k : 1;
-    for (int i = 0; i < E; i++) af[i] = (float)(dloss * E * sums[i] / (kk * (double)n * (double)n));
+    for (int i = 0; i < E; i++) af[i] = (float)(dy * E * sums[i] / (kk * (double)n * (double)n));
 #pragma omp parallel for schedule(static) if ((long)T * E >= PAR_MIN_ROUTER_ROWS)
     for (int b = 0; b < nb; b++) {
         BLOCK_RANGE(b, T, t0, t1);
@@ -634,7 +634,7 @@ done:
 
 /* One pass over the unmasked tokens: sum of per-token values (z: lse^2;
  * damex: lse - g_target) and, with dlogits, the per-token gradient scaled by
- * scale = dloss / |M|.  target == NULL selects the z-loss. */
+ * scale = dy / |M|.  target == NULL selects the z-loss. */
 static int lse_pass(double *total, float *dlogits, double scale, const float *logits,
                     const int64_t *target, const uint8_t *mask, int T, int E)
 {
@@ -695,15 +695,15 @@ int z_loss_forward(double *loss, const float *logits, const uint8_t *mask, int T
 }
 
 /* inverts: loss = (1/|M|) sum_x lse(x)^2
- * dg_i(x) += dloss * 2 lse(x) q_i(x) / |M| */
-int z_loss_backward(float *dlogits, double dloss, const float *logits, const uint8_t *mask, int T,
+ * dg_i(x) += dy * 2 lse(x) q_i(x) / |M| */
+int z_loss_backward(float *dlogits, double dy, const float *logits, const uint8_t *mask, int T,
                     int E)
 {
     if (T < 0 || E < 1) return DAMEX_EINVAL;
     long n = count_valid(mask, T);
     if (n == 0) return DAMEX_OK;
     double sum;
-    return lse_pass(&sum, dlogits, dloss / (double)n, logits, NULL, mask, T, E);
+    return lse_pass(&sum, dlogits, dy / (double)n, logits, NULL, mask, T, E);
 }
 
 /* loss = -(1/|M|) sum_{x in M} log q_{y(x)}(x) = (1/|M|) sum_x (lse(x) - g_{y(x)}(x)),
@@ -720,13 +720,13 @@ int damex_loss_forward(double *loss, const float *logits, const int64_t *expert_
 }
 
 /* inverts: loss = (1/|M|) sum_x (lse(x) - g_{y(x)}(x))
- * dg_i(x) += dloss * (q_i(x) - [i == y(x)]) / |M| */
-int damex_loss_backward(float *dlogits, double dloss, const float *logits,
+ * dg_i(x) += dy * (q_i(x) - [i == y(x)]) / |M| */
+int damex_loss_backward(float *dlogits, double dy, const float *logits,
                         const int64_t *expert_target, const uint8_t *mask, int T, int E)
 {
     if (T < 0 || E < 1) return DAMEX_EINVAL;
     long n = count_valid(mask, T);
     if (n == 0) return DAMEX_OK;
     double sum;
-    return lse_pass(&sum, dlogits, dloss / (double)n, logits, expert_target, mask, T, E);
+    return lse_pass(&sum, dlogits, dy / (double)n, logits, expert_target, mask, T, E);
 }

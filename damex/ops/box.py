@@ -39,6 +39,16 @@ def _xyxy(b, name):
     return a
 
 
+def _box_map(kernel, v, name, backward=False):
+    """kernel(out, v) on (..., 4) arrays: a conversion forward (v = boxes, finite;
+    out fresh) or its backward (v = dy, any float; out zeroed, as the kernel
+    accumulates)."""
+    v = _box_array(v, name, finite=not backward)
+    out = np.zeros_like(v) if backward else np.empty_like(v)
+    kernel(out, v)
+    return out
+
+
 def box_cxcywh_to_xyxy_forward(b):
     """(cx, cy, w, h) -> (cx - w/2, cy - h/2, cx + w/2, cy + h/2).
 
@@ -50,18 +60,12 @@ def box_cxcywh_to_xyxy_forward(b):
     -------
     out : ndarray, float32, shape (..., 4)
     """
-    b = _box_array(b, "b")
-    out = np.empty_like(b)
-    _C.box_cxcywh_to_xyxy_forward(out, b)
-    return out
+    return _box_map(_C.box_cxcywh_to_xyxy_forward, b, "b")
 
 
-def box_cxcywh_to_xyxy_backward(dout):
-    """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = _box_array(dout, "dout", finite=False)
-    db = np.zeros_like(dout)
-    _C.box_cxcywh_to_xyxy_backward(db, dout)
-    return db
+def box_cxcywh_to_xyxy_backward(dy):
+    """Gradient of :func:`box_cxcywh_to_xyxy_forward`: dy (..., 4) -> db (..., 4)."""
+    return _box_map(_C.box_cxcywh_to_xyxy_backward, dy, "dy", backward=True)
 
 
 def box_xyxy_to_cxcywh_forward(b):
@@ -75,18 +79,12 @@ def box_xyxy_to_cxcywh_forward(b):
     -------
     out : ndarray, float32, shape (..., 4)
     """
-    b = _box_array(b, "b")
-    out = np.empty_like(b)
-    _C.box_xyxy_to_cxcywh_forward(out, b)
-    return out
+    return _box_map(_C.box_xyxy_to_cxcywh_forward, b, "b")
 
 
-def box_xyxy_to_cxcywh_backward(dout):
-    """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dout (..., 4) -> db (..., 4)."""
-    dout = _box_array(dout, "dout", finite=False)
-    db = np.zeros_like(dout)
-    _C.box_xyxy_to_cxcywh_backward(db, dout)
-    return db
+def box_xyxy_to_cxcywh_backward(dy):
+    """Gradient of :func:`box_xyxy_to_cxcywh_forward`: dy (..., 4) -> db (..., 4)."""
+    return _box_map(_C.box_xyxy_to_cxcywh_backward, dy, "dy", backward=True)
 
 
 def box_iou_forward(a, b):
@@ -133,12 +131,12 @@ def generalized_box_iou_forward(a, b):
     return giou
 
 
-def generalized_box_iou_backward(dgiou, a, b):
+def generalized_box_iou_backward(dy, a, b):
     """Gradient of :func:`generalized_box_iou_forward` to both box sets.
 
     Parameters
     ----------
-    dgiou : ndarray, float32, shape (N, M)
+    dy : ndarray, float32, shape (N, M)
     a : ndarray, float32, shape (N, 4), xyxy
     b : ndarray, float32, shape (M, 4), xyxy
 
@@ -150,10 +148,10 @@ def generalized_box_iou_backward(dgiou, a, b):
     a = _xyxy(a, "a")
     b = _xyxy(b, "b")
     n, m = a.shape[0], b.shape[0]
-    dgiou = f32(dgiou, "dgiou", shape=(n, m))
+    dy = f32(dy, "dy", shape=(n, m))
     da = np.zeros_like(a)
     db = np.zeros_like(b)
-    _C.generalized_box_iou_backward(da, db, dgiou, a, b, n, m)
+    _C.generalized_box_iou_backward(da, db, dy, a, b, n, m)
     return da, db
 
 
@@ -181,12 +179,12 @@ def generalized_box_iou_paired_forward(a, b):
     return giou
 
 
-def generalized_box_iou_paired_backward(dgiou, a, b):
+def generalized_box_iou_paired_backward(dy, a, b):
     """Gradient of :func:`generalized_box_iou_paired_forward`.
 
     Parameters
     ----------
-    dgiou : ndarray, float32, shape (N,)
+    dy : ndarray, float32, shape (N,)
     a, b : ndarray, float32, shape (N, 4), xyxy
 
     Returns
@@ -196,10 +194,10 @@ def generalized_box_iou_paired_backward(dgiou, a, b):
     a = _xyxy(a, "a")
     b = _xyxy(b, "b")
     check_shape(b, "b", a.shape)
-    dgiou = f32(dgiou, "dgiou", shape=(a.shape[0],))
+    dy = f32(dy, "dy", shape=(a.shape[0],))
     da = np.zeros_like(a)
     db = np.zeros_like(b)
-    _C.generalized_box_iou_paired_backward(da, db, dgiou, a, b, a.shape[0])
+    _C.generalized_box_iou_paired_backward(da, db, dy, a, b, a.shape[0])
     return da, db
 
 
@@ -239,12 +237,12 @@ def sigmoid_focal_loss_forward(logits, targets, alpha=0.25, gamma=2.0):
     return loss
 
 
-def sigmoid_focal_loss_backward(dloss, logits, targets, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss_backward(dy, logits, targets, alpha=0.25, gamma=2.0):
     """Gradient of :func:`sigmoid_focal_loss_forward` to the logits.
 
     Parameters
     ----------
-    dloss : ndarray, float32, shape of logits
+    dy : ndarray, float32, shape of logits
     logits, targets, alpha, gamma : as in the forward
 
     Returns
@@ -252,9 +250,9 @@ def sigmoid_focal_loss_backward(dloss, logits, targets, alpha=0.25, gamma=2.0):
     dlogits : ndarray, float32, shape of logits
     """
     logits, targets, alpha, gamma = _focal_args(logits, targets, alpha, gamma)
-    dloss = f32(dloss, "dloss", shape=logits.shape)
+    dy = f32(dy, "dy", shape=logits.shape)
     dx = np.zeros_like(logits)
-    _C.sigmoid_focal_loss_backward(dx, dloss, logits, targets, alpha, gamma)
+    _C.sigmoid_focal_loss_backward(dx, dy, logits, targets, alpha, gamma)
     return dx
 
 
@@ -277,8 +275,8 @@ def l1_loss_forward(a, b):
     return out
 
 
-def l1_loss_backward(dout, a, b):
-    """Gradient of :func:`l1_loss_forward`: ``da = dout sign(a - b)``, ``db = -da``
+def l1_loss_backward(dy, a, b):
+    """Gradient of :func:`l1_loss_forward`: ``da = dy sign(a - b)``, ``db = -da``
     (``sign(0) = 0``, PyTorch's subgradient).
 
     Returns
@@ -287,8 +285,8 @@ def l1_loss_backward(dout, a, b):
     """
     a = f32(a, "a")
     b = f32(b, "b", shape=a.shape)
-    dout = f32(dout, "dout", shape=a.shape)
+    dy = f32(dy, "dy", shape=a.shape)
     da = np.zeros_like(a)
     db = np.zeros_like(a)
-    _C.l1_loss_backward(da, db, dout, a, b)
+    _C.l1_loss_backward(da, db, dy, a, b)
     return da, db

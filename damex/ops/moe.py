@@ -301,7 +301,7 @@ def expert_ffn_backward(dy, saved):
     return _expert_ffn_backward(dy, saved)
 
 
-def _expert_ffn_backward(dye, s):
+def _expert_ffn_backward(dy, s):
     E, D, F = s.w1.shape
     N = s.xe.shape[0]
     dxe = _pool.take((N, D))  # every output is overwritten (moe.h)
@@ -310,7 +310,7 @@ def _expert_ffn_backward(dye, s):
     db1 = np.empty((E, F), np.float32)
     dw2 = np.empty((E, F, D), np.float32)
     db2 = np.empty((E, D), np.float32)
-    _C.expert_ffn_backward(dxe, dw1, db1, dw2, db2, dh, dye, s.xe, s.h, s.a, s.w1, s.w2,
+    _C.expert_ffn_backward(dxe, dw1, db1, dw2, db2, dh, dy, s.xe, s.h, s.a, s.w1, s.w2,
                            s.expert_count, E, D, F, N, activation_code(s.activation))
     return dxe, dw1, db1, dw2, db2
 

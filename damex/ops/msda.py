@@ -82,29 +82,29 @@ def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_lo
     return out
 
 
-def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index,
+def ms_deform_attn_backward(dy, value, spatial_shapes, level_start_index,
                             sampling_locations, attention_weights):
     """Gradients of :func:`ms_deform_attn_forward`.
 
     Parameters
     ----------
-    grad_output : ndarray, float32, [N, Lq, M * D]
+    dy : ndarray, float32, [N, Lq, M * D]
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         As in :func:`ms_deform_attn_forward`.
 
     Returns
     -------
-    grad_value : ndarray, float32, [N, S, M, D]
-    grad_sampling_locations : ndarray, float32, [N, Lq, M, L, P, 2]
-    grad_attention_weights : ndarray, float32, [N, Lq, M, L, P]
+    dvalue : ndarray, float32, [N, S, M, D]
+    dsampling_locations : ndarray, float32, [N, Lq, M, L, P, 2]
+    dattention_weights : ndarray, float32, [N, Lq, M, L, P]
     """
     value, shapes, start, loc, attw, sizes = _args(value, spatial_shapes, level_start_index,
                                                    sampling_locations, attention_weights)
     N, S, M, D, Lq, L, P = sizes
-    grad_output = f32(grad_output, "grad_output", shape=(N, Lq, M * D))
-    grad_value = np.zeros_like(value)
-    grad_loc = np.zeros_like(loc)
-    grad_attw = np.zeros_like(attw)
-    _C.ms_deform_attn_backward(grad_value, grad_loc, grad_attw, grad_output, value, shapes, start,
+    dy = f32(dy, "dy", shape=(N, Lq, M * D))
+    dvalue = np.zeros_like(value)
+    dloc = np.zeros_like(loc)
+    dattw = np.zeros_like(attw)
+    _C.ms_deform_attn_backward(dvalue, dloc, dattw, dy, value, shapes, start,
                                loc, attw, *sizes)
-    return grad_value, grad_loc, grad_attw
+    return dvalue, dloc, dattw

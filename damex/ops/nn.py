@@ -55,18 +55,18 @@ def linear_forward(x, w, b=None):
     y : ndarray, float32, shape (..., Dout)
     """
     w = f32(w, "w", ndim=2)
-    dout, din = w.shape
+    d_out, d_in = w.shape
     x = f32(x, "x")
-    if x.ndim < 1 or x.shape[-1] != din:
-        raise ValueError(f"x: expected shape (..., {din}) to match w {w.shape}, got {x.shape}")
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x: expected shape (..., {d_in}) to match w {w.shape}, got {x.shape}")
     if b is not None:
-        b = f32(b, "b", shape=(dout,))
+        b = f32(b, "b", shape=(d_out,))
     n = int(np.prod(x.shape[:-1]))
-    y = np.empty(x.shape[:-1] + (dout,), np.float32)
-    if y.size == 0 or din == 0:  # nothing to multiply: no kernel call, whatever n is
+    y = np.empty(x.shape[:-1] + (d_out,), np.float32)
+    if y.size == 0 or d_in == 0:  # nothing to multiply: no kernel call, whatever n is
         y[...] = 0.0 if b is None else b
         return y
-    _C.linear_forward(y, x, w, b, int_size(n, "x", "rows"), din, dout)
+    _C.linear_forward(y, x, w, b, int_size(n, "x", "rows"), d_in, d_out)
     return y
 
 
@@ -86,20 +86,20 @@ def linear_backward(dy, x, w, has_bias=True):
     dx : (..., Din);  dw : (Dout, Din);  db : (Dout,) or None
     """
     w = f32(w, "w", ndim=2)
-    dout, din = w.shape
+    d_out, d_in = w.shape
     x = f32(x, "x")
-    if x.ndim < 1 or x.shape[-1] != din:
-        raise ValueError(f"x: expected shape (..., {din}) to match w {w.shape}, got {x.shape}")
-    dy = f32(dy, "dy", shape=x.shape[:-1] + (dout,))
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x: expected shape (..., {d_in}) to match w {w.shape}, got {x.shape}")
+    dy = f32(dy, "dy", shape=x.shape[:-1] + (d_out,))
     n = int(np.prod(x.shape[:-1]))
     dx = np.zeros_like(x)
     dw = np.zeros_like(w)
-    db = np.zeros(dout, np.float32) if has_bias else None
-    if n == 0 or din == 0 or dout == 0:  # dx and dw are empty or 0: no kernel call
-        if db is not None and dout:
-            db[:] = dy.reshape(n, dout).sum(axis=0, dtype=np.float64)
+    db = np.zeros(d_out, np.float32) if has_bias else None
+    if n == 0 or d_in == 0 or d_out == 0:  # dx and dw are empty or 0: no kernel call
+        if db is not None and d_out:
+            db[:] = dy.reshape(n, d_out).sum(axis=0, dtype=np.float64)
         return dx, dw, db
-    _C.linear_backward(dx, dw, db, dy, x, w, int_size(n, "x", "rows"), din, dout)
+    _C.linear_backward(dx, dw, db, dy, x, w, int_size(n, "x", "rows"), d_in, d_out)
     return dx, dw, db
 
 

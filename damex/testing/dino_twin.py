@@ -46,10 +46,13 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from damex.testing import torch_twins
+from damex.testing.torch_twins import cxcywh_to_xyxy, generalized_box_iou, sigmoid_focal_loss
 
-def inverse_sigmoid(x, eps=1e-3):
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+def inverse_sigmoid(x):
+    """DINO's inverse_sigmoid: eps 1e-3."""
+    return torch_twins.inverse_sigmoid(x, eps=1e-3)
 
 
 class MLP(nn.Module):
@@ -99,22 +102,6 @@ def sine_embed_boxes(boxes, num_feats):
 
 # ---- deformable attention ---------------------------------------------------
 
-def msda_core(value, shapes, locations, weights):
-    """ms_deform_attn_core_pytorch: value [N, S, M, Dh], locations [N, Lq, M, L, P, 2]."""
-    N, _, M, Dh = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    samples = []
-    for lid, (h, w) in enumerate(shapes):
-        v = values[lid].flatten(2).transpose(1, 2).reshape(N * M, Dh, h, w)
-        g = grids[:, :, :, lid].transpose(1, 2).flatten(0, 1)
-        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    a = weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(N, M * Dh, Lq)
-    return out.transpose(1, 2).contiguous()
-
-
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model, n_levels, n_heads, n_points):
         super().__init__()
@@ -140,7 +127,7 @@ class MSDeformAttn(nn.Module):
         else:
             loc = reference_points[:, :, None, :, None, :2] \
                 + off / P * reference_points[:, :, None, :, None, 2:] * 0.5
-        return self.output_proj(msda_core(value, shapes, loc, aw))
+        return self.output_proj(torch_twins.ms_deform_attn(value, shapes, loc, aw))
 
 
 # ---- encoder / decoder layers -------------------------------------------------
@@ -444,24 +431,6 @@ class DINOTwin(nn.Module):
 
 # ---- DINO's criterion ---------------------------------------------------------
 
-def _xyxy(b):
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
-
-
-def generalized_box_iou(a, b):
-    """DINO util/box_ops.py (1e-6 in the union and the enclosing area)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    wh = (torch.min(a[:, None, 2:], b[:, 2:]) - torch.max(a[:, None, :2], b[:, :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b - inter
-    iou = inter / (union + 1e-6)
-    wh = (torch.max(a[:, None, 2:], b[:, 2:]) - torch.min(a[:, None, :2], b[:, :2])).clamp(min=0)
-    area = wh[..., 0] * wh[..., 1]
-    return iou - (area - union) / (area + 1e-6)
-
-
 @torch.no_grad()
 def hungarian(logits, boxes, targets, alpha=0.25):
     out = []
@@ -471,7 +440,7 @@ def hungarian(logits, boxes, targets, alpha=0.25):
         pos = alpha * (1 - p) ** 2 * -(p + 1e-8).log()
         cls = pos[:, t["labels"]] - neg[:, t["labels"]]
         l1 = torch.cdist(boxes[b], t["boxes"], p=1)
-        giou = -generalized_box_iou(_xyxy(boxes[b]), _xyxy(t["boxes"]))
+        giou = -generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(t["boxes"]))
         q, g = linear_sum_assignment((5 * l1 + 2 * cls + 2 * giou).numpy())
         out.append((torch.as_tensor(q), torch.as_tensor(g)))
     return out
@@ -483,15 +452,12 @@ def set_losses(logits, boxes, targets, indices, num_boxes, alpha=0.25):
     onehot = torch.zeros(B, Q, C, dtype=logits.dtype)
     for b, (q, g) in enumerate(indices):
         onehot[b, q, targets[b]["labels"][g]] = 1.0
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    p_t = p * onehot + (1 - p) * (1 - onehot)
-    focal = (alpha * onehot + (1 - alpha) * (1 - onehot)) * ce * (1 - p_t) ** 2
+    focal = sigmoid_focal_loss(logits, onehot, alpha, 2.0)
     loss_ce = focal.mean(1).sum() / num_boxes * Q
     src = torch.cat([boxes[b, q] for b, (q, _) in enumerate(indices)])
     tgt = torch.cat([targets[b]["boxes"][g] for b, (_, g) in enumerate(indices)])
     loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-    loss_giou = (1 - torch.diag(generalized_box_iou(_xyxy(src), _xyxy(tgt)))).sum() / num_boxes
+    loss_giou = (1 - torch.diag(generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)))).sum() / num_boxes
     return {"ce": loss_ce, "bbox": loss_bbox, "giou": loss_giou}
 
 

@@ -1,7 +1,7 @@
-"""A torchvision-layout ResNet written in torch for the tests (torchvision is not installed
-here): torchvision's module names, BatchNorm2d (eps 1e-5), the stride of a Bottleneck on its
-3x3 conv (v1.5), a 7x7/2 stem + 3x3/2 max-pool, avgpool + fc; random weights including
-non-trivial batch-norm statistics."""
+"""A torchvision-layout ResNet written in torch for the tests and bench/bench_backbone.py
+(torchvision is not installed here): torchvision's module names, BatchNorm2d (eps 1e-5),
+the stride of a Bottleneck on its 3x3 conv (v1.5), a 7x7/2 stem + 3x3/2 max-pool,
+avgpool + fc; random weights including non-trivial batch-norm statistics (imports torch)."""
 import torch
 from torch import nn
 
