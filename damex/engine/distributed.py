@@ -44,9 +44,10 @@ import time
 
 import numpy as np
 
+from .. import ops
 from ..nn.context import ForwardContext
 
-__all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice"]
+__all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice", "StateOf"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")   # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_BYTES = 4 << 20
@@ -81,6 +82,7 @@ class World:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.comm_seconds = 0.0    # time spent in collectives (waits included)
+        self.experts = None        # the ExpertParallel of "parallel": "data+experts"
 
     @property
     def is_main(self):
@@ -88,7 +90,9 @@ class World:
 
     # -- bounded collectives --------------------------------------------------------
 
-    def _wait(self, req, what, bounded=True):
+    def wait(self, req, what, bounded=True):
+        """Wait for the request ``req`` of a collective (``what`` names it in the timeout's
+        message), at most ``DAMEX_MPI_TIMEOUT`` seconds when ``bounded``."""
         t0 = time.perf_counter()
         limit = _timeout()
         while not req.Test():
@@ -100,15 +104,32 @@ class World:
 
     def allreduce_(self, buf, what="allreduce"):
         """Sum ``buf`` (a contiguous NumPy array) over the ranks, in place."""
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), what)
+        self.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), what)
         return buf
 
     def allgather_bytes(self, data, what="allgather"):
         """Every rank's fixed-length ``data`` (bytes), as a list in rank order."""
         send = np.frombuffer(data, np.uint8).copy()
         recv = np.empty(self.size * send.size, np.uint8)
-        self._wait(self.comm.Iallgather(send, recv), what)
+        self.wait(self.comm.Iallgather(send, recv), what)
         return [recv[i * send.size:(i + 1) * send.size].tobytes() for i in range(self.size)]
+
+    def allgather_array(self, arr, what="allgather"):
+        """Every rank's ``arr`` (the same shape and dtype everywhere), concatenated in rank order."""
+        arr = np.ascontiguousarray(arr)
+        out = np.empty((self.size,) + arr.shape, arr.dtype)
+        self.wait(self.comm.Iallgather(arr, out), what)
+        return out.reshape((-1,) + arr.shape[1:])
+
+    def allgatherv_rows(self, rows, counts, what="allgatherv"):
+        """The float32 ``rows [counts[rank], W]`` of every rank, stacked in rank order."""
+        W = rows.shape[1]
+        sizes = np.asarray(counts, np.int64) * W
+        out = np.empty((int(np.sum(counts)), W), np.float32)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.wait(self.comm.Iallgatherv(np.ascontiguousarray(rows, np.float32),
+                                        [out, (sizes, displs), self.MPI.FLOAT]), what)
+        return out
 
     def abort(self, message, code=1):
         """Print ``message`` naming this rank and end the whole job."""
@@ -132,6 +153,16 @@ class World:
         if bad:
             raise ValueError(f"data parallel: rank(s) {bad} have a different run config than rank 0 "
                              "(every rank must run the same config and flags)")
+
+    def setup(self, cfg, model):
+        """Check the run (:meth:`check_run`) and, with ``"parallel": "data+experts"``, cut
+        every MoE layer of ``model`` to this rank's experts (before the optimizer is built)."""
+        self.check_run(cfg)
+        if cfg.train.parallel == "data+experts":
+            from .expert_parallel import ExpertParallel
+
+            self.experts = ExpertParallel(self, cfg.train.expert_ranks or None)
+            self.experts.shard(model)
 
     # -- one step -------------------------------------------------------------------
 
@@ -159,11 +190,12 @@ class World:
                     if hasattr(dn, name):
                         setattr(dn, name, getattr(dn, name)[lo:hi])
         share = (hi - lo) / B
+        if self.experts is not None:
+            self.experts.loss_share = share
         criterion = copy.copy(trainer.criterion)
         criterion.routing_weight = trainer.criterion.routing_weight * share
         ctx = ForwardContext(part["dataset_ids"], use_labels=True, seed=tc.seed, step=trainer.step,
                              root=trainer.model)
-        from .. import ops
         try:
             outputs = trainer.model(part["images"], part["mask"], part["dataset_ids"], part["targets"],
                                     ctx=ctx, dn_queries=dn)
@@ -211,6 +243,9 @@ class World:
         """Sum every parameter's gradient over the ranks through flat float32 buckets of about
         :data:`BUCKET_BYTES`; a parameter no rank has a gradient for keeps ``grad = None``."""
         params = list(params)
+        if self.experts is not None:   # expert gradients stay with the ranks holding the experts
+            self.experts.reduce_expert_gradients([p for p in params if self.experts.is_sharded(p)])
+            params = [p for p in params if not self.experts.is_sharded(p)]
         has = np.array([p.grad is not None for p in params], np.int32)
         self.allreduce_(has, "the gradient flags")
         live = [p for p, h in zip(params, has) if h]
@@ -235,14 +270,55 @@ class World:
                 o += n
             start = stop
 
+    def grad_norm(self, params):
+        """The global L2 norm of the (reduced) gradients of ``params``, the same on every rank."""
+        params = list(params)
+        if self.experts is not None:
+            return self.experts.grad_norm(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        return ops.grad_global_norm(grads) if grads else 0.0
+
+    def clip_grad_norm_(self, params, max_norm, total_norm):
+        """Scale the gradients by the factor of :func:`damex.ops.clip_grad_norm` for the global
+        norm ``total_norm`` (:meth:`grad_norm`)."""
+        scale = (math.nan if math.isnan(total_norm) else 0.0) if not math.isfinite(total_norm) \
+            else min(max_norm / (total_norm + 1e-6), 1.0)
+        if not scale >= 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = (np.asarray(p.grad, np.float32) * np.float32(scale)).astype(np.float32)
+
+    def gather_state(self, trainer):
+        """``(model state, optimizer state)`` with every expert for rank 0 to write (every
+        rank must call it); None without expert parallelism (rank 0's own state is whole)."""
+        if self.experts is None:
+            return None
+        return self.experts.gather_state(trainer.model, trainer.optimizer)
+
+    def local_parts(self, parts, trainer):
+        """A checkpoint's ``parts`` cut to this rank's experts (unchanged without them)."""
+        if self.experts is None:
+            return parts
+        return self.experts.local_parts(parts, trainer.model, trainer.optimizer)
+
     def any(self, flag):
         """True on every rank if ``flag`` is true on any rank.  Unbounded: called before
         every step, it also waits while rank 0 validates or writes a checkpoint (a rank that
         dies meanwhile still ends the job: the MPI launcher kills the others)."""
         buf = np.array([int(bool(flag))], np.int32)
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "the stop check",
+        self.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "the stop check",
                    bounded=False)
         return bool(buf[0])
+
+
+class StateOf:
+    """A state dict standing in for its model or optimizer (``state_dict()`` returns it)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
 
 
 def local_slice(batch, rank, size):

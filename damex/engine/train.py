@@ -186,6 +186,9 @@ class Trainer:
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
                                  load_weights=load_weights)
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
+        self.world = distributed.world()   # None in one process (no MPI import)
+        if self.world is not None:   # checks the run; data+experts cuts the experts per rank
+            self.world.setup(cfg, self.model)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
         self.optimizer = optim.AdamW([{"params": backbone, "lr": tc.lr_backbone}, {"params": rest}],
@@ -195,9 +198,6 @@ class Trainer:
         self.history = []
         self.val_set = None
         self.best_mean_ap = None
-        self.world = distributed.world()   # None in one process (no MPI import)
-        if self.world is not None:
-            self.world.check_run(cfg)
 
     @property
     def is_main(self):
@@ -241,8 +241,10 @@ class Trainer:
             bad, grad_norm = (f"the loss is {loss_value}", math.nan) if not math.isfinite(loss_value) \
                 else self._check_gradients()   # the same decision on every rank
         if bad is None:
-            if tc.clip_max_norm > 0:
+            if tc.clip_max_norm > 0 and self.world is None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm)
+            elif tc.clip_max_norm > 0:   # by the norm over every rank's expert shards
+                self.world.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm, grad_norm)
             self.optimizer.step()
             params = [(n, p.data) for n, p in self.model.named_parameters()]
             if not math.isfinite(ops.grad_global_norm([a for _, a in params])):
@@ -267,7 +269,10 @@ class Trainer:
     def _check_gradients(self):
         """``(problem or None, global gradient norm)``, computed here, before any clipping."""
         grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        norm = ops.grad_global_norm([g for _, g in grads]) if grads else 0.0
+        if self.world is not None:
+            norm = self.world.grad_norm(self.model.parameters())
+        else:
+            norm = ops.grad_global_norm([g for _, g in grads]) if grads else 0.0
         if math.isfinite(norm):
             return None, norm
         return f"the gradient norm is {norm} (first non-finite gradient: {_first_nonfinite(grads)})", norm
@@ -373,13 +378,14 @@ class Trainer:
         With several ranks only rank 0 writes (the weights are equal on every rank): one
         file, read back by any number of ranks."""
         out = self.cfg.train.out_dir
+        whole = self.world.gather_state(self) if self.world is not None else None  # every expert
         if not self.is_main:
             return os.path.join(out, rundir.LATEST)
         val = self.history[-1].get("val") if self.history else None
         best = val is not None and self._is_best(val)
         if best:
             self.best_mean_ap = val["mean_ap"]
-        path = self.save(rundir.numbered(out, self.step))
+        path = self.save(rundir.numbered(out, self.step), whole)
         rundir.publish(path, out, rundir.LATEST)
         if best:
             rundir.publish(path, out, rundir.BEST)
@@ -408,8 +414,12 @@ class Trainer:
                 "label_space": self.label_space.to_dict(), "history": self.history,
                 "best_mean_ap": self.best_mean_ap, "config_hash": self.cfg.hash()}
 
-    def save(self, path):
-        return save_checkpoint(path, model=self.model, optimizer=self.optimizer,
+    def save(self, path, state=None):
+        """Write a checkpoint of this run; ``state``: ``(model state, optimizer state)`` to
+        write instead of this process's (the experts gathered from every rank)."""
+        model, optimizer = (self.model, self.optimizer) if state is None else \
+            (distributed.StateOf(state[0]), distributed.StateOf(state[1]))
+        return save_checkpoint(path, model=model, optimizer=optimizer,
                                scheduler=self.scheduler, meta=self.meta())
 
     @classmethod
@@ -425,6 +435,8 @@ class Trainer:
         conf["train"] = {**conf.get("train", {}), **train_overrides}
         # the checkpoint's weights replace any pretrained ones: do not read those files again
         trainer = cls(run_config_from_dict(conf, source=os.fspath(path)), load_weights=False)
+        if trainer.world is not None:   # the experts of this rank
+            parts = trainer.world.local_parts(parts, trainer)
         restore(os.fspath(path), parts, trainer.model, trainer.optimizer, trainer.scheduler,
                 step=meta["step"], fresh_optimizer=fresh_optimizer)
         trainer.step = int(meta["step"])
