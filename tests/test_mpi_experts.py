@@ -48,7 +48,8 @@ def _layer(n, **opts):
     {"k": 2, "normalize": "after_drop", "bpr": False, "loss": "damex+balance", "z_weight": 0.1,
      "switch_weight": 0.2},
     {"E": 2, "capacity_factor": 0.5},
-], ids=["damex", "k2-balance-mask-drops", "options", "one-expert-per-rank"])
+    {"capacity_factor": 0.6, "capacity_sizing": "composition", "masked": True},
+], ids=["damex", "k2-balance-mask-drops", "options", "one-expert-per-rank", "composition"])
 def test_layer_equals_one_process(opts):
     """y, routing, aux loss and every gradient of one sharded layer equal the whole layer's."""
     p = _ok(_layer(2, **opts))
