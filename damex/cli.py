@@ -371,12 +371,13 @@ def main(argv=None):
     from .engine.train import TrainingInterrupted
 
     func = args.func
-    from .engine.distributed import guard_ranks, launched_size
+    from .engine.distributed import guard_ranks, launched_size, supervise
     if launched_size() > 1 and args.command != "train":
         print(f"damex {args.command}: error: only `damex train` runs on several MPI ranks "
               f"(launched with {launched_size()}); run it in one process", file=sys.stderr)
         return 2
     if args.command == "train":   # under mpiexec: a failing rank ends the job (no hang)
+        supervise()               # and a rank killed by a signal is named
         func = guard_ranks(func)
     try:
         return func(args)

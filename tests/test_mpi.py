@@ -165,6 +165,8 @@ def test_killed_rank_ends_the_job(runs, tmp_path):
     assert p.returncode != 0
     assert time.perf_counter() - t0 < 120
     assert "BAD TERMINATION" in p.stdout + p.stderr   # mpich's mpiexec reports it and kills the rest
+    # mpiexec names only a process id; damex names the rank (damex.engine.distributed.supervise)
+    assert "damex: rank 1 of 2" in p.stderr and "was killed by signal 9 (SIGKILL)" in p.stderr, p.stderr
 
 
 def test_exception_on_one_rank_aborts_naming_it(runs, tmp_path):

@@ -47,7 +47,7 @@ import numpy as np
 from .. import ops
 from ..nn.context import ForwardContext
 
-__all__ = ["launched_size", "World", "world", "guard_ranks", "local_slice", "StateOf"]
+__all__ = ["launched_size", "launched_rank", "supervise", "World", "world", "guard_ranks", "local_slice", "StateOf"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")   # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_BYTES = 4 << 20
@@ -336,6 +336,80 @@ def world():
         if _WORLD.size == 1:
             _WORLD = None
     return _WORLD
+
+
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_SUPERVISED = "DAMEX_MPI_SUPERVISED"
+
+
+def launched_rank():
+    """This process's rank as the MPI launcher announced it (None without one)."""
+    for var in _RANK_VARS:
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    return None
+
+
+def supervise():
+    """Run this rank's command in a child process and report how it ended.
+
+    ``mpiexec`` names a rank that dies by a signal (SIGKILL, a segfault, the OOM killer)
+    only by its process id; so each rank's launched process waits for a copy of its
+    own command line and, when that copy is killed, prints ``damex: rank R of N ...
+    was killed by signal S`` before ending by the same signal, which makes the
+    launcher end the job as before.  The child dies with its parent (Linux
+    ``PR_SET_PDEATHSIG``), signals to the parent are passed on, and the launcher's
+    PMI descriptor stays open in the child.  Returns in the child (the caller goes on
+    with the command); never returns in the parent.  A no-op without an MPI launch of
+    several ranks, off Linux, or with ``DAMEX_MPI_SUPERVISE=0``.
+    """
+    if os.environ.get(_SUPERVISED):
+        _die_with_parent(int(os.environ[_SUPERVISED]))
+        return
+    if launched_size() <= 1 or not sys.platform.startswith("linux") or \
+            os.environ.get("DAMEX_MPI_SUPERVISE", "1") == "0":
+        return
+    import signal
+    import subprocess
+
+    fds = [int(os.environ[v]) for v in ("PMI_FD",) if os.environ.get(v, "").isdigit()]
+    env = dict(os.environ, **{_SUPERVISED: str(os.getpid())})
+    child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=fds)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, f: child.send_signal(s))
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:   # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        print(f"damex: rank {launched_rank()} of {launched_size()} (launched as pid {os.getpid()}, "
+              f"run as pid {child.pid}) was killed by signal {-code} ({name}); the job ends",
+              file=sys.stderr, flush=True)
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)   # end the same way, for the launcher to see
+        os._exit(128 - code)
+    os._exit(code)
+
+
+def _die_with_parent(parent):
+    """In a supervised rank: be killed when the supervising process goes (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:    # the parent went before prctl took effect
+        os._exit(1)
 
 
 def guard_ranks(func):
