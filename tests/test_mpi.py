@@ -197,10 +197,10 @@ def test_four_ranks_and_resume_from_two_at_four(runs):
 
 
 def test_other_commands_refuse_several_ranks(runs):
-    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "eval", "missing.npz"],
-                       cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "predict", "missing.npz",
+                        "x.png"], cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert "only `damex train` runs on several MPI ranks" in p.stderr
+    assert "only `damex train`, `eval` and `study` run on several MPI ranks" in p.stderr
 
 
 def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):

@@ -47,7 +47,7 @@ import numpy as np
 from .. import ops
 from ..nn.context import ForwardContext
 
-__all__ = ["launched_size", "launched_rank", "supervise", "World", "world", "guard_ranks", "local_slice", "StateOf"]
+__all__ = ["launched_size", "launched_rank", "plain_env", "supervise", "World", "world", "guard_ranks", "local_slice", "StateOf"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")   # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_BYTES = 4 << 20
@@ -129,6 +129,74 @@ class World:
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.wait(self.comm.Iallgatherv(np.ascontiguousarray(rows, np.float32),
                                         [out, (sizes, displs), self.MPI.FLOAT]), what)
+        return out
+
+    def gather_arrays(self, arrays, what="gather", root=0):
+        """Every rank's dict of NumPy arrays (numeric, any shapes), as a list in rank order on
+        ``root`` (None elsewhere); sent as ``.npz`` bytes, read back without pickle."""
+        import io
+
+        f = io.BytesIO()
+        np.savez(f, **arrays)
+        data = np.frombuffer(f.getvalue(), np.uint8)
+        sizes = self.allgather_array(np.array([data.size], np.int64), what)
+        out = np.empty(int(sizes.sum()) if self.rank == root else 0, np.uint8)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.wait(self.comm.Igatherv(data, [out, (sizes, displs), self.MPI.BYTE], root=root), what)
+        if self.rank != root:
+            return None
+        parts = []
+        for i in range(self.size):
+            with np.load(io.BytesIO(out[displs[i]:displs[i] + sizes[i]].tobytes()),
+                         allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files})
+        return parts
+
+    def bcast_json(self, obj, what="broadcast", root=0):
+        """``obj`` (JSON-able) of ``root`` on every rank."""
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if self.rank == root else None
+        n = np.array([0 if data is None else data.size], np.int64)
+        self.wait(self.comm.Ibcast(n, root=root), what)
+        buf = data.copy() if data is not None else np.empty(int(n[0]), np.uint8)
+        self.wait(self.comm.Ibcast(buf, root=root), what)
+        return json.loads(buf.tobytes().decode())
+
+    def batches_of(self, n, model):
+        """This rank's share of ``n`` evaluation batches: batch indices ``rank, rank + N, ...``;
+        with sharded experts padded with None (a batch whose results are dropped) so every
+        rank runs as many forwards, each layer's collectives meeting their peers."""
+        mine = list(range(self.rank, n, self.size))
+        if self.experts is not None:
+            mine += [None] * (-(-n // self.size) - len(mine))
+        return mine
+
+    def gather_batches(self, done, what="the evaluation gather"):
+        """:func:`damex.engine.inference.predict`'s per-batch results of every rank, on rank 0
+        (None elsewhere): ``[(batch index, dataset name, [(image_id, prediction)],
+        [(layer, record)])]``."""
+        arrays, meta = {}, []
+        for j, name, preds, recs in done:
+            item = [j, name, [], []]
+            for image_id, p in preds:
+                n = len(arrays)
+                arrays.update({f"{n}.{k}": v for k, v in p.items()})
+                item[2].append([image_id, n, sorted(p)])
+            for layer, rec in recs:
+                n = len(arrays)
+                arrays[f"{n}.dataset_ids"], arrays[f"{n}.experts"] = rec["dataset_ids"], rec["experts"]
+                item[3].append([layer, n, int(rec["kept"]), int(rec["routed"])])
+            meta.append(item)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        parts = self.gather_arrays(arrays, what)
+        if parts is None:
+            return None
+        out = []
+        for z in parts:
+            for j, name, preds, recs in json.loads(z["meta"].tobytes().decode()):
+                out.append((j, name,
+                            [(image_id, {k: z[f"{n}.{k}"] for k in keys}) for image_id, n, keys in preds],
+                            [(layer, {"dataset_ids": z[f"{n}.dataset_ids"], "experts": z[f"{n}.experts"],
+                                      "kept": kept, "routed": routed}) for layer, n, kept, routed in recs]))
         return out
 
     def abort(self, message, code=1):
@@ -340,6 +408,13 @@ def world():
 
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _SUPERVISED = "DAMEX_MPI_SUPERVISED"
+
+
+def plain_env(env):
+    """``env`` without the MPI launcher's variables: for a child process that is not a
+    rank of this job (a study's worker)."""
+    return {k: v for k, v in env.items()
+            if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MV2_", "HYDRA_", "MPI_LOCAL", _SUPERVISED))}
 
 
 def launched_rank():

@@ -305,7 +305,7 @@ class Trainer:
         steps = tc.steps if steps is None else steps
         check_steps(steps, self.step)
         out = tc.out_dir
-        main = self.is_main    # with several ranks only rank 0 logs, validates and writes
+        main = self.is_main    # with several ranks only rank 0 logs and writes
         if main:
             if self.step == 0:
                 rundir.claim(out, overwrite)
@@ -348,8 +348,8 @@ class Trainer:
                 (_open_log(log_path, self.step) if main else open(os.devnull, "w")) as logf:
             while self.step < steps and not self._stop(stop.requested):
                 rec = self.train_step()
-                if main and tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
-                    rec["val"] = self.validate()
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
+                    rec["val"] = self.validate()    # every rank: the images split over them
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 if events is not None:
@@ -402,7 +402,8 @@ class Trainer:
 
         if self.val_set is None:
             self.val_set = build_mixture(self.cfg.data, "val", label_space=self.label_space)
-        res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False)
+        res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False,
+                                world=self.world)
         self.model.train()
         return {"mean_ap": res["mean_ap"], "ap": {k: v["ap"] for k, v in res["datasets"].items()},
                 "routing_accuracy": res["routing"]["accuracy"]}
