@@ -385,7 +385,8 @@ class Trainer:
         best = val is not None and self._is_best(val)
         if best:
             self.best_mean_ap = val["mean_ap"]
-        path = self.save(rundir.numbered(out, self.step), whole)
+        path = rundir.numbered(out, self.step)
+        path = self.save(path) if whole is None else self.save(path, whole)
         rundir.publish(path, out, rundir.LATEST)
         if best:
             rundir.publish(path, out, rundir.BEST)
