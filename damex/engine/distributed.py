@@ -82,6 +82,7 @@ class World:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.comm_seconds = 0.0    # time spent in collectives (waits included)
+        self.allreduce_seconds = 0.0   # of which the gradient buckets' all-reduce (no waits)
         self.experts = None        # the ExpertParallel of "parallel": "data+experts"
 
     @property
@@ -241,7 +242,7 @@ class World:
         from ..models.denoising import prepare_cdn
 
         tc, mc = trainer.cfg.train, trainer.model.cfg
-        self.comm_seconds = 0.0
+        self.comm_seconds = self.allreduce_seconds = 0.0
         B = len(b["targets"])
         lo, hi = local_slice(B, self.rank, self.size)
         part = {k: b[k][lo:hi] for k in ("images", "mask", "dataset_ids", "targets")}
@@ -315,7 +316,8 @@ class World:
             self.experts.reduce_expert_gradients([p for p in params if self.experts.is_sharded(p)])
             params = [p for p in params if not self.experts.is_sharded(p)]
         has = np.array([p.grad is not None for p in params], np.int32)
-        self.allreduce_(has, "the gradient flags")
+        self.allreduce_(has, "the gradient flags")   # (also the wait for the slowest backward)
+        t0 = time.perf_counter()
         live = [p for p, h in zip(params, has) if h]
         start = 0
         while start < len(live):
@@ -337,6 +339,7 @@ class World:
                 p.grad = buf[o:o + n].reshape(p.data.shape).copy()
                 o += n
             start = stop
+        self.allreduce_seconds += time.perf_counter() - t0
 
     def grad_norm(self, params):
         """The global L2 norm of the (reduced) gradients of ``params``, the same on every rank."""

@@ -263,6 +263,7 @@ class Trainer:
             record["skipped"] = bad
         if self.world is not None:
             record["comm_time"] = self.world.comm_seconds   # this step's collectives, waits included
+            record["allreduce_time"] = self.world.allreduce_seconds   # the gradient buckets alone
         self.history.append(record)
         return record
 
