@@ -108,3 +108,45 @@ def test_four_ranks_groups_and_resume_from_two_at_four(runs):
     _ok(_train(runs, None, 4, "--resume", str(runs / "half4" / "checkpoint.npz"), steps=4))
     _assert_same_run(runs / "one", runs / "half4")
     assert _weights(runs / "half4").keys() == _weights(runs / "one").keys()
+
+
+def _script(path, body):
+    path.write_text("import sys\nimport numpy as np\nfrom damex.engine import train\n" + body +
+                    "from damex.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    return path
+
+
+def test_nan_in_one_ranks_tokens_is_skipped_on_every_rank(runs, tmp_path):
+    """The MoE exchange carries a NaN flag: every rank refuses the same layer, the step is
+    skipped everywhere."""
+    script = _script(tmp_path / "nan.py",
+                     "batch = train.Trainer.batch\n"
+                     "def patched(self, step):\n"
+                     "    b = batch(self, step)\n"
+                     "    if step == 1:\n"
+                     "        b['images'][2:] = np.nan   # rank 1's images only\n"
+                     "    return b\n"
+                     "train.Trainer.batch = patched\n")
+    p = _ok(_train(runs, runs / "nan", 2, "--set", "train.nonfinite=\"skip\"", steps=3, script=script))
+    log = _log(runs / "nan")
+    assert [("skipped" in r) for r in log] == [False, True, False]
+    assert "tokens of rank(s) [1] hold NaN or inf" in p.stderr
+
+
+def test_refusal_before_the_exchanges_on_one_rank_ends_the_job(runs, tmp_path):
+    """Refused inside the model on one rank only, before its MoE exchanges: the others wait
+    in them, so the job ends at once with a message instead of hanging."""
+    script = _script(tmp_path / "early.py",
+                     "from damex import ops\n"
+                     "from damex.engine import distributed\n"
+                     "from damex.models import dino\n"
+                     "fwd = dino.DINO.forward\n"
+                     "def patched(self, *a, ctx=None, **k):\n"
+                     "    if ctx is not None and ctx.step == 1 and distributed.world().rank == 1:\n"
+                     "        raise ops.NonFiniteInputError('boxes: contains NaN or inf')\n"
+                     "    return fwd(self, *a, ctx=ctx, **k)\n"
+                     "dino.DINO.forward = patched\n")
+    p = _train(runs, runs / "early", 2, "--set", "train.nonfinite=\"skip\"", steps=3, script=script,
+               timeout=120)
+    assert p.returncode != 0
+    assert "rank 1 of 2: boxes: contains NaN or inf (in this rank's forward" in p.stderr, p.stderr

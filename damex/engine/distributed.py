@@ -265,13 +265,18 @@ class World:
         criterion.routing_weight = trainer.criterion.routing_weight * share
         ctx = ForwardContext(part["dataset_ids"], use_labels=True, seed=tc.seed, step=trainer.step,
                              root=trainer.model)
+        refused, outputs = None, None
         try:
             outputs = trainer.model(part["images"], part["mask"], part["dataset_ids"], part["targets"],
                                     ctx=ctx, dn_queries=dn)
             loss, terms = criterion(outputs, part["targets"], num_boxes=num_boxes)
-            refused = None
         except ops.NonFiniteInputError as e:   # NaN reached an op: this step is bad on every rank
             refused = e
+            if outputs is None and self.experts is not None and not getattr(e, "every_rank", False):
+                # refused inside the model on this rank alone: the others are in the MoE
+                # exchanges this rank will not reach, so the step cannot be skipped
+                self.abort(f"{e} (in this rank's forward, before the expert-parallel MoE exchanges "
+                           "of the other ranks: under data+experts such a step cannot be skipped)")
         trainer.optimizer.zero_grad()
         flag = np.array([int(refused is not None)], np.int32)
         if self.allreduce_(flag, "the forward check")[0]:

@@ -114,10 +114,12 @@ class ExpertParallel:
         head = w.allgather_array(np.array([T, bad, mask is not None, target is not None,
                                            noise is not None], np.int64), "the MoE token counts")
         head = head.reshape(w.size, 5)
-        if head[:, 1].any():
-            raise NonFiniteInputError(f"router_forward: the tokens of rank(s) "
+        if head[:, 1].any():   # raised on every rank alike: the step can be skipped
+            err = NonFiniteInputError(f"router_forward: the tokens of rank(s) "
                                       f"{np.flatnonzero(head[:, 1]).tolist()} hold NaN or inf "
                                       f"(x @ w_router is not finite)")
+            err.every_rank = True
+            raise err
         counts = head[:, 0]
         starts = np.concatenate([[0], np.cumsum(counts)])
         t0, Tg = int(starts[w.rank]), int(starts[-1])
