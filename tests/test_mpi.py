@@ -223,3 +223,26 @@ def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):
     log = _log(runs / "nan")
     assert [r["step"] for r in log] == [1, 2, 3]
     assert "skipped" in log[1] and "skipped" not in log[0] and "skipped" not in log[2]
+
+
+def test_ctrl_c_checkpoints_every_rank(runs):
+    """SIGINT to mpiexec reaches each rank once (through its supervisor): every rank finishes
+    the step, one checkpoint is written and the job exits 130 with the resume command."""
+    import signal
+
+    out = runs / "ctrlc"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "train", str(runs / "cfg.json"),
+           "--no-progress", "--out", str(out), "--steps", "100000"]
+    p = subprocess.Popen(cmd, cwd=runs, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 120 and not (
+                (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stdout + stderr
+    assert "interrupted at step" in stderr and (out / "checkpoint.npz").exists()

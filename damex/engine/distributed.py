@@ -442,7 +442,8 @@ def supervise():
     own command line and, when that copy is killed, prints ``damex: rank R of N ...
     was killed by signal S`` before ending by the same signal, which makes the
     launcher end the job as before.  The child dies with its parent (Linux
-    ``PR_SET_PDEATHSIG``), signals to the parent are passed on, and the launcher's
+    ``PR_SET_PDEATHSIG``), signals to the parent are passed on (Ctrl-C still writes a
+    checkpoint), and the launcher's
     PMI descriptor stays open in the child.  Returns in the child (the caller goes on
     with the command); never returns in the parent.  A no-op without an MPI launch of
     several ranks, off Linux, or with ``DAMEX_MPI_SUPERVISE=0``.
@@ -458,7 +459,10 @@ def supervise():
 
     fds = [int(os.environ[v]) for v in ("PMI_FD",) if os.environ.get(v, "").isdigit()]
     env = dict(os.environ, **{_SUPERVISED: str(os.getpid())})
-    child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=fds)
+    # its own session: a signal the launcher sends to this process group reaches it once,
+    # passed on by this process (a second SIGINT would interrupt a step at once)
+    child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=fds,
+                             start_new_session=True)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, lambda s, f: child.send_signal(s))
     while True:
