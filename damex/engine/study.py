@@ -691,7 +691,7 @@ def study(config_path=None, *, modes=("dense", "moe", "damex"), seeds=3, steps=N
             failed = None
             try:
                 run_all(plan[w.rank::w.size], jobs, log=log)
-            except RuntimeError as e:
+            except (RuntimeError, KeyboardInterrupt) as e:   # failed runs, or Ctrl-C (StudyInterrupted)
                 failed = e
             if w.any(failed is not None):   # waits for every rank's runs
                 raise failed or RuntimeError("study: runs failed on another rank (see its log)")
