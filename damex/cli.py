@@ -154,8 +154,12 @@ def _cmd_eval(args):
         from .data.config import build_mixture
         mixture = build_mixture(det.config.data, "val", label_space=det.label_space)
         assignment = det.dataset_to_expert
+    from .engine.distributed import world
+    w = world()   # under mpiexec: the images split over the ranks, rank 0 reports
     results, predictions = evaluate_model(det.model, mixture, batch_size=args.batch_size,
-                                          progress=not args.no_progress, assignment=assignment)
+                                          progress=not args.no_progress, assignment=assignment, world=w)
+    if w is not None and not w.is_main:
+        return 0
     results.update(det.describe())
     print(format_table(results, full=args.full))
     if results["routing"]["accuracy"] is not None:
@@ -371,12 +375,13 @@ def main(argv=None):
     from .engine.train import TrainingInterrupted
 
     func = args.func
-    from .engine.distributed import guard_ranks, launched_size
-    if launched_size() > 1 and args.command != "train":
-        print(f"damex {args.command}: error: only `damex train` runs on several MPI ranks "
+    from .engine.distributed import guard_ranks, launched_size, supervise
+    if launched_size() > 1 and args.command not in ("train", "eval", "study"):
+        print(f"damex {args.command}: error: only `damex train`, `eval` and `study` run on several MPI ranks "
               f"(launched with {launched_size()}); run it in one process", file=sys.stderr)
         return 2
-    if args.command == "train":   # under mpiexec: a failing rank ends the job (no hang)
+    if args.command in ("train", "eval", "study"):   # under mpiexec: a failing rank ends the job
+        supervise()               # and a rank killed by a signal is named
         func = guard_ranks(func)
     try:
         return func(args)

@@ -165,6 +165,8 @@ def test_killed_rank_ends_the_job(runs, tmp_path):
     assert p.returncode != 0
     assert time.perf_counter() - t0 < 120
     assert "BAD TERMINATION" in p.stdout + p.stderr   # mpich's mpiexec reports it and kills the rest
+    # mpiexec names only a process id; damex names the rank (damex.engine.distributed.supervise)
+    assert "damex: rank 1 of 2" in p.stderr and "was killed by signal 9 (SIGKILL)" in p.stderr, p.stderr
 
 
 def test_exception_on_one_rank_aborts_naming_it(runs, tmp_path):
@@ -195,10 +197,10 @@ def test_four_ranks_and_resume_from_two_at_four(runs):
 
 
 def test_other_commands_refuse_several_ranks(runs):
-    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "eval", "missing.npz"],
-                       cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "predict", "missing.npz",
+                        "x.png"], cwd=runs, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert "only `damex train` runs on several MPI ranks" in p.stderr
+    assert "only `damex train`, `eval` and `study` run on several MPI ranks" in p.stderr
 
 
 def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):
@@ -221,3 +223,26 @@ def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):
     log = _log(runs / "nan")
     assert [r["step"] for r in log] == [1, 2, 3]
     assert "skipped" in log[1] and "skipped" not in log[0] and "skipped" not in log[2]
+
+
+def test_ctrl_c_checkpoints_every_rank(runs):
+    """SIGINT to mpiexec reaches each rank once (through its supervisor): every rank finishes
+    the step, one checkpoint is written and the job exits 130 with the resume command."""
+    import signal
+
+    out = runs / "ctrlc"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "damex", "train", str(runs / "cfg.json"),
+           "--no-progress", "--out", str(out), "--steps", "100000"]
+    p = subprocess.Popen(cmd, cwd=runs, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 120 and not (
+                (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stdout + stderr
+    assert "interrupted at step" in stderr and (out / "checkpoint.npz").exists()

@@ -67,6 +67,10 @@ class TrainConfig:
                                   else "must be in [1, 512] (or 0 / absent for the default)", None)
     nonfinite: str = rule(one_of("stop", "skip"), "stop")   # NaN/inf loss or gradients: stop, or skip the batch
     nonfinite_max_skips: int = rule(at_least(0), 10)       # with "skip": stop at the next bad batch after this many
+    # under mpiexec: "data" replicates the model; "data+experts" shards each MoE layer's experts
+    # over groups of expert_ranks ranks (0 / absent = all ranks), data parallel across the groups
+    parallel: str = rule(one_of("data", "data+experts"), "data")
+    expert_ranks: int = rule(at_least(0), 0)
 
 
 # model keys: DINOConfig's fields; tuples are lists of integers in JSON

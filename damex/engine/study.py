@@ -322,7 +322,10 @@ def run_all(plan, jobs=None, log=print, pictures=False, progress_every=60.0):
     todo = [p for p in plan if not os.path.exists(os.path.join(p[2], "result.json"))]
     if len(todo) < len(plan):
         log(f"study: {len(plan) - len(todo)} of {len(plan)} runs already finished, skipped")
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    from .distributed import plain_env
+
+    # one process per run: not ranks of the study's MPI job, if it has one
+    env = dict(plain_env(os.environ), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     running, failed, interrupted = [], [], []
     t0 = last = time.perf_counter()
     try:
@@ -668,15 +671,35 @@ def study(config_path=None, *, modes=("dense", "moe", "damex"), seeds=3, steps=N
           out_dir="runs/study", subsample=None, datasets=None, sets=(), n_boot=1000,
           train=True, log=print):
     """Plan, run (resumably) and summarise a study; returns the ``study.json`` dict.
-    With ``train=False`` nothing is trained: the finished runs are summarised."""
+    With ``train=False`` nothing is trained: the finished runs are summarised.
+
+    Under ``mpiexec -n N`` (one rank per machine, ``out_dir`` on a shared file system)
+    rank 0 plans, the runs are dealt out over the ranks (``jobs`` workers on each), and
+    rank 0 summarises once all are done; the other ranks return None."""
+    from .distributed import world
+
+    w = world()
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    conf = base_config(config_path, sets, data_root=os.path.join(out_dir, "data", "synthetic"))
-    plan = plan_runs(conf, out_dir, list(modes), int(seeds), steps, subsample, datasets)
-    log(f"study: {len(modes)} modes x {seeds} seeds = {len(plan)} runs in {out_dir}")
-    if train:
+    if w is None or w.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        conf = base_config(config_path, sets, data_root=os.path.join(out_dir, "data", "synthetic"))
+        plan = plan_runs(conf, out_dir, list(modes), int(seeds), steps, subsample, datasets)
+        log(f"study: {len(modes)} modes x {seeds} seeds = {len(plan)} runs in {out_dir}")
+    if w is not None:   # the plan of rank 0, and this rank's share of its runs
+        plan = [tuple(p) for p in w.bcast_json(plan if w.is_main else None, "the study plan")]
+        if train:
+            failed = None
+            try:
+                run_all(plan[w.rank::w.size], jobs, log=log)
+            except (RuntimeError, KeyboardInterrupt) as e:   # failed runs, or Ctrl-C (StudyInterrupted)
+                failed = e
+            if w.any(failed is not None):   # waits for every rank's runs
+                raise failed or RuntimeError("study: runs failed on another rank (see its log)")
+        if not w.is_main:
+            return None
+    elif train:
         run_all(plan, jobs, log=log)
-    else:
+    if not train:
         plan = [p for p in plan if os.path.exists(os.path.join(p[2], "result.json"))]
         log(f"study: summarising the {len(plan)} finished runs")
     log(f"study: bootstrap ({n_boot} samples over seeds and images)")

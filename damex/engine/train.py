@@ -186,6 +186,9 @@ class Trainer:
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
                                  load_weights=load_weights)
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
+        self.world = distributed.world()   # None in one process (no MPI import)
+        if self.world is not None:   # checks the run; data+experts cuts the experts per rank
+            self.world.setup(cfg, self.model)
         backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
         self.optimizer = optim.AdamW([{"params": backbone, "lr": tc.lr_backbone}, {"params": rest}],
@@ -195,9 +198,6 @@ class Trainer:
         self.history = []
         self.val_set = None
         self.best_mean_ap = None
-        self.world = distributed.world()   # None in one process (no MPI import)
-        if self.world is not None:
-            self.world.check_run(cfg)
 
     @property
     def is_main(self):
@@ -241,8 +241,10 @@ class Trainer:
             bad, grad_norm = (f"the loss is {loss_value}", math.nan) if not math.isfinite(loss_value) \
                 else self._check_gradients()   # the same decision on every rank
         if bad is None:
-            if tc.clip_max_norm > 0:
+            if tc.clip_max_norm > 0 and self.world is None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm)
+            elif tc.clip_max_norm > 0:   # by the norm over every rank's expert shards
+                self.world.clip_grad_norm_(self.model.parameters(), tc.clip_max_norm, grad_norm)
             self.optimizer.step()
             params = [(n, p.data) for n, p in self.model.named_parameters()]
             if not math.isfinite(ops.grad_global_norm([a for _, a in params])):
@@ -261,13 +263,17 @@ class Trainer:
             record["skipped"] = bad
         if self.world is not None:
             record["comm_time"] = self.world.comm_seconds   # this step's collectives, waits included
+            record["allreduce_time"] = self.world.allreduce_seconds   # the gradient buckets alone
         self.history.append(record)
         return record
 
     def _check_gradients(self):
         """``(problem or None, global gradient norm)``, computed here, before any clipping."""
         grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        norm = ops.grad_global_norm([g for _, g in grads]) if grads else 0.0
+        if self.world is not None:
+            norm = self.world.grad_norm(self.model.parameters())
+        else:
+            norm = ops.grad_global_norm([g for _, g in grads]) if grads else 0.0
         if math.isfinite(norm):
             return None, norm
         return f"the gradient norm is {norm} (first non-finite gradient: {_first_nonfinite(grads)})", norm
@@ -300,7 +306,7 @@ class Trainer:
         steps = tc.steps if steps is None else steps
         check_steps(steps, self.step)
         out = tc.out_dir
-        main = self.is_main    # with several ranks only rank 0 logs, validates and writes
+        main = self.is_main    # with several ranks only rank 0 logs and writes
         if main:
             if self.step == 0:
                 rundir.claim(out, overwrite)
@@ -343,8 +349,8 @@ class Trainer:
                 (_open_log(log_path, self.step) if main else open(os.devnull, "w")) as logf:
             while self.step < steps and not self._stop(stop.requested):
                 rec = self.train_step()
-                if main and tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
-                    rec["val"] = self.validate()
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == steps):
+                    rec["val"] = self.validate()    # every rank: the images split over them
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 if events is not None:
@@ -373,13 +379,15 @@ class Trainer:
         With several ranks only rank 0 writes (the weights are equal on every rank): one
         file, read back by any number of ranks."""
         out = self.cfg.train.out_dir
+        whole = self.world.gather_state(self) if self.world is not None else None  # every expert
         if not self.is_main:
             return os.path.join(out, rundir.LATEST)
         val = self.history[-1].get("val") if self.history else None
         best = val is not None and self._is_best(val)
         if best:
             self.best_mean_ap = val["mean_ap"]
-        path = self.save(rundir.numbered(out, self.step))
+        path = rundir.numbered(out, self.step)
+        path = self.save(path) if whole is None else self.save(path, whole)
         rundir.publish(path, out, rundir.LATEST)
         if best:
             rundir.publish(path, out, rundir.BEST)
@@ -396,7 +404,8 @@ class Trainer:
 
         if self.val_set is None:
             self.val_set = build_mixture(self.cfg.data, "val", label_space=self.label_space)
-        res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False)
+        res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False,
+                                world=self.world)
         self.model.train()
         return {"mean_ap": res["mean_ap"], "ap": {k: v["ap"] for k, v in res["datasets"].items()},
                 "routing_accuracy": res["routing"]["accuracy"]}
@@ -408,8 +417,12 @@ class Trainer:
                 "label_space": self.label_space.to_dict(), "history": self.history,
                 "best_mean_ap": self.best_mean_ap, "config_hash": self.cfg.hash()}
 
-    def save(self, path):
-        return save_checkpoint(path, model=self.model, optimizer=self.optimizer,
+    def save(self, path, state=None):
+        """Write a checkpoint of this run; ``state``: ``(model state, optimizer state)`` to
+        write instead of this process's (the experts gathered from every rank)."""
+        model, optimizer = (self.model, self.optimizer) if state is None else \
+            (distributed.StateOf(state[0]), distributed.StateOf(state[1]))
+        return save_checkpoint(path, model=model, optimizer=optimizer,
                                scheduler=self.scheduler, meta=self.meta())
 
     @classmethod
@@ -425,6 +438,8 @@ class Trainer:
         conf["train"] = {**conf.get("train", {}), **train_overrides}
         # the checkpoint's weights replace any pretrained ones: do not read those files again
         trainer = cls(run_config_from_dict(conf, source=os.fspath(path)), load_weights=False)
+        if trainer.world is not None:   # the experts of this rank
+            parts = trainer.world.local_parts(parts, trainer)
         restore(os.fspath(path), parts, trainer.model, trainer.optimizer, trainer.scheduler,
                 step=meta["step"], fresh_optimizer=fresh_optimizer)
         trainer.step = int(meta["step"])

@@ -117,6 +117,9 @@ class MoE(Module):
         self.dataset_to_expert = (None if dataset_to_expert is None or len(dataset_to_expert) == 0
                                   else _routing.expert_map(dataset_to_expert, E))
         self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        # set by damex.engine.expert_parallel when this layer's experts are sharded over MPI ranks
+        # (w1..b2 then hold only this rank's experts)
+        self.expert_parallel = None
         self.w_router = Parameter(np.zeros((D, E), np.float32))
         self.w1 = Parameter(np.zeros((E, D, Fh), np.float32))
         self.b1 = Parameter(np.zeros((E, Fh), np.float32))
@@ -208,15 +211,19 @@ class MoE(Module):
             noise = np.asarray(noise, np.float32)
             if noise.shape != (T, E):
                 raise ValueError(f"MoE: noise must have shape ({T}, {E}), got {noise.shape}")
-        elif self.training and self.gate_noise > 0:
-            rng = self._rng if ctx is None else ctx.rng(self)
-            noise = rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
-        values = {}
-        y, aux, state = F.moe(xt, self.w_router, self.w1, self.b1, self.w2, self.b2, k=self.k,
-                              noise=noise, capacity_factor=self.capacity_factor_for(target, m), bpr=self.bpr,
-                              normalize=self.normalize, activation=self.activation, mask=m,
-                              losses=self._losses(target, noise), loss_values=values)
-        r = state.router
+        if self.expert_parallel is not None:   # experts sharded over MPI ranks: the routing is
+            # decided over every rank's tokens, the gate noise drawn for them all (this rank's rows)
+            y, aux, r, noise, values = self.expert_parallel.moe(self, xt, ctx, target, m, noise)
+        else:
+            if noise is None and self.training and self.gate_noise > 0:
+                rng = self._rng if ctx is None else ctx.rng(self)
+                noise = rng.normal(0.0, self.sigma, (T, E)).astype(np.float32)
+            values = {}
+            y, aux, state = F.moe(xt, self.w_router, self.w1, self.b1, self.w2, self.b2, k=self.k,
+                                  noise=noise, capacity_factor=self.capacity_factor_for(target, m),
+                                  bpr=self.bpr, normalize=self.normalize, activation=self.activation,
+                                  mask=m, losses=self._losses(target, noise), loss_values=values)
+            r = state.router
         routed = (T if m is None else int(m.sum())) * self.k
         kept = int(np.asarray(r.expert_count).sum())
         routing = {
