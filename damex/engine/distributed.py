@@ -204,6 +204,11 @@ class World:
         """Print ``message`` naming this rank and end the whole job."""
         print(f"damex: rank {self.rank} of {self.size}: {message}; aborting the job",
               file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # MPI_Abort makes the launcher kill every rank at once, and a line still in the pipe
+        # to the launcher is lost with them (seen: 0-2 of 3 ranks' messages arrived): give it
+        # a moment to forward the message first
+        time.sleep(0.5)
         self.comm.Abort(code)
 
     # -- start checks ---------------------------------------------------------------
