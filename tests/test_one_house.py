@@ -189,3 +189,20 @@ def test_composition_capacity_gives_a_repeated_dataset_room():
     assert comp(tokens).routing["capacity"] == 20
     with pytest.raises(ValueError, match="capacity_sizing"):
         nn.MoE(D, capacity_sizing="per-batch", **kw)
+
+
+def test_drop_path_draws_per_image_whatever_the_batch_split():
+    # data parallelism runs a rank's slice of the batch: the same image must lose the same branch
+    from damex.models.transformer import MoEBlock
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 8)).astype(np.float32)
+    ids = np.array([0, 1, 0, 1, 0, 1])
+    block = MoEBlock(8, "ffn", drop_path=0.5, d_hidden=16, num_experts=2, gate_noise=0.0,
+                     capacity_factor=None, loss="damex", dataset_to_expert=[0, 1])
+    whole = block(Tensor(x), ForwardContext(ids, seed=3, step=7, root=block)).data
+    parts = [block(Tensor(x[lo:hi]), ForwardContext(ids[lo:hi], seed=3, step=7, root=block,
+                                                    first_image=lo)).data
+             for lo, hi in ((0, 2), (2, 6))]
+    np.testing.assert_allclose(whole, np.concatenate(parts), rtol=1e-6, atol=1e-6)
+    dropped = [np.allclose(whole[b], x[b]) for b in range(6)]
+    assert 0 < sum(dropped) < 6             # some branches dropped, some kept

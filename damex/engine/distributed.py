@@ -269,7 +269,7 @@ class World:
         criterion = copy.copy(trainer.criterion)
         criterion.routing_weight = trainer.criterion.routing_weight * share
         ctx = ForwardContext(part["dataset_ids"], use_labels=True, seed=tc.seed, step=trainer.step,
-                             root=trainer.model)
+                             root=trainer.model, first_image=lo)
         refused, outputs = None, None
         try:
             outputs = trainer.model(part["images"], part["mask"], part["dataset_ids"], part["targets"],

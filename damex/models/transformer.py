@@ -15,11 +15,12 @@ from .position_encoding import sine_box_encoding
 
 
 
-def drop_path(x, p, training, rng):
-    """Stochastic depth: zero a whole sample's residual branch with probability p."""
+def drop_path(x, p, training, rngs):
+    """Stochastic depth: zero a whole sample's residual branch with probability p;
+    ``rngs`` holds one Generator per sample (its draw does not depend on the batch split)."""
     if not training or p == 0.0:
         return x
-    keep = (rng.random(x.shape[0]) >= p).astype(np.float32) / (1.0 - p)
+    keep = (np.array([g.random() for g in rngs]) >= p).astype(np.float32) / (1.0 - p)
     return x * keep.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -70,8 +71,9 @@ class MoEBlock(nn.Module):
                 "valid": np.ones(B * L, bool) if mask is None else mask,
                 "kept": r["kept"], "routed": r["routed"], "losses": r["losses"]})
         if self.training and self.drop_path > 0:
-            y = drop_path(y.reshape(B, L, d), self.drop_path, True, ctx.rng(self) if ctx is not None
-                          else np.random.default_rng(0))
+            rngs = (ctx.image_rngs(self, B) if ctx is not None
+                    else [np.random.default_rng([0, b]) for b in range(B)])
+            y = drop_path(y.reshape(B, L, d), self.drop_path, True, rngs)
         return x + y.reshape(B, L, d)
 
 

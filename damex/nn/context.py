@@ -32,12 +32,18 @@ class ForwardContext:
         Derive every random stream of this forward (see :meth:`rng`).
     root : Module, optional
         The model; module paths for :meth:`rng` are its ``named_modules()`` names.
+    first_image : int
+        Index in the step's global batch of this forward's first image (a rank's offset
+        under data parallelism), so per-image streams (:meth:`image_rngs`) do not depend
+        on how the batch is split.
     """
 
-    def __init__(self, dataset_ids=None, *, use_labels=True, seed=0, step=0, root=None):
+    def __init__(self, dataset_ids=None, *, use_labels=True, seed=0, step=0, root=None,
+                 first_image=0):
         self.dataset_ids = None if dataset_ids is None else np.asarray(dataset_ids, np.int64)
         self.use_labels = bool(use_labels)
         self.seed, self.step = int(seed), int(step)
+        self.first_image = int(first_image)
         self._root = root
         self._paths = None
         self.losses = []      # (layer name, Tensor) per MoE call
@@ -64,6 +70,12 @@ class ForwardContext:
         name = module_or_name if isinstance(module_or_name, str) else self.path(module_or_name)
         key = zlib.crc32(name.encode("utf-8"))
         return np.random.default_rng([self.seed, self.step, key, *map(int, extra)])
+
+    def image_rngs(self, module_or_name, batch):
+        """One Generator per image of a ``batch``-image forward, each the stream
+        ``rng(module_or_name, "image", global index)``: the same draw for an image whatever
+        rank holds it."""
+        return [self.rng(module_or_name, 1 << 20, self.first_image + b) for b in range(batch)]
 
     def token_dataset_ids(self, batch, length):
         """Dataset id of every token of a ``[batch, length, D]`` block flattened batch-major
