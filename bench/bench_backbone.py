@@ -25,17 +25,13 @@ from damex.models.backbone import resnet50  # noqa: E402
 from damex.testing.resnet_twin import random_resnet  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--size", type=int, default=512)
-    args = ap.parse_args()
-    repeats = 2 if args.quick else 4
+def resnet50_line(size, repeats):
+    """Print the features' error and the ResNet-50 forward line (damex vs torch, same weights)."""
     tm = random_resnet("resnet50", seed=0)
     dm = resnet50()
     dm.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()
                         if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))})
-    x = np.random.default_rng(0).normal(size=(1, 3, args.size, args.size)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     xt = torch.tensor(x)
 
     def d_fwd():
@@ -49,8 +45,16 @@ def main():
     errs = [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(d_fwd(), t_fwd())]
     print(f"resnet50 layer2..4 max |damex - torch| / max |torch|: "
           + ", ".join(f"{e:.1e}" for e in errs), flush=True)
-    line(f"resnet50 fwd B=1 {args.size}x{args.size} (layer2..4)",
-         race({"damex": d_fwd, "torch": t_fwd}, repeats))
+    line(f"resnet50 fwd B=1 {size}x{size} (layer2..4)", race({"damex": d_fwd, "torch": t_fwd}, repeats))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--size", type=int, default=512)
+    args = ap.parse_args()
+    repeats = 2 if args.quick else 4
+    resnet50_line(args.size, repeats)
     s = args.size // 2
     p = np.random.default_rng(1).normal(size=(1, 64, s, s)).astype(np.float32)
     pt = torch.tensor(p)

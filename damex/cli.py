@@ -8,7 +8,7 @@
     damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
     damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
     damex demo [--mode damex|balance|both]              one MoE layer on a generated token mixture
-    damex bench backbone|moe|mpi|msda|nn|routing_loss|train [...]  benchmarks from bench/
+    damex bench backbone|dino|moe|mpi|msda|nn|routing_loss|train [...]  benchmarks from bench/
     damex convert SRC DST --from KIND                   other programs' weights -> .safetensors
 """
 import argparse
@@ -19,7 +19,7 @@ import sys
 
 
 # the benchmarks in bench/ (bench_NAME.py); README and both helps list these
-BENCHMARKS = ("backbone", "moe", "mpi", "msda", "nn", "routing_loss", "train")
+BENCHMARKS = ("backbone", "dino", "moe", "mpi", "msda", "nn", "routing_loss", "train")
 
 
 def _cmd_run(args):
@@ -100,8 +100,9 @@ def _cmd_train(args):
             path, sets = default_config_path(), ["data.synthetic.root=data/synthetic"] + sets
         cfg = finalize(load_run_config(path, sets))
         check_steps(cfg.train.steps)
+        rundir.claim(cfg.train.out_dir, args.overwrite, check_only=True)   # a used folder fails fast
+        trainer = Trainer(cfg)            # data and model built, image sizes checked: nothing written
         rundir.claim(cfg.train.out_dir, args.overwrite)
-        trainer = Trainer(cfg)
     fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
     last = trainer.history[-1] if trainer.history else {}
     if trainer.is_main:

@@ -126,6 +126,13 @@ def compare_eval(twin, model, feats, mask, padding_wins=True):
     return errs
 
 
+def report_worst(what, errs):
+    """Print the largest relative errors (pytest -s shows them): eval, loss, gradients."""
+    groups = {"eval": [e for k, e in errs.items() if k.startswith(("layer", "interm"))],
+              "loss": [errs["loss"]], "grad": [e for k, e in errs.items() if k.startswith("grad.")]}
+    print(f"{what}: max relative error " + ", ".join(f"{g} {max(v):.1e}" for g, v in groups.items()))
+
+
 def dn_queries(model, targets, seed=3):
     cfg = model.cfg
     return prepare_cdn(targets, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
@@ -133,26 +140,93 @@ def dn_queries(model, targets, seed=3):
                        label_noise_ratio=cfg.dn_label_noise_ratio, box_noise_scale=cfg.dn_box_noise_scale)
 
 
-def compare_train(twin, model, feats, mask, targets, convert, dataset_ids=None, monkeypatch=None):
+def share_kink_decisions(monkeypatch):
+    """Give the float64 twin damex's decisions at the kinks of the network: the sign of
+    every ReLU input and every bilinear sampling location (its value; the gradient still
+    flows through the twin's own).
+
+    At a kink the gradient jumps: a ReLU unit whose input is within rounding of 0, a
+    sampling point within rounding of a pixel border.  At the paper size a training step
+    has about 50 million ReLU units and 3 million sampling points, and some lie that close;
+    which side float32 rounding puts them on changes the gradient by up to 5e-3 relative,
+    and everything upstream of the kink with it.  PyTorch's own twin in float32 differs
+    from it in float64 by as much (4.6e-3 on tgt_embed, 2e-3 on the first encoder FFN), so
+    no float32 implementation meets 1e-4 there.  With damex's decisions the float64 twin
+    computes the same one-sided derivative, and what is left is rounding.  (Call before
+    damex's forward; the twin's forward must follow it.)"""
+    import damex.functional as damex_F
+    import damex.testing.dino_twin as twin_mod
+    relus, locations, unmatched = [], [], []
+    orig_relu, orig_msda, orig_core = damex_F.relu, damex_F.ms_deform_attn, twin_mod.msda_core
+    torch_relu = twin_mod.F.relu
+
+    def damex_relu(x):
+        relus.append((x.data if isinstance(x, Tensor) else np.asarray(x)).copy())
+        return orig_relu(x)
+
+    def damex_msda(value, shapes, starts, loc, weights):
+        locations.append(np.array(loc.data if isinstance(loc, Tensor) else loc))
+        return orig_msda(value, shapes, starts, loc, weights)
+
+    def twin_relu(x, inplace=False):
+        xs = x.detach().numpy()
+        scale = max(float(np.abs(xs).max()), 1e-30)
+        for i, rec in enumerate(relus):       # the first unused damex ReLU with these inputs
+            for r in (rec, rec.swapaxes(0, 1) if rec.ndim > 1 else rec):   # (seq-first twin)
+                if r.shape == xs.shape and np.abs(r - xs).max() < 1e-3 * scale:
+                    del relus[i]
+                    return x * torch.as_tensor(r > 0, dtype=x.dtype)
+        unmatched.append(xs.shape)   # the twin's reference update after the last layer (unused)
+        return torch_relu(x)
+
+    def twin_msda(value, shapes, loc, weights):
+        got = locations.pop(0).astype(np.float64)                  # [N, Lq, M, L, P, 2]
+        assert got.shape == loc.shape and np.abs(got - loc.detach().numpy()).max() < 1e-3, "sampled elsewhere"
+        # damex's pixel coordinate, x = loc * W - 0.5 rounded once to float32 (csrc/kernels/msda.c),
+        # decides the pixels; place the twin's point at that coordinate (1e-9 pixel past an
+        # integer, so float64 takes the same floor)
+        size = np.array([[w, h] for h, w in shapes], np.float64)[:, None, :]   # [L, 1, 2] (x, y)
+        pix = (got * size - 0.5).astype(np.float32).astype(np.float64)
+        pix += 1e-9 * (pix == np.floor(pix))
+        same = torch.as_tensor((pix + 0.5) / size, dtype=loc.dtype)
+        return orig_core(value, shapes, loc + (same - loc).detach(), weights)
+    monkeypatch.setattr(damex_F, "relu", damex_relu)
+    monkeypatch.setattr(damex_F, "ms_deform_attn", damex_msda)
+    monkeypatch.setattr(twin_mod.F, "relu", twin_relu)
+    monkeypatch.setattr(twin_mod, "msda_core", twin_msda)
+    return relus, locations, unmatched
+
+
+def compare_train(twin, model, feats, mask, targets, convert, dataset_ids=None, monkeypatch=None, hw=IMG,
+                  same_kinks=False):
+    """Training mode with the same denoising queries: total loss and every parameter
+    gradient (converted to damex's names like the weights) within TOL relative.
+    ``same_kinks``: the twin takes damex's side of every kink (see share_kink_decisions)."""
     dn = dn_queries(model, targets)
     assert (~dn.valid).any(), "the batch should leave padding denoising queries"
     monkeypatch.setattr(dino_mod, "prepare_cdn", lambda *a, **k: dn)
-    twin = twin.double().train()
+    shared = share_kink_decisions(monkeypatch) if same_kinks else ([], [], [])
     model.train()
+    ids = np.zeros(2, np.int64) if dataset_ids is None else np.asarray(dataset_ids)
+    res = model(np.zeros((2, 3, hw, hw), np.float32), mask, dataset_ids=ids, targets=targets)
+    loss, _ = SetCriterion(model.cfg.num_classes)(res, targets)
+    model.zero_grad()
+    loss.backward()
+    loss = float(loss.data)
+    del res                               # damex's tape, before the twin builds its own
+    twin = twin.double().train()
     t_targets = [{"labels": torch.as_tensor(t["labels"]), "boxes": torch.as_tensor(t["boxes"])} for t in targets]
     out = twin([torch.tensor(f) for f in feats], torch.tensor(mask),
                dn={"labels": dn.labels, "valid": dn.valid, "box_logits": dn.box_logits,
                    "attn_mask": dn.attn_mask, "pad_size": dn.pad_size})
+    assert not any(shared[:2]), "damex made ReLU / deformable-attention calls the twin did not"
+    # only the twin's bbox_embed on the last layer's output (a next reference nothing uses)
+    assert len(shared[2]) <= 2, shared[2]
     loss_ref = dino_loss(out, t_targets, dn={"positive": dn.positive, "num_groups": dn.num_groups},
                          dataset_ids=dataset_ids)
     twin.zero_grad()
     loss_ref.backward()
-    ids = np.zeros(2, np.int64) if dataset_ids is None else np.asarray(dataset_ids)
-    res = model(np.zeros((2, 3, IMG, IMG), np.float32), mask, dataset_ids=ids, targets=targets)
-    loss, _ = SetCriterion(model.cfg.num_classes)(res, targets)
-    model.zero_grad()
-    loss.backward()
-    errs = {"loss": rel(loss.data, loss_ref.detach().numpy())}
+    errs = {"loss": rel(loss, loss_ref.detach().numpy())}
     # the twin's gradients in the official layout, converted like the weights
     grads = {k: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape))
              for k, p in twin.named_parameters(remove_duplicate=False)}
@@ -196,6 +270,44 @@ def test_dino_checkpoint_eval_and_train_parity(tmp_path, monkeypatch):
         return convert_dino_state_dict(g, n_heads=TINY["n_heads"])[0]
     compare_train(twin, damex_model(sd, cfg, feats, dn_number=6), feats, mask, targets, convert,
                   monkeypatch=monkeypatch)
+
+
+def test_dino_checkpoint_backbone_gives_the_resnet50_features(tmp_path):
+    """A DINO checkpoint with its ResNet-50 as DINO stores it (``backbone.0.body.*``: the
+    IntermediateLayerGetter of torchvision's resnet50 up to layer4, FrozenBatchNorm2d buffers
+    weight/bias/running_mean/running_var, no fc, no num_batches_tracked) -> `damex convert
+    --from dino` -> the detector's backbone gives the torch ResNet-50's layer2..layer4."""
+    from resnet_twin import random_resnet
+
+    from damex import weights
+    from damex.cli import main
+
+    tm = random_resnet("resnet50", seed=8)
+    body = {f"backbone.0.body.{k}": v for k, v in tm.state_dict().items()
+            if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))}
+    assert "backbone.0.body.conv1.weight" in body and "backbone.0.body.bn1.running_var" in body
+    assert "backbone.0.body.layer2.0.downsample.0.weight" in body
+    assert "backbone.0.body.layer2.0.downsample.1.running_mean" in body
+    twin = make_twin(dict(TINY, in_channels=(512, 1024, 2048)))
+    sd = {"module." + k: v for k, v in twin.state_dict().items()}
+    sd.update({"module." + k: v for k, v in body.items()})
+    torch.save({"model": sd, "epoch": 11}, tmp_path / "checkpoint.pth")
+    out = tmp_path / "dino_r50.safetensors"
+    assert main(["convert", str(tmp_path / "checkpoint.pth"), str(out), "--from", "dino",
+                 "--n-heads", str(TINY["n_heads"])]) == 0
+    cfg = dict(weights.read_metadata(out)["config"])
+    assert cfg["backbone_depths"] == [3, 4, 6, 3] and cfg["backbone_block"] == "bottleneck"
+    assert cfg["backbone_widths"] == [64, 128, 256, 512] and cfg["backbone_norm"] == "frozen_bn"
+    model = DINO(DINOConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+    model.load_state_dict(weights.read(out))          # strict: every key of the model filled
+    x = np.random.default_rng(9).normal(size=(2, 3, 96, 80)).astype(np.float32)
+    with torch.no_grad():
+        ref = [t.numpy() for t in tm.features(torch.tensor(x))]
+    errs = {}
+    for name, a, b in zip(("layer2", "layer3", "layer4"), model.backbone(x), ref):
+        assert a.shape == b.shape, name
+        errs[name] = rel(a.data, b)
+    assert max(errs.values()) < TOL, errs
 
 
 DAMEX = dict(TINY, moe_layers=(0, 2), num_experts=4, moe_hidden=96)
@@ -302,27 +414,63 @@ def follow_twin_order(monkeypatch, order):
     monkeypatch.setattr(dino_mod, "select_queries", select)
 
 
-def test_paper_size_eval_parity(monkeypatch):
-    """DINO_4scale's sizes (d 256, 6 + 6 layers, 900 queries, 8 heads, 4 points, ResNet-50
-    widths, 91 classes), eval mode only: about 20 s on two cores."""
-    P = dict(d_model=256, d_ffn=2048, n_heads=8, n_points=4, enc_layers=6, dec_layers=6,
+PAPER = dict(d_model=256, d_ffn=2048, n_heads=8, n_points=4, enc_layers=6, dec_layers=6,
              num_queries=900, num_classes=91, num_feature_levels=4, in_channels=(512, 1024, 2048),
              dn_labelbook_size=91)
-    H, W = 256, 192                        # 1020 encoder tokens
-    rng = np.random.default_rng(0)
+# DAMEX_4scale: the same with Tutel MoE FFNs (8 experts, hidden 2048) in decoder layers 0, 2, 4
+PAPER_DAMEX = dict(PAPER, moe_layers=(0, 2, 4), num_experts=8, moe_hidden=2048)
+PAPER_HW = 208   # the smallest square images for 900 queries: maps 26, 13, 7, 4 -> 910 tokens
+
+
+def paper_batch(seed=0):
+    """Two images of 208 x 208 (the second padded: 128 x 160 valid), backbone-sized maps."""
+    H = W = PAPER_HW
+    rng = np.random.default_rng(seed)
     mask = np.zeros((2, H, W), bool)
-    mask[1, 160:] = True
-    mask[1, :, 128:] = True
-    feats = [rng.normal(size=(2, c, H // s, W // s)).astype(np.float32)
-             for c, s in zip(P["in_channels"], STRIDES)]
-    twin = make_twin(P)
-    sd, cfg = convert_dino_state_dict({k: v.numpy() for k, v in twin.state_dict().items()})
+    mask[1, 128:] = True
+    mask[1, :, 160:] = True
+    feats = [rng.normal(size=(2, c, -(-H // s), -(-W // s))).astype(np.float32)
+             for c, s in zip(PAPER["in_channels"], STRIDES)]
+    _, _, targets = batch()
+    return feats, mask, targets
+
+
+def paper_parity(monkeypatch, cfg, convert, dataset_ids=None, **overrides):
+    """Eval outputs and the training loss and gradients at DINO_4scale's sizes (d 256, 6 + 6
+    layers, 900 queries, 8 heads, 4 points, ResNet-50 widths, 91 classes) on a padded batch
+    of the smallest images that give 900 encoder tokens."""
+    feats, mask, targets = paper_batch()
+    twin = make_twin(cfg)
+    sd, fields = convert({k: v.numpy() for k, v in twin.state_dict().items()}, with_config=True)
+    assert fields["backbone_block"] == "bottleneck" and fields["n_points"] == 4
+    assert sum(f.shape[2] * f.shape[3] for f in feats) + 4 * 4 == 910   # 25 x 25 maps give 884
     twin = twin.double().eval()
-    assert cfg["backbone_block"] == "bottleneck" and cfg["n_points"] == 4
     with torch.no_grad():
         order = twin([torch.tensor(f) for f in feats], torch.tensor(mask))["topk"].numpy()
     follow_twin_order(monkeypatch, order)
-    compare_eval(twin, damex_model(sd, cfg, feats), feats, mask)
+    errs = compare_eval(twin, damex_model(sd, fields, feats, **overrides), feats, mask)
+    errs.update(compare_train(twin, damex_model(sd, fields, feats, **overrides), feats, mask, targets,
+                              convert, dataset_ids=dataset_ids, monkeypatch=monkeypatch, hw=PAPER_HW,
+                              same_kinks=True))
+    return errs
+
+
+def test_paper_size_dino_parity(monkeypatch):
+    """An official DINO_4scale-sized checkpoint: eval outputs, training loss and every gradient."""
+    def convert(g, with_config=False):
+        out = convert_dino_state_dict(g)
+        return out if with_config else out[0]
+    report_worst("paper dino", paper_parity(monkeypatch, PAPER, convert))
+
+
+def test_paper_size_damex_parity(monkeypatch):
+    """A DAMEX_4scale-sized checkpoint (MoE in decoder layers 0, 2, 4): the same checks."""
+    def convert(g, with_config=False):
+        out = convert_damex_state_dicts(g)
+        return out if with_config else out[0]
+    report_worst("paper damex", paper_parity(
+        monkeypatch, PAPER_DAMEX, convert, dataset_ids=[2, 5], gate_noise=0.0, capacity_factor=None,
+        eval_capacity_factor=None, dataset_to_expert=tuple(range(8)), drop_path=0.0))
 
 
 def test_damex_convert_reads_official_files(tmp_path):

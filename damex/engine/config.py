@@ -80,7 +80,7 @@ MODEL_RULES = {
     "num_queries": at_least(1), "num_feature_levels": between(1, 8),
     "backbone_depths": each(at_least(1)), "backbone_widths": each(at_least(1)),
     "backbone_block": one_of("basic", "bottleneck"),
-    "stem_width": at_least(1), "routing": one_of(*MODES),
+    "stem_width": at_least(1), "train_backbone_layers": each(between(0, 4)), "routing": one_of(*MODES),
     "moe_decoder_layers": each(at_least(0)), "moe_encoder_layers": each(at_least(0)),
     "num_experts": at_least(1), "moe_hidden": at_least(1), "moe_k": at_least(1),
     "capacity_factor": at_least(0.0), "capacity_sizing": one_of("uniform", "composition"),

@@ -40,9 +40,10 @@ def run_files(out_dir):
     return sorted(os.path.join(out_dir, n) for n in set(names) if os.path.exists(os.path.join(out_dir, n)))
 
 
-def claim(out_dir, overwrite=False):
+def claim(out_dir, overwrite=False, check_only=False):
     """Create ``out_dir`` for a new run; RunDirError if it already holds one (unless
-    ``overwrite``: then that run's log, checkpoints, results and event files are removed)."""
+    ``overwrite``: then that run's log, checkpoints, results and event files are removed).
+    ``check_only``: only raise, change nothing."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunDirError(f"{out_dir}: exists and is not a folder")
@@ -53,6 +54,8 @@ def claim(out_dir, overwrite=False):
         raise RunDirError(f"{out_dir} already holds a run ({', '.join(found)}); "
                           f"continue it with `damex train --resume {os.path.join(out_dir, LATEST)}`, "
                           "choose another folder (--out DIR) or pass --overwrite to replace it")
+    if check_only:
+        return out_dir
     for p in existing:
         os.remove(p)
     if os.path.isdir(events):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from .. import nn, ops, optim
-from ..data.config import build_mixture
+from ..data.config import ConfigError, build_mixture
 from ..data.mixture import MixtureSampler, collate
 from ..models.criterion import SetCriterion
 from ..models.dino import DINO
@@ -44,6 +44,43 @@ def build_model(cfg, num_classes, num_datasets, load_weights=True):
     if load_weights:
         load_configured_weights(model, mc)
     return model
+
+
+def check_image_sizes(cfg, train_set=None):
+    """Query selection takes ``model.num_queries`` encoder tokens per image
+    (:func:`damex.models.dino.encoder_tokens`).  Without ``train_set``: images of at most
+    ``data.max_size`` pixels a side (the resize caps the longer side) must give that many,
+    or every step would fail.  With it: every training image, resized as the pipeline
+    resizes it at its smallest scale, must, or a batch of such images would fail.
+    ConfigError naming the image (with ``train_set``) and both numbers; called before
+    anything of the run (even the synthetic data) is written."""
+    from ..data.transforms import resized_hw
+    from ..models.dino import encoder_tokens, min_square_side
+
+    dc, mc = cfg.data, cfg.model
+    fix = f"query selection needs one per query: use images of at least {min_square_side(mc)} " \
+          f"pixels a side (data.min_size, data.max_size), or fewer queries"
+    if train_set is None:
+        most = encoder_tokens(mc, dc.max_size, dc.max_size)
+        if most < mc.num_queries:
+            raise ConfigError(f"model.num_queries is {mc.num_queries} but images of at most "
+                              f"data.max_size = {dc.max_size} pixels give at most {most} encoder "
+                              f"tokens ({dc.max_size} x {dc.max_size}); {fix}")
+        return
+    size = min([dc.min_size] + list(dc.multiscale))
+    worst = None
+    for ds in train_set.datasets:
+        for im in getattr(ds, "images", ()):
+            h, w = resized_hw(im["height"], im["width"], size, dc.max_size)
+            tokens = encoder_tokens(mc, h, w)
+            if worst is None or tokens < worst[0]:
+                worst = (tokens, ds.name, im, h, w)
+    if worst is not None and worst[0] < mc.num_queries:
+        tokens, name, im, h, w = worst
+        raise ConfigError(f"model.num_queries is {mc.num_queries} but training image {im['id']} of "
+                          f"{name} ({im['width']} x {im['height']}, resized to {w} x {h} by "
+                          f"data.min_size = {size}, data.max_size = {dc.max_size}) gives {tokens} "
+                          f"encoder tokens; {fix}")
 
 
 def load_configured_weights(model, mc):
@@ -181,15 +218,18 @@ class Trainer:
         from .. import set_num_threads
         finalize(cfg)
         set_num_threads(tc.threads)
+        check_image_sizes(cfg)            # before the synthetic data is written
         self.train_set = build_mixture(cfg.data, "train")
         self.label_space = self.train_set.label_space
+        check_image_sizes(cfg, self.train_set)
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
                                  load_weights=load_weights)
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
         self.world = distributed.world()   # None in one process (no MPI import)
         if self.world is not None:   # checks the run; data+experts cuts the experts per rank
             self.world.setup(cfg, self.model)
-        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
+        # frozen backbone stages (model.train_backbone_layers) stay out of the optimizer, as DINO's
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
         self.optimizer = optim.AdamW([{"params": backbone, "lr": tc.lr_backbone}, {"params": rest}],
                                      lr=tc.lr, weight_decay=tc.weight_decay)

@@ -126,6 +126,25 @@ class ResNet(nn.Module):
         self.strides = tuple(4 * 2 ** i for i in idx)
         self.num_channels = tuple(widths[i] * Block.expansion for i in idx)
 
+    def set_trainable_stages(self, stages):
+        """Let only the parameters of ``stages`` train (``requires_grad``); the others are frozen.
+
+        Stage 0 is the stem (``conv1``, ``bn1``), stages 1..4 are ``layer1..layer4``.
+        DINO's rule (models/dino/backbone.py) is ``(2, 3, 4)``: every parameter whose name
+        has no ``layer2``/``layer3``/``layer4`` is frozen.  Returns the frozen names.
+        """
+        stages = tuple(int(s) for s in stages)
+        if any(s not in range(5) for s in stages):
+            raise ValueError(f"trainable stages: expected numbers in 0..4 (0 = the stem conv1/bn1, "
+                             f"1..4 = layer1..layer4), got {list(stages)}")
+        frozen = []
+        for name, p in self.named_parameters():
+            stage = int(name[len("layer")]) if name.startswith("layer") else 0
+            p.requires_grad = stage in stages
+            if not p.requires_grad:
+                frozen.append(name)
+        return frozen
+
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         outs = []

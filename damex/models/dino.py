@@ -42,6 +42,9 @@ class DINOConfig:
     backbone_block: str = "basic"
     backbone_norm: str = "group"
     stem_width: int = 16
+    # backbone stages whose parameters train (0 = the stem conv1/bn1, 1..4 = layer1..layer4);
+    # the others are frozen.  DINO freezes the stem and layer1: (2, 3, 4) in the ResNet-50 presets
+    train_backbone_layers: tuple = (0, 1, 2, 3, 4)
     # weights to start from, loaded where the model is built (damex.weights.load_pretrained):
     # backbone only (e.g. converted torchvision ImageNet weights) and/or the whole model
     backbone_weights: str = ""
@@ -75,7 +78,8 @@ _R50_DINO_4SCALE = dict(   # IDEA-Research/DINO config/DINO/DINO_4scale.py
     d_model=256, d_ffn=2048, n_heads=8, n_points=4, enc_layers=6, dec_layers=6,
     num_queries=900, num_feature_levels=4, backbone_depths=(3, 4, 6, 3),
     backbone_widths=(64, 128, 256, 512), backbone_block="bottleneck",
-    backbone_norm="frozen_bn", stem_width=64, dn_number=100, dn_label_noise_ratio=0.5)
+    backbone_norm="frozen_bn", stem_width=64, train_backbone_layers=(2, 3, 4), dn_number=100,
+    dn_label_noise_ratio=0.5)
 
 PRESETS = {
     "tiny": DINOConfig(),
@@ -98,6 +102,23 @@ def preset(name, **overrides):
             raise ValueError(f"model config: unknown key {key!r}")
     fields.update(overrides)
     return DINOConfig(**fields)
+
+
+def encoder_tokens(cfg, height, width):
+    """The encoder tokens of one (padded) ``height`` x ``width`` image: the backbone's
+    layer2..layer4 maps (strides 8, 16, 32) and the extra stride-2 levels, every convolution
+    rounding up (a 7x7/2 or 3x3/2 conv with padding and the 3x3/2 max-pool give
+    ``ceil(n / 2)``).  Query selection needs at least ``cfg.num_queries`` of them."""
+    levels = max(cfg.num_feature_levels, 3)
+    return sum(-(-int(height) // 2 ** (3 + i)) * -(-int(width) // 2 ** (3 + i)) for i in range(levels))
+
+
+def min_square_side(cfg):
+    """The smallest ``n`` for which an ``n`` x ``n`` image gives ``cfg.num_queries`` tokens."""
+    n = 1
+    while encoder_tokens(cfg, n, n) < cfg.num_queries:
+        n += 1
+    return n
 
 
 def _moe_cfg(cfg, layer_ids, i):
@@ -133,6 +154,7 @@ class DINO(nn.Module):
         d, C = cfg.d_model, cfg.num_classes
         self.backbone = ResNet(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_block,
                                cfg.stem_width, cfg.backbone_norm)
+        self.backbone.set_trainable_stages(cfg.train_backbone_layers)
         groups = 32 if d % 32 == 0 else 8
         proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(groups, d))
                 for c in self.backbone.num_channels]

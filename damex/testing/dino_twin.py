@@ -179,8 +179,12 @@ class TutelMoELayer(nn.Module):
         top = scores.topk(1, dim=1).indices[:, 0]
         gate = scores.gather(1, top[:, None])
         e = self.experts
-        h = F.gelu(torch.einsum("td,tfd->tf", x, e.batched_fc1_w[top]) + e.batched_fc1_bias[top])
-        y = torch.einsum("tf,tfd->td", h, e.batched_fc2_w[top]) + e.batched_fc2_bias[top]
+        y = x.new_zeros(x.shape)
+        for i in range(e.batched_fc1_w.shape[0]):       # each expert on its tokens
+            sel = (top == i).nonzero()[:, 0]
+            if len(sel):
+                h = F.gelu(x[sel] @ e.batched_fc1_w[i].T + e.batched_fc1_bias[i])
+                y = y.index_add(0, sel, h @ e.batched_fc2_w[i] + e.batched_fc2_bias[i])
         return gate * y, logits
 
 
