@@ -111,11 +111,20 @@ def outputs_np(out):
     return res
 
 
-def compare_eval(twin, model, feats, mask, padding_wins=True):
-    twin = twin.double().eval()      # a float64 reference: only damex's float32 rounding is measured
-    model.eval()
+def twin_eval(twin, feats, mask):
+    """The twin's eval outputs in float64 (only damex's float32 rounding is measured) and its
+    top-k order."""
+    twin = twin.double().eval()
     with torch.no_grad():
-        ref = outputs_np(twin([torch.tensor(f) for f in feats], torch.tensor(mask)))
+        out = twin([torch.tensor(f) for f in feats], torch.tensor(mask))
+    return outputs_np(out), out["topk"].numpy()
+
+
+def compare_eval(twin, model, feats, mask, padding_wins=True, ref=None):
+    """``ref``: the twin's outputs when already computed (:func:`twin_eval`)."""
+    model.eval()
+    if ref is None:
+        ref = twin_eval(twin, feats, mask)[0]
     if padding_wins:   # DINO's query selection took padding / out-of-range tokens (anchor (1,1,1,1))
         assert (ref["interm.boxes"] == 1).all(-1).sum() > 0
     images = np.zeros((2, 3) + mask.shape[1:], np.float32)
@@ -264,12 +273,13 @@ def test_dino_checkpoint_eval_and_train_parity(tmp_path, monkeypatch):
     assert cfg["d_model"] == 64 and cfg["enc_layers"] == 2 and cfg["dec_layers"] == 3
     model = damex_model(sd, cfg, feats, dn_number=6)
     # padding / out-of-range proposals are ranked as DINO ranks them: some win here
-    compare_eval(twin, model, feats, mask)
+    errs = compare_eval(twin, model, feats, mask)
 
     def convert(g):
         return convert_dino_state_dict(g, n_heads=TINY["n_heads"])[0]
-    compare_train(twin, damex_model(sd, cfg, feats, dn_number=6), feats, mask, targets, convert,
-                  monkeypatch=monkeypatch)
+    errs.update(compare_train(twin, damex_model(sd, cfg, feats, dn_number=6), feats, mask, targets,
+                              convert, monkeypatch=monkeypatch))
+    report_worst("tiny dino", errs)
 
 
 def test_dino_checkpoint_backbone_gives_the_resnet50_features(tmp_path):
@@ -339,12 +349,13 @@ def test_damex_checkpoint_eval_and_train_parity(tmp_path, monkeypatch):
     over = dict(dn_number=6, gate_noise=0.0, capacity_factor=None, eval_capacity_factor=None,
                 dataset_to_expert=(0, 1, 2, 3), drop_path=0.0)
     model = damex_model(sd, cfg, feats, **over)
-    compare_eval(twin, model, feats, mask)
+    errs = compare_eval(twin, model, feats, mask)
 
     def convert(g):
         return convert_damex_state_dicts(g, n_heads=4)[0]
-    compare_train(twin, damex_model(sd, cfg, feats, **over), feats, mask, targets, convert,
-                  dataset_ids=[1, 3], monkeypatch=monkeypatch)
+    errs.update(compare_train(twin, damex_model(sd, cfg, feats, **over), feats, mask, targets, convert,
+                              dataset_ids=[1, 3], monkeypatch=monkeypatch))
+    report_worst("tiny damex", errs)
 
 
 def test_damex_converter_reads_either_tutel_fc1_layout():
@@ -444,11 +455,9 @@ def paper_parity(monkeypatch, cfg, convert, dataset_ids=None, **overrides):
     sd, fields = convert({k: v.numpy() for k, v in twin.state_dict().items()}, with_config=True)
     assert fields["backbone_block"] == "bottleneck" and fields["n_points"] == 4
     assert sum(f.shape[2] * f.shape[3] for f in feats) + 4 * 4 == 910   # 25 x 25 maps give 884
-    twin = twin.double().eval()
-    with torch.no_grad():
-        order = twin([torch.tensor(f) for f in feats], torch.tensor(mask))["topk"].numpy()
+    ref, order = twin_eval(twin, feats, mask)
     follow_twin_order(monkeypatch, order)
-    errs = compare_eval(twin, damex_model(sd, fields, feats, **overrides), feats, mask)
+    errs = compare_eval(twin, damex_model(sd, fields, feats, **overrides), feats, mask, ref=ref)
     errs.update(compare_train(twin, damex_model(sd, fields, feats, **overrides), feats, mask, targets,
                               convert, dataset_ids=dataset_ids, monkeypatch=monkeypatch, hw=PAPER_HW,
                               same_kinks=True))
