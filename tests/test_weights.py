@@ -242,6 +242,16 @@ def test_config_keys_backbone_weights_and_pretrained(tmp_path, capsys):
                               donor.state_dict()["enc_output.weight"])
 
 
+def test_a_pretrained_file_that_fits_nothing_is_named_by_its_key(tmp_path, capsys):
+    """model.pretrained alone: the error names model.pretrained (not backbone_weights)."""
+    other = tmp_path / "other.safetensors"
+    weights.write(other, {"something.else": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match=r"model\.pretrained: nothing in .*other\.safetensors fits"):
+        build_model(types.SimpleNamespace(model=_tiny(pretrained=str(other))), 10, 2)
+    with pytest.raises(ValueError, match=r"model\.backbone_weights: nothing"):
+        build_model(types.SimpleNamespace(model=_tiny(backbone_weights=str(other))), 10, 2)
+
+
 # ----------------------------------------------------------------- convert
 
 def test_cli_convert_torchvision_resnet18(tmp_path, capsys):

@@ -96,15 +96,15 @@ def load_configured_weights(model, mc):
         report = load_pretrained(model.backbone, state, skip=(), prefix=prefix, verbose=False)
         report.source = f"{mc.backbone_weights} (backbone)"
         print(report)
-        reports.append(report)
+        reports.append(("backbone_weights", report))
     if mc.pretrained:
-        reports.append(load_pretrained(model, mc.pretrained))
-    for key, report in zip(("backbone_weights", "pretrained"), reports):
+        reports.append(("pretrained", load_pretrained(model, mc.pretrained)))
+    for key, report in reports:   # each named by its own key (pretrained alone is not backbone_weights)
         if not report.loaded:
             raise ValueError(f"model.{key}: nothing in {report.source} fits the model "
                              f"({len(report.unexpected)} other keys, {len(report.mismatched)} "
                              f"shape mismatches)")
-    return reports
+    return [report for _, report in reports]
 
 
 def routing_log(ctx, mapping):
