@@ -166,7 +166,7 @@ def share_kink_decisions(monkeypatch):
     import damex.functional as damex_F
     import damex.testing.dino_twin as twin_mod
     relus, locations, unmatched = [], [], []
-    orig_relu, orig_msda, orig_core = damex_F.relu, damex_F.ms_deform_attn, twin_mod.msda_core
+    orig_relu, orig_msda, orig_core = damex_F.relu, damex_F.ms_deform_attn, twin_mod.torch_twins.ms_deform_attn
     torch_relu = twin_mod.F.relu
 
     def damex_relu(x):
@@ -202,7 +202,7 @@ def share_kink_decisions(monkeypatch):
     monkeypatch.setattr(damex_F, "relu", damex_relu)
     monkeypatch.setattr(damex_F, "ms_deform_attn", damex_msda)
     monkeypatch.setattr(twin_mod.F, "relu", twin_relu)
-    monkeypatch.setattr(twin_mod, "msda_core", twin_msda)
+    monkeypatch.setattr(twin_mod.torch_twins, "ms_deform_attn", twin_msda)
     return relus, locations, unmatched
 
 
@@ -287,7 +287,7 @@ def test_dino_checkpoint_backbone_gives_the_resnet50_features(tmp_path):
     IntermediateLayerGetter of torchvision's resnet50 up to layer4, FrozenBatchNorm2d buffers
     weight/bias/running_mean/running_var, no fc, no num_batches_tracked) -> `damex convert
     --from dino` -> the detector's backbone gives the torch ResNet-50's layer2..layer4."""
-    from resnet_twin import random_resnet
+    from damex.testing.resnet_twin import random_resnet
 
     from damex import weights
     from damex.cli import main
