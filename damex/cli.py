@@ -100,9 +100,13 @@ def _cmd_train(args):
             path, sets = default_config_path(), ["data.synthetic.root=data/synthetic"] + sets
         cfg = finalize(load_run_config(path, sets))
         check_steps(cfg.train.steps)
-        rundir.claim(cfg.train.out_dir, args.overwrite, check_only=True)   # a used folder fails fast
+        from .engine.distributed import launched_rank
+        main = launched_rank() in (None, 0)   # under mpiexec rank 0 alone claims (the others see its log)
+        if main:
+            rundir.claim(cfg.train.out_dir, args.overwrite, check_only=True)   # a used folder fails fast
         trainer = Trainer(cfg)            # data and model built, image sizes checked: nothing written
-        rundir.claim(cfg.train.out_dir, args.overwrite)
+        if main:
+            rundir.claim(cfg.train.out_dir, args.overwrite)
     fit = trainer.fit(progress=not args.no_progress, overwrite=args.overwrite)
     last = trainer.history[-1] if trainer.history else {}
     if trainer.is_main:

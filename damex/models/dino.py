@@ -86,9 +86,9 @@ PRESETS = {
     # DINO_4scale: dense FFNs, COCO's 91 class ids, dn_box_noise_scale 0.4
     "dino": DINOConfig(**_R50_DINO_4SCALE, num_classes=91, routing="dense", dn_box_noise_scale=0.4),
     # jinga-lala/DAMEX config/uodb/DAMEX_4scale.py: MoE FFNs in decoder layers 0, 2, 4,
-    # dn_box_noise_scale 1.0
+    # dn_box_noise_scale 1.0; experts with erf GELU (its Swin-MoE-style MoEMlp: F.gelu)
     "paper": DINOConfig(**_R50_DINO_4SCALE, moe_decoder_layers=(0, 2, 4), num_experts=8,
-                        moe_hidden=2048, dn_box_noise_scale=1.0),
+                        moe_hidden=2048, dn_box_noise_scale=1.0, moe_activation="gelu"),
 }
 
 
