@@ -203,22 +203,27 @@ def test_other_commands_refuse_several_ranks(runs):
     assert "only `damex train`, `eval` and `study` run on several MPI ranks" in p.stderr
 
 
+def _script(path, body):
+    """A `damex` entry script that runs ``body`` (Python, after ``np`` and ``train`` are
+    imported) before the command line."""
+    path.write_text("import sys\nimport numpy as np\nfrom damex.engine import train\n" + body +
+                    "from damex.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    return path
+
+
+#: turns rank 1's images (the second half of a batch of 4) into NaN at step 1
+NAN_IN_RANK1 = ("batch = train.Trainer.batch\n"
+                "def patched(self, step):\n"
+                "    b = batch(self, step)\n"
+                "    if step == 1:\n"
+                "        b['images'][2:] = np.nan\n"
+                "    return b\n"
+                "train.Trainer.batch = patched\n")
+
+
 def test_nan_batch_is_skipped_on_every_rank(runs, tmp_path):
     """NaN in one rank's images: one decision for all ranks (skip the step everywhere)."""
-    script = tmp_path / "nan.py"
-    script.write_text(
-        "import sys\n"
-        "import numpy as np\n"
-        "from damex.engine import train\n"
-        "batch = train.Trainer.batch\n"
-        "def patched(self, step):\n"
-        "    b = batch(self, step)\n"
-        "    if step == 1:\n"
-        "        b['images'][2:] = np.nan   # rank 1's images only\n"
-        "    return b\n"
-        "train.Trainer.batch = patched\n"
-        "from damex.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+    script = _script(tmp_path / "nan.py", NAN_IN_RANK1)
     _ok(_train(runs, runs / "nan", 2, "--set", "train.nonfinite=\"skip\"", steps=3, script=script))
     log = _log(runs / "nan")
     assert [r["step"] for r in log] == [1, 2, 3]

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from test_mpi import MODEL, MPIEXEC, _assert_same_run, _env, _log, _ok, _train, _weights
+from test_mpi import (MODEL, MPIEXEC, NAN_IN_RANK1, _assert_same_run, _env, _log, _ok, _script,
+                      _train, _weights)
 
 N4 = pytest.mark.skipif(os.environ.get("DAMEX_MPI_N4") != "1",
                         reason="4 ranks on loopback: a manual run (DAMEX_MPI_N4=1 pytest "
@@ -110,23 +111,10 @@ def test_four_ranks_groups_and_resume_from_two_at_four(runs):
     assert _weights(runs / "half4").keys() == _weights(runs / "one").keys()
 
 
-def _script(path, body):
-    path.write_text("import sys\nimport numpy as np\nfrom damex.engine import train\n" + body +
-                    "from damex.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    return path
-
-
 def test_nan_in_one_ranks_tokens_is_skipped_on_every_rank(runs, tmp_path):
     """The MoE exchange carries a NaN flag: every rank refuses the same layer, the step is
     skipped everywhere."""
-    script = _script(tmp_path / "nan.py",
-                     "batch = train.Trainer.batch\n"
-                     "def patched(self, step):\n"
-                     "    b = batch(self, step)\n"
-                     "    if step == 1:\n"
-                     "        b['images'][2:] = np.nan   # rank 1's images only\n"
-                     "    return b\n"
-                     "train.Trainer.batch = patched\n")
+    script = _script(tmp_path / "nan.py", NAN_IN_RANK1)
     p = _ok(_train(runs, runs / "nan", 2, "--set", "train.nonfinite=\"skip\"", steps=3, script=script))
     log = _log(runs / "nan")
     assert [("skipped" in r) for r in log] == [False, True, False]
