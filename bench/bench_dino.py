@@ -118,7 +118,7 @@ def main():
                   f"{res['traced_peak_mib']:.0f} MiB", flush=True)
     sys.path.insert(0, HERE)
     from bench_backbone import resnet50_line
-    resnet50_line(args.size, 2 if args.quick else 4)
+    resnet50_line(args.size, 2 if args.quick else 8)
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
 

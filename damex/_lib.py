@@ -7,8 +7,11 @@ point at it.
 damex's OpenMP threads spin only briefly when idle: unless the user set
 ``GOMP_SPINCOUNT``, it is 10000 (a fraction of a millisecond) while the
 extension (and with it the OpenMP runtime it links) is loaded, then the
-environment is put back, so other libraries that load their own OpenMP
-runtime later (PyTorch bundles one) keep their defaults.  GCC's default spin
+environment is put back, so libraries that load their own OpenMP runtime
+later keep their defaults.  A runtime already loaded is not changed: PyTorch's
+CPU wheel links the same system libgomp, so with torch imported first damex
+runs with GCC's spin (a ResNet-50 forward at 2 threads 1.4x slower), and with
+damex first torch runs with damex's (README, "Installing and threads").  GCC's default spin
 (300000, several ms) on a 2-core machine made idle OpenMP threads fight
 OpenBLAS's pools (a tiny-model training step 7x slower, 1.03 s against
 0.14 s); sleeping at once instead (OMP_WAIT_POLICY=PASSIVE) cost a wake-up

@@ -8,7 +8,7 @@
     damex eval CHECKPOINT [--json PATH] [--dataset NAME=ANN.json:IMG_DIR ...] [--full]
     damex predict CHECKPOINT [IMAGE|FOLDER ...] [--dataset ...] [--json PATH] [--pictures DIR]
     damex demo [--mode damex|balance|both]              one MoE layer on a generated token mixture
-    damex bench backbone|dino|moe|mpi|msda|nn|routing_loss|train [...]  benchmarks from bench/
+    damex bench backbone|dino|moe|mpi|msda|nn|routing_loss|threads|train [...]  benchmarks from bench/
     damex convert SRC DST --from KIND                   other programs' weights -> .safetensors
 """
 import argparse
@@ -19,7 +19,7 @@ import sys
 
 
 # the benchmarks in bench/ (bench_NAME.py); README and both helps list these
-BENCHMARKS = ("backbone", "dino", "moe", "mpi", "msda", "nn", "routing_loss", "train")
+BENCHMARKS = ("backbone", "dino", "moe", "mpi", "msda", "nn", "routing_loss", "threads", "train")
 
 
 def _cmd_run(args):

@@ -121,3 +121,37 @@ def test_smallest_training_image_is_checked_before_the_run_folder(tmp_path, caps
     m = re.search(r"model.num_queries is 60 but training image .* gives (\d+) encoder tokens", msg)
     assert m and int(m.group(1)) < 60, msg
     assert "resized to" in msg and not (tmp_path / "run").exists()
+
+
+def test_validation_images_are_checked_before_the_run_folder(tmp_path, capsys):
+    """A run that validates (train.eval_every) checks its validation images too, resized
+    as evaluation resizes them (data.min_size, no multiscale): a wide 256 x 16 image
+    becomes 64 x 4 and gives fewer encoder tokens than the training images do.  The error
+    names it and both numbers before the run folder (or its log) exists."""
+    from PIL import Image
+
+    from damex.data.synthetic import make_mixture
+
+    first = make_mixture(tmp_path / "data", preset="tiny")["datasets"][0]
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (256, 16), (90, 120, 30)).save(tmp_path / "val" / "wide.png")
+    train_ann = json.loads(open(first["train"]).read())
+    val_ann = {"images": [{"id": 7, "file_name": "wide.png", "width": 256, "height": 16}],
+               "annotations": [{"id": 1, "image_id": 7, "category_id": train_ann["categories"][0]["id"],
+                                "bbox": [10, 2, 40, 10], "area": 400, "iscrowd": 0}],
+               "categories": train_ann["categories"]}
+    (tmp_path / "val.json").write_text(json.dumps(val_ann))
+    cfg = json.loads(write_cfg(tmp_path, model={"num_queries": 40}).read_text())
+    cfg["data"]["datasets"] = [{"name": first["name"], "train": first["train"], "img_dir": first["img_dir"],
+                                "val": str(tmp_path / "val.json"), "val_img_dir": str(tmp_path / "val")}]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "cfg.json"), "--no-progress"]) == 0   # no validation: trains
+    assert (tmp_path / "run" / "log.jsonl").exists()
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "cfg.json"), "--no-progress", "--out", str(tmp_path / "run2"),
+                 "--set", "train.eval_every=1"]) != 0
+    msg = capsys.readouterr().err
+    m = re.search(r"model.num_queries is 40 but validation image 7 of \S+ \(256 x 16, resized to 64 x 4 "
+                  r"by data.min_size = 48, data.max_size = 64\) gives (\d+) encoder tokens", msg)
+    assert m and int(m.group(1)) < 40, msg
+    assert not (tmp_path / "run2").exists()

@@ -131,8 +131,10 @@ def test_out_dir_and_threads_are_fixed_once(tmp_path, monkeypatch):
     cfg = finalize(load_run_config(p))
     assert cfg.train.out_dir == str(tmp_path / "runs" / "x")
     assert cfg.train.threads == default_threads(cfg.model) == 1          # the tiny preset
-    big = finalize(load_run_config(p, ["model.preset=paper"]))
-    assert big.train.threads == (os.cpu_count() or 1)
+    mid = finalize(load_run_config(p, ["model.d_model=128"]))   # measured: still faster at 1
+    assert mid.train.threads == 1
+    for wide in (["model.d_model=256"], ["model.preset=paper"], ["model.preset=dino"]):
+        assert finalize(load_run_config(p, wide)).train.threads == (os.cpu_count() or 1), wide
     assert finalize(load_run_config(p, ["train.threads=2"])).train.threads == 2
 
 

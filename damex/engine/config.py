@@ -259,10 +259,12 @@ def _check_key(parts, key, source):
 
 
 def default_threads(model_cfg):
-    """The measured good thread count for a model on this machine: 1 for the tiny
-    sizes (a tiny step is 2.4x slower on all cores of a 2-core machine: the
-    kernels are too small to split), all cores for larger models."""
-    if model_cfg.d_model <= 64:
+    """The measured good thread count for a model on this machine: 1 up to d_model 128
+    (kernels too small to split: on the 2-core machine a training step of the tiny
+    preset, and of tiny widened to d_model 128, was faster at 1 thread), all cores for
+    larger models (d_model 256: 1.18x faster at 2 threads, the ResNet-50 presets
+    1.4-1.5x); bench/bench_threads.py measures it."""
+    if model_cfg.d_model <= 128:
         return 1
     return os.cpu_count() or 1
 

@@ -46,30 +46,31 @@ def build_model(cfg, num_classes, num_datasets, load_weights=True):
     return model
 
 
-def check_image_sizes(cfg, train_set=None):
+def check_image_sizes(cfg, mixture=None, split="train"):
     """Query selection takes ``model.num_queries`` encoder tokens per image
-    (:func:`damex.models.dino.encoder_tokens`).  Without ``train_set``: images of at most
+    (:func:`damex.models.dino.encoder_tokens`).  Without ``mixture``: images of at most
     ``data.max_size`` pixels a side (the resize caps the longer side) must give that many,
-    or every step would fail.  With it: every training image, resized as the pipeline
-    resizes it at its smallest scale, must, or a batch of such images would fail.
-    ConfigError naming the image (with ``train_set``) and both numbers; called before
-    anything of the run (even the synthetic data) is written."""
+    or every step would fail.  With it: every image of the ``split`` ("train" or "val"),
+    resized as that split's pipeline resizes it (training: at its smallest scale;
+    validation: at ``data.min_size``), must, or a batch or a validation holding it would
+    fail.  ConfigError naming the image (with ``mixture``) and both numbers; called
+    before anything of the run (even the synthetic data) is written."""
     from ..data.transforms import resized_hw
     from ..models.dino import encoder_tokens, min_square_side
 
     dc, mc = cfg.data, cfg.model
     fix = f"query selection needs one per query: use images of at least {min_square_side(mc)} " \
           f"pixels a side (data.min_size, data.max_size), or fewer queries"
-    if train_set is None:
+    if mixture is None:
         most = encoder_tokens(mc, dc.max_size, dc.max_size)
         if most < mc.num_queries:
             raise ConfigError(f"model.num_queries is {mc.num_queries} but images of at most "
                               f"data.max_size = {dc.max_size} pixels give at most {most} encoder "
                               f"tokens ({dc.max_size} x {dc.max_size}); {fix}")
         return
-    size = min([dc.min_size] + list(dc.multiscale))
+    size = min([dc.min_size] + list(dc.multiscale)) if split == "train" else dc.min_size
     worst = None
-    for ds in train_set.datasets:
+    for ds in mixture.datasets:
         for im in getattr(ds, "images", ()):
             h, w = resized_hw(im["height"], im["width"], size, dc.max_size)
             tokens = encoder_tokens(mc, h, w)
@@ -77,7 +78,8 @@ def check_image_sizes(cfg, train_set=None):
                 worst = (tokens, ds.name, im, h, w)
     if worst is not None and worst[0] < mc.num_queries:
         tokens, name, im, h, w = worst
-        raise ConfigError(f"model.num_queries is {mc.num_queries} but training image {im['id']} of "
+        kind = "training" if split == "train" else "validation"
+        raise ConfigError(f"model.num_queries is {mc.num_queries} but {kind} image {im['id']} of "
                           f"{name} ({im['width']} x {im['height']}, resized to {w} x {h} by "
                           f"data.min_size = {size}, data.max_size = {dc.max_size}) gives {tokens} "
                           f"encoder tokens; {fix}")
@@ -222,6 +224,10 @@ class Trainer:
         self.train_set = build_mixture(cfg.data, "train")
         self.label_space = self.train_set.label_space
         check_image_sizes(cfg, self.train_set)
+        self.val_set = None   # built now when the run validates: its images are checked too
+        if tc.eval_every:
+            self.val_set = build_mixture(cfg.data, "val", label_space=self.label_space)
+            check_image_sizes(cfg, self.val_set, "val")
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
                                  load_weights=load_weights)
         self.criterion = SetCriterion(self.label_space.num_classes, routing_weight=tc.routing_weight)
@@ -236,7 +242,6 @@ class Trainer:
         self.scheduler = optim.MultiStepLR(self.optimizer, tc.lr_drop, tc.lr_gamma)
         self.step = 0
         self.history = []
-        self.val_set = None
         self.best_mean_ap = None
 
     @property
