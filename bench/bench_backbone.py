@@ -17,7 +17,6 @@ model is the twin damex.testing.resnet_twin.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -92,15 +91,13 @@ def resnet50_line(size, repeats):
           + ", ".join(f"{e:.1e}" for e in errs), flush=True)
     import statistics
 
+    from damex.testing import timing   # here, not at the top: the torch child imports torch first
+
     res = {"damex": {}, "torch": {}}
     for threads in (1, 2):
         for side in ("damex", "torch"):
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", side, str(threads),
-                                "--size", str(size), "--repeats", str(repeats)],
-                               capture_output=True, text=True, check=False)
-            if r.returncode:
-                sys.exit(f"bench_backbone: the {side} child failed:\n{r.stderr}")
-            out = json.loads(r.stdout.strip().splitlines()[-1])
+            out = timing.child_json(__file__, side, threads, "--size", size, "--repeats", repeats,
+                                    what=f"the {side} child at {threads} threads")
             if (side == "damex") == out["torch_loaded"]:
                 sys.exit(f"bench_backbone: the {side} child imported the other library")
             res[side][threads] = statistics.median(out["times"])

@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -32,6 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from damex.testing import timing  # noqa: E402
 
 
 def _rss_kib():
@@ -105,12 +105,8 @@ def main():
           flush=True)
     for threads in (1, 2):
         for what in ("fwd", "fwd+bwd"):
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what, str(threads),
-                                "--size", str(args.size), "--repeats", str(repeats)],
-                               capture_output=True, text=True, check=False)
-            if r.returncode:
-                sys.exit(f"bench_dino: the {what} child failed:\n{r.stderr}")
-            res = json.loads(r.stdout.strip().splitlines()[-1])
+            res = timing.child_json(__file__, what, threads, "--size", args.size, "--repeats", repeats,
+                                    what=f"the {what} child at {threads} threads")
             med = statistics.median(res["times"])
             print(f"paper {what:<8s} {threads}t  {med:7.2f} s (median of {len(res['times'])}; "
                   f"{', '.join(f'{t:.2f}' for t in res['times'])})  peak RSS +{res['rss_peak_delta_mib']:.0f} MiB "

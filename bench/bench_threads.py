@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from damex.testing import timing  # noqa: E402
 
 WIDE = {"d_ffn": 512, "moe_hidden": 512, "n_heads": 8, "backbone_widths": [32, 64, 128, 256],
         "stem_width": 32}
@@ -93,12 +93,8 @@ def main():
         times = {c: [] for c in counts}
         for _ in range(rounds):
             for c in counts:
-                r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, str(c),
-                                    "--steps", str(steps), "--data", args.data],
-                                   capture_output=True, text=True, check=False)
-                if r.returncode:
-                    sys.exit(f"bench_threads: the {name} child at {c} threads failed:\n{r.stderr}")
-                times[c] += json.loads(r.stdout.strip().splitlines()[-1])["times"]
+                times[c] += timing.child_json(__file__, name, c, "--steps", steps, "--data", args.data,
+                                              what=f"the {name} child at {c} threads")["times"]
         med = {c: statistics.median(v) for c, v in times.items()}
         faster = min(counts, key=med.get)
         default = default_threads(run_config(name, 0, args.data).model)

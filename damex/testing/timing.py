@@ -9,7 +9,10 @@ that may be shared, so the harness:
   (:func:`best_of_threads`), the thread count set untimed before each call, for
   damex and, when it is imported, torch;
 - reports a statistic over the rounds (median by default, min on request);
-- measures the machine's sgemm rate in the same run (:func:`sgemm_job`).
+- measures the machine's sgemm rate in the same run (:func:`sgemm_job`);
+- runs a measurement in a fresh process of its own (:func:`child_json`), where a
+  process must not hold what another measurement loaded (a second library, a
+  built model, a thread count).
 """
 import os
 import sys
@@ -112,6 +115,19 @@ def race(fns, repeats, threads=THREADS, stat=np.median, min_time=0.0, warmup=1):
     t = interleaved(thread_jobs(fns, threads), repeats, warmup=warmup, stat=stat,
                     min_time=min_time)
     return {name: best_of_threads(t, name, threads) for name in fns}
+
+
+def child_json(script, *args, what="a child"):
+    """Run ``python script --child ARGS...`` and return the JSON object its last output
+    line holds; a failed child ends the benchmark with its stderr, naming ``what``."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, os.path.abspath(script), "--child", *map(str, args)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode:
+        sys.exit(f"{os.path.basename(script)}: {what} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def sgemm_job(M=4096, N=1024, K=256, seed=0):
