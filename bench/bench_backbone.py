@@ -1,21 +1,17 @@
 """Benchmark: torchvision-layout ResNet-50 forward (batch 1, 512x512) and the stem max-pool,
 damex against torch on the same cores, with the same weights.
 
-    python bench/bench_backbone.py [--quick] [--size 512]
+    python bench/bench_backbone.py [--quick] [--size 512] [--only resnet50]
 
-The ResNet-50 forward of each side is timed in a process of its own per thread count (1,
-then 2; one warm-up call, then the median of the repeats): damex and the CPU build of torch load the same libgomp, and
-its idle spin is fixed by whichever library loads it first (damex asks for a short one,
-torch keeps GCC's default), so in one process one side always runs with the other's setting
-(measured here at 2 threads: damex 1.4x slower when torch came first, torch 1.6x slower when
-damex came first).  The line prints each thread count and the best of each side; ratio =
-torch / damex (> 1: damex faster).  The features' max error relative to torch's largest
-value is checked first, in this process, with the same weights.  The max-pool line is timed
-in this process, both sides interleaved (torch loaded first, by the error check).  The torch
-model is the twin damex.testing.resnet_twin.
+Timing as bench/bench_nn.py (interleaved repeats at 1 and 2 threads, the best per side;
+torch's jobs in a process of its own, damex.testing.timing.torch_in_own_process, since the
+two share one libgomp whose idle spin the first importer fixes: measured here at 2
+threads, damex's forward 1.4x slower with torch imported first, torch's 1.6x slower with
+damex first).  ratio = torch / damex (> 1: damex faster); the ResNet-50 line is followed by
+both thread counts.  The features' max error relative to torch's largest value is checked
+first, with the same weights.  The torch model is the twin damex.testing.resnet_twin.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -24,45 +20,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import damex  # noqa: E402,F401  (first: damex's OpenMP spin in this process)
+from damex.testing import timing  # noqa: E402
 
 
 def _input(size):
     return np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-
-
-def child(side, threads, size, repeats):
-    """Time one side's forward at ``threads``: one warm-up call, then ``repeats``; print
-    one JSON line.  The torch side imports torch before anything of damex, the damex side
-    never imports torch."""
-    import time
-
-    if side == "torch":
-        import torch
-        from damex.testing.resnet_twin import random_resnet
-        torch.set_num_threads(threads)
-        tm = random_resnet("resnet50", seed=0)
-        xt = torch.tensor(_input(size))
-
-        def fn():
-            with torch.no_grad():
-                tm.features(xt)
-    else:
-        import damex
-        from damex.autograd import no_grad
-        from damex.models.backbone import resnet50
-        damex.set_num_threads(threads)
-        dm = resnet50()   # its own random weights: the time does not depend on the values
-        x = _input(size)
-
-        def fn():
-            with no_grad():
-                dm(x)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"times": times[1:], "torch_loaded": "torch" in sys.modules}))
 
 
 def resnet50_errors(size):
@@ -85,28 +48,34 @@ def resnet50_errors(size):
 
 
 def resnet50_line(size, repeats):
-    """Print the features' error and the ResNet-50 forward line (each side in its own process)."""
+    """Print the features' error and the ResNet-50 forward line (same weights)."""
+    import torch
+    from bench_nn import line
+    from damex.autograd import no_grad
+    from damex.models.backbone import resnet50
+    from damex.testing.resnet_twin import random_resnet
+
     errs = resnet50_errors(size)
     print(f"resnet50 layer2..4 max |damex - torch| / max |torch|: "
           + ", ".join(f"{e:.1e}" for e in errs), flush=True)
-    import statistics
+    tm, dm = random_resnet("resnet50", seed=0), resnet50()
+    x = _input(size)
+    xt = torch.tensor(x)
 
-    from damex.testing import timing   # here, not at the top: the torch child imports torch first
+    def d_fwd():
+        with no_grad():
+            dm(x)
 
-    res = {"damex": {}, "torch": {}}
-    for threads in (1, 2):
-        for side in ("damex", "torch"):
-            out = timing.child_json(__file__, side, threads, "--size", size, "--repeats", repeats,
-                                    what=f"the {side} child at {threads} threads")
-            if (side == "damex") == out["torch_loaded"]:
-                sys.exit(f"bench_backbone: the {side} child imported the other library")
-            res[side][threads] = statistics.median(out["times"])
-    per = "; ".join(f"{th}t damex {res['damex'][th] * 1e3:.0f} ms, torch {res['torch'][th] * 1e3:.0f} ms "
-                    f"({res['torch'][th] / res['damex'][th]:.2f})" for th in sorted(res["damex"]))
-    (d, dn), (t, tn) = (min((v, k) for k, v in res[s].items()) for s in ("damex", "torch"))
-    print(f"{f'resnet50 fwd B=1 {size}x{size} (layer2..4)':<44s} damex {d * 1e3:8.2f} ms ({dn}t) | "
-          f"torch {t * 1e3:8.2f} ms ({tn}t) | ratio {t / d:5.2f}   [{per}; each side in its own "
-          f"process, median of {repeats}]", flush=True)
+    def t_fwd():
+        with torch.no_grad():
+            tm.features(xt)
+
+    t = timing.interleaved(timing.thread_jobs({"damex": d_fwd, "torch": t_fwd}), repeats)
+    res = {name: timing.best_of_threads(t, name) for name in ("damex", "torch")}
+    per = "; ".join(f"{th}t damex {t[('damex', th)] * 1e3:.0f} ms, torch {t[('torch', th)] * 1e3:.0f} ms "
+                    f"({t[('torch', th)] / t[('damex', th)]:.2f})" for th in timing.THREADS)
+    line(f"resnet50 fwd B=1 {size}x{size} (layer2..4)", res)
+    print(f"  {per}; median of {repeats}", flush=True)
 
 
 def maxpool_line(size, repeats):
@@ -128,14 +97,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--child", nargs=2, metavar=("SIDE", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("resnet50",), help="only the ResNet-50 line")
     args = ap.parse_args()
+    timing.torch_in_own_process(__file__)
     repeats = args.repeats or (2 if args.quick else 8)
-    if args.child:
-        child(args.child[0], int(args.child[1]), args.size, repeats)
-        return
     resnet50_line(args.size, repeats)
-    maxpool_line(args.size, max(repeats // 2, 2))
+    if not args.only:
+        maxpool_line(args.size, max(repeats // 2, 2))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -112,9 +113,8 @@ def main():
                   f"{', '.join(f'{t:.2f}' for t in res['times'])})  peak RSS +{res['rss_peak_delta_mib']:.0f} MiB "
                   f"over the built model's {res['model_rss_mib']:.0f} MiB, tracemalloc peak "
                   f"{res['traced_peak_mib']:.0f} MiB", flush=True)
-    sys.path.insert(0, HERE)
-    from bench_backbone import resnet50_line
-    resnet50_line(args.size, 2 if args.quick else 8)
+    subprocess.run([sys.executable, os.path.join(HERE, "bench_backbone.py"), "--only", "resnet50",
+                    "--size", str(args.size)] + (["--quick"] if args.quick else []), check=True)
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
 

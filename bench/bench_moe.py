@@ -18,9 +18,11 @@ index_select'ed rows, index_add combine.  Its forward is timed under
 torch.no_grad() (the fastest PyTorch forward); damex's forward always saves
 what the backward needs.
 
-The machine may be shared: every timed function of a shape runs once per
-round, round after round, so all of them see the same background load; the
-load average is printed before and after.  Trust a run only when it was low.
+Every timed function of a shape runs once per round, round after round;
+torch's run in a process of their own (damex.testing.timing.torch_in_own_process:
+the two share one libgomp, whose idle spin the first importer fixes), so the
+sides do not share each round's background load.  The load average is printed
+before and after.  Trust a run only when it was low.
 """
 import argparse
 import os
@@ -258,6 +260,7 @@ def main():
             s["T"] //= 8
             s["F"] //= 4
     if not args.no_torch:
+        timing.torch_in_own_process(__file__)
         try:
             import torch
             _torch = torch

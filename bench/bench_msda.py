@@ -5,8 +5,9 @@ damex (C) against PyTorch on the same inputs, side by side.
     python bench/bench_msda.py --quick   # fewer repetitions
 
 Both sides are timed at 1 and 2 threads (torch.set_num_threads,
-damex._C.set_num_threads), the four configurations interleaved round by round;
-each side's faster configuration is reported.  Times are medians in
+damex._C.set_num_threads), interleaved round by round, torch's in a process of its
+own (damex.testing.timing.torch_in_own_process: the two share one libgomp, whose idle
+spin the first importer fixes); each side's faster configuration is reported.  Times are medians in
 milliseconds; ratio = torch / damex (> 1: damex is faster).
 """
 import argparse
@@ -120,6 +121,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = ap.parse_args()
+    timing.torch_in_own_process(__file__)
     import torch
     reps = 3 if args.quick else 10
     print(f"damex threads (openblas, openmp) = {_C.get_num_threads()}, cpus = {os.cpu_count()}, "

@@ -8,9 +8,10 @@ torch.nn.functional.conv2d for detector-like shapes, linear forward GFLOP/s
 against the sgemm rate of the same product measured now through
 damex._C.sgemm, and layer norm against torch.  Each side is timed at 1 and 2
 threads and the faster is kept (the thread count is printed); times are the
-minimum over repeats, with damex and torch runs interleaved, which is the
-fairest reading on a shared machine.  ratio = torch time / damex time
-(> 1: damex faster).
+minimum over repeats, damex's runs interleaved with each other in this process and
+torch's in a process of its own (damex.testing.timing.torch_in_own_process: the two
+share one libgomp, whose idle spin the first importer fixes).  ratio = torch time /
+damex time (> 1: damex faster).
 """
 import argparse
 import os
@@ -32,7 +33,8 @@ except ImportError:  # the sgemm share is still printed
 
 def race(cases, repeats):
     """{side: fn} -> {side: (seconds, threads)}: the minimum over repeats and thread
-    counts, the sides interleaved so that both see the same load."""
+    counts, interleaved (torch's, when torch_in_own_process started its process, come
+    from there)."""
     return timing.race(cases, repeats, stat=np.min, min_time=0.002)
 
 
@@ -147,6 +149,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     args = ap.parse_args()
+    timing.torch_in_own_process(__file__)
     repeats = 5 if args.quick else 15
     print(f"damex {damex.__version__}, torch {torch.__version__ if torch else 'absent'}; "
           f"times: min over {repeats} interleaved repeats, best of 1 and 2 threads per side; "
