@@ -6,8 +6,8 @@ damex against torch on the same cores, with the same weights.
 Timing as bench/bench_nn.py (interleaved repeats at 1 and 2 threads, the best per side;
 torch's jobs in a process of its own, damex.testing.timing.torch_in_own_process, since the
 two share one libgomp whose idle spin the first importer fixes: measured here at 2
-threads, damex's forward 1.4x slower with torch imported first, torch's 1.6x slower with
-damex first).  ratio = torch / damex (> 1: damex faster); the ResNet-50 line is followed by
+threads, damex's forward 1.15-1.45x slower with torch imported first, torch's 1.3-1.6x
+slower timed in damex's process).  ratio = torch / damex (> 1: damex faster); the ResNet-50 line is followed by
 both thread counts.  The features' max error relative to torch's largest value is checked
 first, with the same weights.  The torch model is the twin damex.testing.resnet_twin.
 """

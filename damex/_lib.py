@@ -10,7 +10,7 @@ extension (and with it the OpenMP runtime it links) is loaded, then the
 environment is put back, so libraries that load their own OpenMP runtime
 later keep their defaults.  A runtime already loaded is not changed: PyTorch's
 CPU wheel links the same system libgomp, so with torch imported first damex
-runs with GCC's spin (a ResNet-50 forward at 2 threads 1.4x slower), and with
+runs with GCC's spin (a ResNet-50 forward at 2 threads 1.15-1.45x slower), and with
 damex first torch runs with damex's (README, "Installing and threads").  GCC's default spin
 (300000, several ms) on a 2-core machine made idle OpenMP threads fight
 OpenBLAS's pools (a tiny-model training step 7x slower, 1.03 s against
