@@ -1,8 +1,11 @@
-"""Training-step benchmark of the ``tiny`` DINO-DAMEX preset on the embedded synthetic mixture.
+"""Training-step benchmark of a DINO-DAMEX preset (``tiny`` by default) on the embedded
+synthetic mixture.
 
     python bench/bench_train.py                      # batch 4, 3 warm-up + 8 timed steps
     python bench/bench_train.py --steps 20 --batch-size 8
     python bench/bench_train.py --threads 1          # damex's and NumPy's BLAS/OpenMP threads
+    python bench/bench_train.py --preset paper --batch-size 2 --min-size 256 --max-size 336 \
+        --steps 3 --warmup 1                         # the ResNet-50 DAMEX preset (900 queries)
 
 It prints
 
@@ -58,9 +61,10 @@ NEEDED = ("attention_forward", "ms_deform_attn_forward", "adamw_step")
 def build_trainer(args):
     from damex.engine.train import Trainer
     cfg = run_config_from_dict({
-        "model": {"preset": "tiny"},
+        "model": {"preset": args.preset},
         "data": {"synthetic": {"root": args.data, "preset": "default", "seed": 0},
-                 "batch_size": args.batch_size, "sampler": "uniform"},
+                 "batch_size": args.batch_size, "sampler": "uniform",
+                 **{k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v}},
         "train": {"steps": 10 ** 6, "out_dir": os.path.join(tempfile.gettempdir(), "damex-bench-run"),
                   "checkpoint_every": 0, "threads": args.threads, "seed": 0}})
     return Trainer(cfg)
@@ -228,6 +232,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8, help="timed steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--preset", default="tiny", help="model preset (damex.models.dino.PRESETS)")
+    ap.add_argument("--min-size", type=int, default=0, help="data.min_size (0: the config default)")
+    ap.add_argument("--max-size", type=int, default=0, help="data.max_size (0: the config default)")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads of damex and of every BLAS pool in the process (0 = leave the defaults)")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "damex-synthetic-default"),
@@ -243,7 +250,7 @@ def main(argv=None):
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
     trainer = build_trainer(args)
-    print(f"damex bench_train: tiny preset, batch {args.batch_size}, {os.cpu_count()} cores, "
+    print(f"damex bench_train: {args.preset} preset, batch {args.batch_size}, {os.cpu_count()} cores, "
           f"damex (OpenBLAS, OpenMP) threads {damex.get_num_threads()}; {load()}")
     n_params = sum(p.data.size for p in trainer.model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, {trainer.label_space.num_classes} joint classes, "
