@@ -24,13 +24,10 @@ import damex  # noqa: E402,F401  (first: damex's OpenMP spin in this process)
 from damex.testing import timing  # noqa: E402
 
 
-def _input(size):
-    return np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-
-
-def resnet50_errors(size):
-    """Max |damex - torch| / max |torch| of layer2..4, the same weights."""
+def resnet50_line(size, repeats):
+    """Print the features' error (same weights) and the ResNet-50 forward line."""
     import torch
+    from bench_nn import line
     from damex.autograd import no_grad
     from damex.models.backbone import resnet50
     from damex.testing.resnet_twin import random_resnet
@@ -39,37 +36,20 @@ def resnet50_errors(size):
     dm = resnet50()
     dm.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items()
                         if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))})
-    x = _input(size)
-    with no_grad():
-        ours = [f.data for f in dm(x)]
-    with torch.no_grad():
-        theirs = [f.numpy() for f in tm.features(torch.tensor(x))]
-    return [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(ours, theirs)]
-
-
-def resnet50_line(size, repeats):
-    """Print the features' error and the ResNet-50 forward line (same weights)."""
-    import torch
-    from bench_nn import line
-    from damex.autograd import no_grad
-    from damex.models.backbone import resnet50
-    from damex.testing.resnet_twin import random_resnet
-
-    errs = resnet50_errors(size)
-    print(f"resnet50 layer2..4 max |damex - torch| / max |torch|: "
-          + ", ".join(f"{e:.1e}" for e in errs), flush=True)
-    tm, dm = random_resnet("resnet50", seed=0), resnet50()
-    x = _input(size)
+    x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
     xt = torch.tensor(x)
 
     def d_fwd():
         with no_grad():
-            dm(x)
+            return [f.data for f in dm(x)]
 
     def t_fwd():
         with torch.no_grad():
-            tm.features(xt)
+            return [f.numpy() for f in tm.features(xt)]
 
+    errs = [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(d_fwd(), t_fwd())]
+    print(f"resnet50 layer2..4 max |damex - torch| / max |torch|: "
+          + ", ".join(f"{e:.1e}" for e in errs), flush=True)
     t = timing.interleaved(timing.thread_jobs({"damex": d_fwd, "torch": t_fwd}), repeats)
     res = {name: timing.best_of_threads(t, name) for name in ("damex", "torch")}
     per = "; ".join(f"{th}t damex {t[('damex', th)] * 1e3:.0f} ms, torch {t[('torch', th)] * 1e3:.0f} ms "

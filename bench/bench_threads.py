@@ -31,13 +31,14 @@ from damex.testing import timing  # noqa: E402
 
 WIDE = {"d_ffn": 512, "moe_hidden": 512, "n_heads": 8, "backbone_widths": [32, 64, 128, 256],
         "stem_width": 32}
+SMALL = {"min_size": 64, "max_size": 96, "batch_size": 4}     # the tiny preset's images
+R50 = {"min_size": 256, "max_size": 336, "batch_size": 2}     # enough tokens for 900 queries
 MODELS = {   # name -> (model section, data sizes and batch)
-    "tiny": ({"preset": "tiny"}, {"min_size": 64, "max_size": 96, "batch_size": 4}),
-    "tiny d128": ({"preset": "tiny", "d_model": 128, **WIDE}, {"min_size": 64, "max_size": 96, "batch_size": 4}),
-    "tiny d256": ({"preset": "tiny", "d_model": 256, **WIDE, "d_ffn": 1024, "moe_hidden": 1024},
-                  {"min_size": 64, "max_size": 96, "batch_size": 4}),
-    "dino": ({"preset": "dino"}, {"min_size": 256, "max_size": 336, "batch_size": 2}),
-    "paper": ({"preset": "paper"}, {"min_size": 256, "max_size": 336, "batch_size": 2}),
+    "tiny": ({"preset": "tiny"}, SMALL),
+    "tiny d128": ({"preset": "tiny", "d_model": 128, **WIDE}, SMALL),
+    "tiny d256": ({"preset": "tiny", "d_model": 256, **WIDE, "d_ffn": 1024, "moe_hidden": 1024}, SMALL),
+    "dino": ({"preset": "dino"}, R50),
+    "paper": ({"preset": "paper"}, R50),
 }
 
 

@@ -224,9 +224,8 @@ class Trainer:
         self.train_set = build_mixture(cfg.data, "train")
         self.label_space = self.train_set.label_space
         check_image_sizes(cfg, self.train_set)
-        self.val_set = None   # built now when the run validates: its images are checked too
-        if tc.eval_every:
-            self.val_set = build_mixture(cfg.data, "val", label_space=self.label_space)
+        self._val_set = None
+        if tc.eval_every:   # built now when the run validates: its images are checked too
             check_image_sizes(cfg, self.val_set, "val")
         self.model = build_model(cfg, self.label_space.num_classes, len(self.train_set.datasets),
                                  load_weights=load_weights)
@@ -443,12 +442,17 @@ class Trainer:
         ap = val.get("mean_ap")
         return ap is not None and (self.best_mean_ap is None or ap > self.best_mean_ap)
 
+    @property
+    def val_set(self):
+        """The validation mixture (the training label space), built on first use."""
+        if self._val_set is None:
+            self._val_set = build_mixture(self.cfg.data, "val", label_space=self.label_space)
+        return self._val_set
+
     def validate(self, batch_size=8):
         """Per-dataset AP, mean AP and routing accuracy on the validation split (log form)."""
         from .inference import evaluate_model
 
-        if self.val_set is None:
-            self.val_set = build_mixture(self.cfg.data, "val", label_space=self.label_space)
         res, _ = evaluate_model(self.model, self.val_set, batch_size=batch_size, progress=False,
                                 world=self.world)
         self.model.train()
